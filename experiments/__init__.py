@@ -1,0 +1,1 @@
+"""Experiments and benchmarks for meprop_jax."""
