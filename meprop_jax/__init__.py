@@ -1,0 +1,33 @@
+"""meprop_jax: meProp (minimal-effort back propagation) for JAX and Flax.
+
+The forward pass of every sparsified layer is the ordinary one; in the backward pass only the
+``k`` largest-magnitude entries of each linear layer's output gradient are propagated, so the
+weight and input gradients come from products ``k / out`` of the dense size.
+"""
+
+from meprop_jax import linen
+from meprop_jax._linear import linear, multi_linear
+from meprop_jax._selection import (
+    MODES,
+    column_scores,
+    per_example_mask,
+    random_mask,
+    top_k_mask,
+    unified_columns,
+)
+from meprop_jax.linen import Dense
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "Dense",
+    "column_scores",
+    "linear",
+    "linen",
+    "multi_linear",
+    "per_example_mask",
+    "random_mask",
+    "top_k_mask",
+    "unified_columns",
+]
