@@ -5,13 +5,22 @@ input; an LSTM cell has two, the input and the recurrent state). Its backward pa
 columns of ``g = dL/dy`` once (see ``_selection``) and computes every ``dx_j`` and ``dW_j`` from
 the selected columns only: the products it runs are ``[N, k] x [k, in]`` and ``[in, N] x [N, k]``
 rather than ``[N, out] x [out, in]`` and ``[in, N] x [N, out]``.
+
+By default the weight gradient is handed to autodiff as a dense ``[in, out]`` array, zero outside
+the selected columns (the authors' semantics: any stock optimizer consumes it). With ``taps`` it
+stays compact instead: the backward writes the selected columns' ``[K, in]`` block and their
+indices into the cotangent of a zero-valued :class:`CompactGrad` input and returns a symbolic
+zero for the kernel, so a jitted step that never reads the kernel's gradient never builds an
+``[in, out]`` array (see :mod:`meprop_jax.optim` for the optimizers that consume it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +29,73 @@ from jax import lax
 from meprop_jax import _selection
 
 Array = jax.Array
+
+#: Column indices travel as float32 cotangents, exact below this bound.
+_MAX_COLUMNS = 2**24
+
+
+class CompactGrad(NamedTuple):
+    """A kernel gradient that is zero outside a few columns: ``dW[:, cols[j]] = block[j]``.
+
+    As a *tap* (an input of :func:`linear`), both arrays are zeros of the right shape and their
+    values are ignored; their cotangents, taken by ``jax.grad``, are the compact gradient.
+
+    Attributes:
+      block: ``[K, in]`` gradient of the selected columns, one row per column, in the
+        kernel's dtype. Rows rather than ``[in, K]`` columns: on a CPU the product
+        ``g_cols^T x`` runs about twice as fast in this orientation, and the row-major state of
+        :mod:`meprop_jax.optim` consumes it without a transpose.
+      cols: ``[K]`` float32 column indices, all distinct. An entry ``>= out`` is padding (its
+        ``block`` row is zero) and names no column. Float rather than int because autodiff
+        gives integer inputs no cotangent; float32 is exact for ``out + K < 2**24``.
+    """
+
+    block: Array
+    cols: Array
+
+
+def compact_width(
+    out_features: int,
+    *,
+    k: int,
+    mode: str = "unified",
+    groups: int = 1,
+    batch_shape: Sequence[int] | None = None,
+) -> int:
+    """Number of columns ``K`` of a meProp layer's compact weight gradient.
+
+    ``groups * k`` in unified mode. A per-row mode (``"per_example"``, ``"random"``) touches
+    the union of its rows' selections, padded to the static size
+    ``min(rows * groups * k, out)``, so it needs the leading (batch) shape of the input.
+    """
+    mode = _selection.check_mode(mode)
+    if mode == "unified":
+        return groups * k
+    if batch_shape is None:
+        raise ValueError(
+            f"mode={mode!r} needs batch_shape (the input's leading axes): its compact "
+            "gradient spans the union of every row's columns"
+        )
+    return min(math.prod(batch_shape) * groups * k, out_features)
+
+
+def compact_tap(
+    in_features: int,
+    out_features: int,
+    *,
+    k: int,
+    mode: str = "unified",
+    groups: int = 1,
+    batch_shape: Sequence[int] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> CompactGrad:
+    """The zero-valued tap to pass to :func:`linear` for a ``[in_features, out_features]`` kernel.
+
+    ``dtype`` is the kernel's dtype; for ``"per_example"`` and ``"random"`` the tap's width
+    depends on ``batch_shape`` (see :func:`compact_width`), so it fits one batch shape only.
+    """
+    width = compact_width(out_features, k=k, mode=mode, groups=groups, batch_shape=batch_shape)
+    return CompactGrad(jnp.zeros((width, in_features), dtype), jnp.zeros((width,), jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +106,7 @@ class _Config:
     sparse_bias: bool
     precision: lax.PrecisionLike
     preferred_element_type: jnp.dtype | None
+    compact: bool = False
 
 
 def _apply_kernel(x: Array, kernel: Array, cfg: _Config) -> Array:
@@ -52,12 +129,13 @@ def _forward(cfg: _Config, xs, kernels, bias) -> Array:
     return y
 
 
-def _explicit_out_sharding(x: Array, kernel: Array):
+def _explicit_out_sharding(x: Array, kernel: Array, rows: bool = False):
     """Output sharding for a product that contracts over ``x``'s (possibly sharded) batch.
 
     Under explicit mesh axes (the ``jax.make_mesh`` default) JAX refuses to guess how to shard
     the result of a contraction over a sharded axis; the weight gradient is laid out like the
-    kernel's input axis and replicated along the selected columns.
+    kernel's input axis and replicated along the selected columns (``rows``: the transposed
+    ``[n_cols, in]`` gradient).
     """
     sharding = jax.typeof(x).sharding
     spec = getattr(sharding, "spec", None)
@@ -65,19 +143,23 @@ def _explicit_out_sharding(x: Array, kernel: Array):
     if spec is None or mesh is None or mesh.empty or not any(s is not None for s in spec[:-1]):
         return None
     kernel_spec = getattr(jax.typeof(kernel).sharding, "spec", None) or (None,)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(kernel_spec[0], None))
+    spec = (None, kernel_spec[0]) if rows else (kernel_spec[0], None)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _weight_grad(x: Array, g_cols: Array, kernel: Array, cfg: _Config) -> Array:
-    """``x^T g_cols`` contracted over every leading axis: ``[in, n_cols]``."""
+    """``x^T g_cols`` contracted over every leading axis: ``[in, n_cols]``.
+
+    With ``cfg.compact``, the transpose ``g_cols^T x``, ``[n_cols, in]`` (see ``CompactGrad``).
+    """
     lead = tuple(range(x.ndim - 1))
+    operands = (g_cols, x) if cfg.compact else (x, g_cols)
     return lax.dot_general(
-        x,
-        g_cols,
+        *operands,
         ((lead, lead), ((), ())),
         precision=cfg.precision,
         preferred_element_type=jnp.float32 if kernel.dtype == jnp.bfloat16 else None,
-        out_sharding=_explicit_out_sharding(x, kernel),
+        out_sharding=_explicit_out_sharding(x, kernel, rows=cfg.compact),
     ).astype(kernel.dtype)
 
 
@@ -88,19 +170,30 @@ def _input_grad(g_cols: Array, kernel_cols: Array, x: Array, cfg: _Config) -> Ar
     ).astype(x.dtype)
 
 
+def _column_products(cfg: _Config, xs, kernels, g_cols: Array, cols: Array):
+    """``dx_j`` and the weight-gradient blocks of the columns ``cols`` (see ``_weight_grad``).
+
+    Out-of-range entries of ``cols`` (padding) gather zero kernel columns.
+    """
+    dxs = tuple(
+        _input_grad(g_cols, jnp.take(w, cols, axis=1, mode="fill", fill_value=0), x, cfg)
+        for x, w in zip(xs, kernels, strict=True)
+    )
+    blocks = tuple(_weight_grad(x, g_cols, w, cfg) for x, w in zip(xs, kernels, strict=True))
+    return dxs, blocks
+
+
+def _scatter_columns(kernel: Array, block: Array, cols: Array) -> Array:
+    """The dense ``[in, out]`` gradient, zero outside ``cols``; padding entries are dropped."""
+    return jnp.zeros_like(kernel).at[:, cols].set(block, mode="drop", unique_indices=True)
+
+
 def _unified_backward(cfg: _Config, xs, kernels, g: Array):
     """Gathers the ``k`` shared columns; every product is small and dense."""
     cols = _selection.unified_columns(g, cfg.k, cfg.groups)
     g_cols = jnp.take(g, cols, axis=-1)
-    dxs = tuple(
-        _input_grad(g_cols, jnp.take(w, cols, axis=1), x, cfg)
-        for x, w in zip(xs, kernels, strict=True)
-    )
-    dws = tuple(
-        jnp.zeros_like(w).at[:, cols].set(_weight_grad(x, g_cols, w, cfg), unique_indices=True)
-        for x, w in zip(xs, kernels, strict=True)
-    )
-    return dxs, dws, g_cols, cols
+    dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
+    return dxs, blocks, cols, g_cols
 
 
 def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
@@ -109,7 +202,7 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
     With ``N`` rows each keeping ``k`` columns the union has at most ``N * k`` columns. When
     that is below ``out`` the products run over the union, padded to ``N * k`` columns (a
     static size); otherwise they run over all ``out`` columns of the masked gradient and cost
-    what dense backprop costs.
+    what dense backprop costs, and the returned ``cols`` is None (the blocks are dense).
     """
     if cfg.mode == "random":
         mask = _selection.random_mask(key, g.shape, cfg.k, cfg.groups)
@@ -122,29 +215,24 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
     if union_size >= out:
         dxs = tuple(_input_grad(g_sparse, w, x, cfg) for x, w in zip(xs, kernels, strict=True))
         dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-        return dxs, dws, g_sparse
+        return dxs, dws, None, g_sparse
     used = jnp.any(mask, axis=tuple(range(g.ndim - 1)))
     (cols,) = jnp.nonzero(used, size=union_size, fill_value=0)
-    # Padding repeats column 0 with an all-zero gradient; scatter-add makes it harmless.
-    valid = jnp.arange(union_size) < jnp.sum(used, dtype=jnp.int32)
-    g_cols = jnp.where(valid, jnp.take(g_sparse, cols, axis=-1), jnp.zeros((), g.dtype))
-    dxs = tuple(
-        _input_grad(g_cols, jnp.take(w, cols, axis=1), x, cfg)
-        for x, w in zip(xs, kernels, strict=True)
-    )
-    dws = tuple(
-        jnp.zeros_like(w).at[:, cols].add(_weight_grad(x, g_cols, w, cfg))
-        for x, w in zip(xs, kernels, strict=True)
-    )
-    return dxs, dws, g_sparse
+    # Padding slots get distinct out-of-range indices: gathers fill them with zeros, scatters
+    # drop them, and the optimizers in meprop_jax.optim skip them.
+    slots = jnp.arange(union_size, dtype=cols.dtype)
+    cols = jnp.where(slots < jnp.sum(used, dtype=cols.dtype), cols, out + slots)
+    g_cols = jnp.take(g_sparse, cols, axis=-1, mode="fill", fill_value=0)
+    dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
+    return dxs, blocks, cols, g_sparse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _meprop(cfg: _Config, xs, kernels, bias, key):
+def _meprop(cfg: _Config, xs, kernels, bias, key, taps):
     return _forward(cfg, xs, kernels, bias)
 
 
-def _meprop_fwd(cfg: _Config, xs, kernels, bias, key):
+def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps):
     return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key)
 
 
@@ -152,18 +240,29 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     xs, kernels, bias, key = residuals
     lead = tuple(range(g.ndim - 1))
     if cfg.mode == "unified":
-        dxs, dws, g_cols, cols = _unified_backward(cfg, xs, kernels, g)
+        dxs, blocks, cols, g_cols = _unified_backward(cfg, xs, kernels, g)
         if bias is not None and cfg.sparse_bias:
             db = jnp.zeros_like(bias).at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
     else:
-        dxs, dws, g_sparse = _rowwise_backward(cfg, xs, kernels, g, key)
+        dxs, blocks, cols, g_sparse = _rowwise_backward(cfg, xs, kernels, g, key)
         if bias is not None and cfg.sparse_bias:
             db = jnp.sum(g_sparse, axis=lead).astype(bias.dtype)
     if bias is not None and not cfg.sparse_bias:
         db = jnp.sum(g, axis=lead).astype(bias.dtype)
     if bias is None:
         db = None
-    return dxs, dws, db, None
+    if not cfg.compact:
+        dws = tuple(
+            b if cols is None else _scatter_columns(w, b, cols)
+            for w, b in zip(kernels, blocks, strict=True)
+        )
+        return dxs, dws, db, None, None
+    # Compact: the kernels' cotangents are symbolic zeros; the blocks go to the taps.
+    if cols is None:
+        cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
+    cols = cols.astype(jnp.float32)
+    taps = tuple(CompactGrad(b, cols) for b in blocks)
+    return dxs, (None,) * len(kernels), db, None, taps
 
 
 _meprop.defvjp(_meprop_fwd, _meprop_bwd)
@@ -181,6 +280,7 @@ def multi_linear(
     sparse_bias: bool = False,
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
+    taps: Sequence[CompactGrad] | None = None,
 ) -> Array:
     """``sum_j xs[j] @ kernels[j] + bias`` with one shared meProp selection in the backward.
 
@@ -200,6 +300,8 @@ def multi_linear(
       sparse_bias: see :func:`linear`.
       precision: passed to the forward and backward products.
       preferred_element_type: accumulation type of the forward products.
+      taps: one :class:`CompactGrad` tap per kernel (see :func:`linear`); every tap receives
+        the same ``cols``.
 
     Returns:
       ``[..., out]``.
@@ -227,13 +329,46 @@ def multi_linear(
     groups = _selection.check_groups(groups, out)
     if bias is not None and bias.shape != (out,):
         raise ValueError(f"bias must have shape ({out},), got {bias.shape}")
-    cfg = _Config(k, mode, groups, bool(sparse_bias), precision, preferred_element_type)
+    compact = taps is not None
+    if compact:
+        taps = _check_taps(taps, xs, kernels, k=k, mode=mode, groups=groups)
+    cfg = _Config(k, mode, groups, bool(sparse_bias), precision, preferred_element_type, compact)
     if _selection.is_dense(k, out, groups):
         # Plain JAX ops: autodiff gives exactly the stock gradient, and forward mode works.
         return _forward(cfg, xs, kernels, bias)
     if mode == "random" and key is None:
         raise ValueError("mode='random' needs a PRNG key: pass key=jax.random.key(...)")
-    return _meprop(cfg, xs, kernels, bias, key if mode == "random" else None)
+    return _meprop(cfg, xs, kernels, bias, key if mode == "random" else None, taps)
+
+
+def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[CompactGrad, ...]:
+    taps = tuple(taps)
+    out = kernels[0].shape[1]
+    if _selection.is_dense(k, out, groups):
+        raise ValueError(
+            f"taps need a sparsified layer (0 < groups * k < out), got k={k}, groups={groups}, "
+            f"out={out}: a dense layer's gradient is the ordinary kernel gradient"
+        )
+    if len(taps) != len(kernels):
+        raise ValueError(f"need one tap per kernel, got {len(taps)} for {len(kernels)} kernels")
+    width = compact_width(out, k=k, mode=mode, groups=groups, batch_shape=xs[0].shape[:-1])
+    if out + width >= _MAX_COLUMNS:
+        raise ValueError(f"compact gradients need out + K < 2**24, got out={out}, K={width}")
+    for i, (tap, w) in enumerate(zip(taps, kernels, strict=True)):
+        block, cols = tap
+        if (
+            block.shape != (width, w.shape[0])
+            or block.dtype != w.dtype
+            or cols.shape != (width,)
+            or cols.dtype != jnp.float32
+        ):
+            hint = "" if mode == "unified" else f" (mode={mode!r}: K depends on the batch shape)"
+            raise ValueError(
+                f"taps[{i}] must be CompactGrad(block {w.dtype}[{width}, {w.shape[0]}], cols "
+                f"float32[{width}]){hint}; got block {block.dtype}{list(block.shape)} and cols "
+                f"{cols.dtype}{list(cols.shape)}. Build it with compact_tap()."
+            )
+    return tuple(CompactGrad(*tap) for tap in taps)
 
 
 def linear(
@@ -247,6 +382,7 @@ def linear(
     sparse_bias: bool = False,
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
+    tap: CompactGrad | None = None,
 ) -> Array:
     """``x @ kernel + bias`` whose backward pass keeps only the top-k output gradients.
 
@@ -270,6 +406,13 @@ def linear(
     JAX's ``custom_vjp`` error; reverse mode, ``jit``, ``vmap``, ``scan``, ``checkpoint`` and
     higher-order reverse derivatives work.
 
+    With ``tap`` (a zero :class:`CompactGrad` from :func:`compact_tap`) the weight gradient stays
+    compact: the kernel's gradient is zero and the tap's gradient holds the selected columns'
+    ``[K, in]`` block and their indices. Differentiate with respect to the tap, never read the
+    kernel's gradient, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim` updates
+    the kernel from it. A tap must be used by one call only: gradients of a tap shared by
+    several calls (weight sharing, a ``scan`` over time steps) add up and are meaningless.
+
     Args:
       x: ``[..., in]`` inputs.
       kernel: ``[in, out]`` weights.
@@ -280,6 +423,7 @@ def linear(
       sparse_bias: also restrict the bias gradient to the kept entries.
       precision: passed to the products.
       preferred_element_type: accumulation type of the forward product.
+      tap: optional zero :class:`CompactGrad` that receives the compact weight gradient.
 
     Returns:
       ``[..., out]``, equal to ``x @ kernel + bias``.
@@ -301,4 +445,5 @@ def linear(
         sparse_bias=sparse_bias,
         precision=precision,
         preferred_element_type=preferred_element_type,
+        taps=None if tap is None else (tap,),
     )
