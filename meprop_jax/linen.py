@@ -2,7 +2,8 @@
 
 ``Dense`` is a drop-in for ``flax.linen.Dense``: the same fields and defaults, the same
 parameter names and shapes (``kernel [in, out]``, ``bias [out]``), so stock checkpoints load,
-plus the meProp fields ``k``, ``mode``, ``sparse_bias`` and ``rng_collection``.
+plus the meProp fields ``k``, ``mode``, ``sparse_bias``, ``rng_collection`` and
+``sparse_update``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ Array = jax.Array
 #: Name of the Linen RNG stream that ``mode="random"`` draws its keys from.
 RNG_COLLECTION = "meprop"
 
+#: Variable collection holding the compact-gradient taps of ``Dense(sparse_update=True)``.
+TAP_COLLECTION = "meprop_taps"
+
 
 class Dense(nn.Dense):
     """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
@@ -32,6 +36,15 @@ class Dense(nn.Dense):
         gradient, as in the authors' code).
       rng_collection: the RNG stream ``mode="random"`` draws from (default ``"meprop"``);
         pass it to ``apply``, e.g. ``rngs={"meprop": key}``.
+      sparse_update: keep the kernel's gradient compact (see :mod:`meprop_jax.optim`):
+        ``init`` also creates a zero tap ``"kernel"`` in the ``"meprop_taps"`` collection;
+        differentiating with respect to it gives the selected columns' ``[K, in]`` gradient
+        block and their indices, while the kernel's own gradient is zero. Has no effect when
+        the layer is dense (``k = 0`` or ``k >= features``: no tap) or when ``apply`` is given
+        no ``"meprop_taps"`` (e.g. at evaluation). For ``"per_example"`` and ``"random"`` the
+        tap's width ``min(batch * k, features)`` depends on the batch shape: ``init`` with the
+        training batch shape. Apply the layer once per step (no weight sharing or ``scan``
+        over a shared tap).
 
     All other fields (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
     ``kernel_init``, ``bias_init``, ``promote_dtype``) behave as in ``flax.linen.Dense``.
@@ -50,6 +63,7 @@ class Dense(nn.Dense):
     mode: str = "unified"
     sparse_bias: bool = False
     rng_collection: str = RNG_COLLECTION
+    sparse_update: bool = False
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -71,6 +85,13 @@ class Dense(nn.Dense):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         sparse = not _selection.is_dense(k, self.features)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
+        tap = None
+        has_tap = self.is_initializing() or self.has_variable(TAP_COLLECTION, "kernel")
+        if self.sparse_update and sparse and has_tap:
+            make_tap = lambda: _linear.compact_tap(
+                *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
+            )
+            tap = self.variable(TAP_COLLECTION, "kernel", make_tap).value
         return _linear.linear(
             inputs,
             kernel,
@@ -80,4 +101,5 @@ class Dense(nn.Dense):
             key=key,
             sparse_bias=self.sparse_bias,
             precision=self.precision,
+            tap=tap,
         )
