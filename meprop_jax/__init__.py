@@ -5,7 +5,7 @@ The forward pass of every sparsified layer is the ordinary one; in the backward 
 weight and input gradients come from products ``k / out`` of the dense size.
 """
 
-from meprop_jax import linen
+from meprop_jax import linen, nnx
 from meprop_jax._linear import linear, multi_linear
 from meprop_jax._selection import (
     MODES,
@@ -15,17 +15,19 @@ from meprop_jax._selection import (
     top_k_mask,
     unified_columns,
 )
-from meprop_jax.linen import Dense
+from meprop_jax.linen import Dense, LSTMCell
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
     "Dense",
+    "LSTMCell",
     "column_scores",
     "linear",
     "linen",
     "multi_linear",
+    "nnx",
     "per_example_mask",
     "random_mask",
     "top_k_mask",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 
 from meprop_jax import _linear, _selection
 
@@ -103,3 +104,163 @@ class Dense(nn.Dense):
             precision=self.precision,
             tap=tap,
         )
+
+
+# Submodule names of flax.linen.LSTMCell, in gate order i, f, g, o.
+_LINEN_INPUT_GATES = ("ii", "if", "ig", "io")
+_LINEN_RECURRENT_GATES = ("hi", "hf", "hg", "ho")
+
+
+class _GateParams(nn.Module):
+    """Declares ``kernel [in, features]`` (and ``bias [features]``) exactly as ``nn.Dense`` does.
+
+    Named like the stock cell's ``nn.Dense`` submodules, it yields the same parameter tree and,
+    for the same key, the same initial values, without running a product of its own.
+    """
+
+    features: int
+    use_bias: bool
+    kernel_init: nn.initializers.Initializer
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array | None]:
+        kernel = self.param(
+            "kernel", self.kernel_init, (in_features, self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        return kernel, bias
+
+
+class LSTMCell(nn.LSTMCell):
+    r"""An LSTM cell whose gate pre-activation gradient is top-k sparsified per gate.
+
+    The forward pass is that of ``flax.linen.LSTMCell``:
+
+    .. math::
+        z = x W_i + h W_h + b, \quad [z_i, z_f, z_g, z_o] = z, \quad
+        c' = \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad h' = \sigma(z_o) \tanh(c').
+
+    In the backward pass the gradient ``dL/dz``, ``[batch, 4 * features]``, keeps only ``k``
+    entries in each of the four gate blocks (``4k`` of ``4 * features``) at every time step,
+    and ``dx``, ``dh``, ``dW_i`` and ``dW_h`` are computed from those alone, so both the input
+    and the recurrent products shrink. The bias gradient stays dense unless ``sparse_bias``.
+
+    This is our reading of meProp for LSTMs, as the authors never released their LSTM code: we
+    sparsify the gate pre-activation gradient, ``k`` entries per gate (``4k`` of
+    ``4 * features``), at every time step.
+
+    The parameter tree is the stock one (``ii``, ``if``, ``ig``, ``io`` with ``kernel [in, h]``
+    and no bias; ``hi``, ``hf``, ``hg``, ``ho`` with ``kernel [h, h]`` and ``bias [h]``), with
+    the same initial values for the same key, so stock checkpoints load. With ``k = 0`` or
+    ``k >= features`` the cell *is* the stock cell.
+
+    **Random mode inside** ``nn.RNN``: ``nn.RNN`` scans the cell and, by default, hands it only
+    the ``"params"`` stream. Give every step its own key with::
+
+        split = {"params": False, "meprop": True}
+        rnn = nn.RNN(cell, split_rngs=split)  # variable_broadcast="params" is the default
+        bi = nn.Bidirectional(nn.RNN(cell, split_rngs=split), nn.RNN(cell, split_rngs=split))
+
+    and pass ``rngs={"meprop": key}`` to ``init`` and ``apply`` (use ``rng_collection`` instead
+    of ``"meprop"`` if you changed it). The other modes need no RNG.
+
+    Attributes:
+      features: hidden size ``h``.
+      k: gradient entries kept per gate and per row (``"per_example"``, ``"random"``) or
+        columns kept per gate (``"unified"``); ``0`` (the default) is ordinary backprop.
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``; see :func:`meprop_jax.linear`.
+      sparse_bias: restrict the bias gradient to the kept entries too.
+      rng_collection: the RNG stream ``mode="random"`` draws one key per step from.
+
+    ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
+    ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
+    do ``initialize_carry`` and ``num_feature_axes``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> cell = LSTMCell(features=8, k=2)
+      >>> x = jnp.ones((3, 5))  # [batch, in]
+      >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
+      >>> params = cell.init(jax.random.key(1), carry, x)
+      >>> (c, h), y = cell.apply(params, carry, x)
+      >>> y.shape
+      (3, 8)
+    """
+
+    k: int = 0
+    mode: str = "unified"
+    sparse_bias: bool = False
+    rng_collection: str = RNG_COLLECTION
+
+    @nn.compact
+    def __call__(
+        self, carry: tuple[Array, Array], inputs: Array
+    ) -> tuple[tuple[Array, Array], Array]:
+        """One step.
+
+        Args:
+          carry: ``(c, h)``, each ``[batch, features]``, e.g. from ``initialize_carry``.
+          inputs: ``[batch, in]``; all axes but the last are batch axes.
+
+        Returns:
+          ``((c', h'), h')``.
+        """
+        k = _selection.check_k(self.k)
+        mode = _selection.check_mode(self.mode)
+        c, h = carry
+        hidden = h.shape[-1]
+        if _selection.is_dense(k, 4 * hidden, groups=4):
+            # Nothing is dropped: run the stock cell itself, so results match it bit for bit.
+            return super().__call__(carry, inputs)
+
+        input_gates = [
+            _GateParams(hidden, False, self.kernel_init, param_dtype=self.param_dtype, name=n)(
+                jnp.shape(inputs)[-1]
+            )[0]
+            for n in _LINEN_INPUT_GATES
+        ]
+        recurrent_gates = [
+            _GateParams(
+                hidden,
+                True,
+                self.recurrent_kernel_init,
+                self.bias_init,
+                self.param_dtype,
+                name=n,
+            )(hidden)
+            for n in _LINEN_RECURRENT_GATES
+        ]
+        # Gate order i, f, g, o along the last axis: block j of z is gate j.
+        w_i = jnp.concatenate(input_gates, axis=1)
+        w_h = jnp.concatenate([w for w, _ in recurrent_gates], axis=1)
+        b = jnp.concatenate([b for _, b in recurrent_gates])
+        # Promoted as the stock cell promotes its input and its recurrent Dense layers.
+        x, w_i, _ = promote_dtype(inputs, w_i, None, dtype=self.dtype)
+        h_in, w_h, b = promote_dtype(h, w_h, b, dtype=self.dtype)
+        dtype = jnp.promote_types(x.dtype, h_in.dtype)
+        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
+        key = self.make_rng(self.rng_collection) if mode == "random" else None
+        z = _linear.multi_linear(
+            (x, h_in),
+            (w_i, w_h),
+            b,
+            k=k,
+            mode=mode,
+            key=key,
+            groups=4,
+            sparse_bias=self.sparse_bias,
+        )
+        z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
+        i = self.gate_fn(z_i)
+        f = self.gate_fn(z_f)
+        g = self.activation_fn(z_g)
+        o = self.gate_fn(z_o)
+        new_c = f * c + i * g
+        new_h = o * self.activation_fn(new_c)
+        return (new_c, new_h), new_h

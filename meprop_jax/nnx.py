@@ -1,0 +1,331 @@
+"""Flax NNX layers with meProp backward passes.
+
+``Linear`` and ``LSTMCell`` are drop-ins for ``flax.nnx.Linear`` and ``flax.nnx.LSTMCell``:
+the same constructor arguments and defaults, the same parameter structure and, for the same
+``rngs``, the same initial values, plus the meProp arguments ``k``, ``mode``, ``sparse_bias``
+and ``rng_collection``. ``k`` and ``mode`` are validated when the module is built.
+
+RNG convention for ``mode="random"`` (the other modes need no RNG): at construction, after the
+parameters are drawn, the module forks the stream ``rngs[rng_collection]`` (default
+``"meprop"``; an ``nnx.Rngs`` without that stream falls back to its ``default`` stream, as in
+``nnx.Dropout``) and keeps the fork as ``module.meprop_rngs``; every call draws one key from
+it. A ``rngs=`` call argument (``nnx.Rngs``, ``nnx.RngStream`` or a key) takes precedence.
+Inside ``nnx.RNN`` the stream is carried through the scan, so every step gets a new key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from flax.nnx.nn.recurrent import modified_orthogonal
+from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
+from jax import lax
+
+from meprop_jax import _linear, _selection
+
+Array = jax.Array
+RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
+
+#: Name of the NNX RNG stream that ``mode="random"`` draws its keys from.
+RNG_COLLECTION = "meprop"
+
+# The defaults of flax.nnx.Linear and flax.nnx.LSTMCell.
+_default_kernel_init = nnx.initializers.lecun_normal()
+_default_bias_init = nnx.initializers.zeros_init()
+
+
+def _fork_stream(mode: str, rngs: nnx.Rngs, rng_collection: str) -> nnx.RngStream | None:
+    """The stream random mode draws from; forked after the parameters, so they match stock."""
+    if mode != "random":
+        return nnx.data(None)
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    return rngs[rng_collection].fork()
+
+
+def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -> Array:
+    """One key from the call argument if given, else from the stream kept at construction."""
+    source = rngs if rngs is not None else stored
+    if source is None:
+        raise ValueError(
+            "mode='random' needs an RNG: build the module with rngs=nnx.Rngs(...) or pass "
+            "rngs= to the call"
+        )
+    if isinstance(source, nnx.Rngs):
+        return source[rng_collection]()
+    if isinstance(source, nnx.RngStream):
+        return source()
+    if isinstance(source, jax.Array):
+        return source
+    raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(source)}")
+
+
+class Linear(nnx.Linear):
+    """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
+
+    A drop-in for ``flax.nnx.Linear`` (``kernel [in, out]``, ``bias [out]``). In the backward
+    pass only ``k`` entries of ``g = dL/dy`` are kept and ``dx`` and ``dkernel`` are computed
+    from them alone; see :func:`meprop_jax.linear`.
+
+    Args:
+      in_features: number of input features.
+      out_features: number of output features.
+      k: output-gradient entries to keep; ``0`` (the default) and ``k >= out_features`` are
+        ordinary backprop, and the layer then runs exactly as ``flax.nnx.Linear``.
+      mode: ``"unified"`` (one column set for the batch), ``"per_example"`` or ``"random"``.
+      sparse_bias: restrict the bias gradient to the kept entries too (default: dense).
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init, dot_general,
+        promote_dtype, preferred_element_type, kernel_metadata, bias_metadata: as in
+        ``flax.nnx.Linear``; a custom ``dot_general`` is refused when ``k`` drops entries,
+        since meProp supplies its own products.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is also kept as ``self.meprop_rngs``.
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+
+    Raises:
+      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = Linear(5, 4, k=2, rngs=nnx.Rngs(0))
+      >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
+      {'bias': (4,), 'kernel': (5, 4)}
+      >>> layer(jnp.ones((3, 5))).shape  # [batch, out]
+      (3, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        sparse_bias: bool = False,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = _default_kernel_init,
+        bias_init: Initializer = _default_bias_init,
+        dot_general: Callable[..., Array] = lax.dot_general,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        preferred_element_type: Dtype | None = None,
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        if dot_general is not lax.dot_general and not _selection.is_dense(k, out_features):
+            raise ValueError("meprop_jax.nnx.Linear with k > 0 does not take a dot_general hook")
+        super().__init__(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dot_general=dot_general,
+            promote_dtype=promote_dtype,
+            preferred_element_type=preferred_element_type,
+            rngs=rngs,
+            kernel_metadata=kernel_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.k = k
+        self.mode = mode
+        self.sparse_bias = bool(sparse_bias)
+        self.rng_collection = rng_collection
+        self.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+
+    def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
+        """Applies the layer.
+
+        Args:
+          inputs: ``[..., in_features]``.
+          out_sharding: as in ``flax.nnx.Linear``; with sparsified backprop the result is
+            resharded to it after the product.
+          rngs: overrides ``self.meprop_rngs`` for ``mode="random"``.
+
+        Returns:
+          ``[..., out_features]``.
+        """
+        if _selection.is_dense(self.k, self.out_features):
+            return super().__call__(inputs, out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        y = _linear.linear(
+            inputs,
+            kernel,
+            bias,
+            k=self.k,
+            mode=self.mode,
+            key=key,
+            sparse_bias=self.sparse_bias,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+        )
+        if out_sharding is not None:
+            y = jax.sharding.reshard(y, out_sharding)
+        return y
+
+
+class LSTMCell(nnx.LSTMCell):
+    r"""An LSTM cell whose gate pre-activation gradient is top-k sparsified per gate.
+
+    A drop-in for ``flax.nnx.LSTMCell``: the same submodules (``ii``, ``if_``, ``ig``, ``io``,
+    ``nnx.Linear`` without bias, and ``hi``, ``hf``, ``hg``, ``ho`` with bias), the same
+    ``initialize_carry``, usable in ``nnx.RNN`` and ``nnx.Bidirectional``. The gate
+    pre-activations ``z = x W_i + h W_h + b``, ``[batch, 4 * hidden]`` in gate order i, f, g,
+    o, are computed in one product; in the backward pass ``dL/dz`` keeps ``k`` entries in each
+    gate block (``4k`` of ``4 * hidden``) at every time step and ``dx``, ``dh``, ``dW_i`` and
+    ``dW_h`` are computed from those alone. The bias gradient stays dense unless
+    ``sparse_bias``.
+
+    This is our reading of meProp for LSTMs: the authors never released their LSTM code; we
+    sparsify the gate pre-activation gradient, ``k`` entries per gate, at every step. With
+    ``k = 0`` or ``k >= hidden_features`` the cell runs exactly as ``flax.nnx.LSTMCell``.
+
+    Args:
+      in_features: input size.
+      hidden_features: hidden size ``h``.
+      k: gradient entries kept per gate (per row, or per batch for ``"unified"``).
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      sparse_bias: restrict the bias gradient to the kept entries too.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is kept as ``self.meprop_rngs`` (one key per step).
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+      gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
+        param_dtype, carry_init, promote_dtype, keep_rngs, kernel_metadata,
+        recurrent_kernel_metadata, bias_metadata: as in ``flax.nnx.LSTMCell``.
+
+    Raises:
+      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> cell = LSTMCell(5, 8, k=2, mode="random", rngs=nnx.Rngs(0, meprop=1))
+      >>> rnn = nnx.RNN(cell)
+      >>> rnn(jnp.ones((3, 4, 5))).shape  # [batch, time, in] -> [batch, time, hidden]
+      (3, 4, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        sparse_bias: bool = False,
+        gate_fn: Callable[..., Any] = nnx.sigmoid,
+        activation_fn: Callable[..., Any] = nnx.tanh,
+        kernel_init: Initializer = _default_kernel_init,
+        recurrent_kernel_init: Initializer = modified_orthogonal,
+        bias_init: Initializer = _default_bias_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        carry_init: Initializer | None = None,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        keep_rngs: bool = False,
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        recurrent_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        super().__init__(
+            in_features,
+            hidden_features,
+            gate_fn=gate_fn,
+            activation_fn=activation_fn,
+            kernel_init=kernel_init,
+            recurrent_kernel_init=recurrent_kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            carry_init=carry_init,
+            promote_dtype=promote_dtype,
+            keep_rngs=keep_rngs,
+            rngs=rngs,
+            kernel_metadata=kernel_metadata,
+            recurrent_kernel_metadata=recurrent_kernel_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.k = k
+        self.mode = mode
+        self.sparse_bias = bool(sparse_bias)
+        self.rng_collection = rng_collection
+        # Not ``self.rngs``: the stock cell keeps its (deprecated) carry stream there.
+        self.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+
+    def __call__(
+        self, carry: tuple[Array, Array], inputs: Array, *, rngs: RngArg = None
+    ) -> tuple[tuple[Array, Array], Array]:
+        """One step.
+
+        Args:
+          carry: ``(c, h)``, each ``[batch, hidden]``, e.g. from ``initialize_carry``.
+          inputs: ``[batch, in]``; all axes but the last are batch axes.
+          rngs: overrides ``self.meprop_rngs`` for ``mode="random"``.
+
+        Returns:
+          ``((c', h'), h')``.
+        """
+        if _selection.is_dense(self.k, 4 * self.hidden_features, groups=4):
+            # Nothing is dropped: the stock cell, bit for bit.
+            return super().__call__(carry, inputs)
+        c, h = carry
+        # Gate order i, f, g, o along the last axis: block j of z is gate j.
+        w_i = jnp.concatenate([m.kernel[...] for m in (self.ii, self.if_, self.ig, self.io)], 1)
+        recurrent = (self.hi, self.hf, self.hg, self.ho)
+        w_h = jnp.concatenate([m.kernel[...] for m in recurrent], axis=1)
+        b = jnp.concatenate([m.bias[...] for m in recurrent])
+        # Promoted as the stock cell promotes its input and its recurrent Linear layers.
+        x, w_i, _ = self.promote_dtype((inputs, w_i, None), dtype=self.dtype)
+        h_in, w_h, b = self.promote_dtype((h, w_h, b), dtype=self.dtype)
+        dtype = jnp.promote_types(x.dtype, h_in.dtype)
+        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        z = _linear.multi_linear(
+            (x, h_in),
+            (w_i, w_h),
+            b,
+            k=self.k,
+            mode=self.mode,
+            key=key,
+            groups=4,
+            sparse_bias=self.sparse_bias,
+        )
+        z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
+        i = self.gate_fn(z_i)
+        f = self.gate_fn(z_f)
+        g = self.activation_fn(z_g)
+        o = self.gate_fn(z_o)
+        new_c = f * c + i * g
+        new_h = o * self.activation_fn(new_c)
+        return (new_c, new_h), new_h
