@@ -1,0 +1,428 @@
+"""Tests for the MNIST experiment, experiments.mnist, on tiny IDX files (and, marked
+``data``, on the real MNIST under MEPROP_DATA_DIR)."""
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as cc
+
+from experiments import mnist
+from experiments import train as loop
+from experiments.mnist_data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
+
+REAL_DATA_DIR = os.environ.get("MEPROP_DATA_DIR")
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST, SIDE = 96, 40, 4
+METRICS = ("epoch", "loss", "dev_acc", "test_acc", "dev_loss", "test_loss", "steps")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array: two zero bytes, type 0x08, ndim, big-endian dims."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_tiny_mnist(folder: Path) -> dict[str, FileSpec]:
+    """Writes 4x4 "images" (5,000 dev + 96 train, 40 test) whose labels follow a fixed
+    linear rule of the pixels, so that the MLP can learn something; returns the ``expected``
+    table the reader needs to accept these shapes."""
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(SIDE * SIDE, 10))
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = {}
+    for images_name, labels_name, n in (
+        (MNIST_FILES[0], MNIST_FILES[1], MNIST_DEV_SIZE + N_TRAIN),
+        (MNIST_FILES[2], MNIST_FILES[3], N_TEST),
+    ):
+        images = rng.integers(0, 256, (n, SIDE, SIDE), dtype=np.uint8)
+        labels = np.argmax((images.reshape(n, -1) / 255.0 - 0.5) @ teacher, axis=1)
+        for name, array in ((images_name, images), (labels_name, labels.astype(np.uint8))):
+            data = idx_bytes(array)
+            (folder / name).write_bytes(data)
+            specs[name] = FileSpec(hashlib.sha256(data).hexdigest(), array.shape)
+    return specs
+
+
+# The reader insists on MNIST's shapes unless told otherwise; so does this, in a subprocess.
+SUBPROCESS_MAIN = """
+import functools, json, sys
+from experiments import mnist, mnist_data
+specs = {k: mnist_data.FileSpec(v[0], tuple(v[1])) for k, v in json.loads(sys.argv[1]).items()}
+mnist.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
+sys.exit(mnist.main(sys.argv[2:]))
+"""
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path: Path) -> Iterator[None]:
+    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One XLA cache for this module and its subprocesses (they compile the same programs)."""
+    path = tmp_path_factory.getbasetemp() / "jax-cache"
+    with persistent_compilation_cache(path):
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, FileSpec]]:
+    folder = tmp_path_factory.mktemp("tiny") / "mnist"
+    return folder, write_tiny_mnist(folder)
+
+
+@pytest.fixture
+def tiny_dir(tiny_files: tuple[Path, dict[str, FileSpec]], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny files, with the experiment's reader told to accept their shapes."""
+    folder, specs = tiny_files
+    monkeypatch.setattr(mnist, "load_mnist", functools.partial(load_mnist, expected=specs))
+    return folder
+
+
+def tiny_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    """A small, fast configuration (one device so that it matches a subprocess)."""
+    return [
+        "--data-dir", str(data_dir), "--out", str(out), "--hidden", "16", "--k", "4",
+        "--mode", "per-example", "--dropout", "0.1", "--batch-size", "8", "--devices", "1",
+        "--epochs", "2", "--timing-batches", "3", "--chunk-steps", "4", *extra,
+    ]  # fmt: skip
+
+
+def metrics(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: r[k] for k in METRICS} for r in history]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(
+    tiny_files: tuple[Path, dict[str, FileSpec]],
+    cache_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """A 2-epoch CLI run on the tiny files: its results.json and printed output."""
+    folder, specs = tiny_files
+    out = tmp_path_factory.mktemp("tiny-run")
+    capture: list[str] = []
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        contextlib.redirect_stdout(_Tee(capture)),
+    ):
+        patch.setattr(mnist, "load_mnist", functools.partial(load_mnist, expected=specs))
+        code = mnist.main(tiny_args(folder, out))
+    assert code == 0
+    return {
+        "out": out,
+        "stdout": "".join(capture),
+        "results": json.loads((out / "results.json").read_text()),
+    }
+
+
+class _Tee:
+    """A write-only stream that keeps what is printed."""
+
+    def __init__(self, sink: list[str]) -> None:
+        self.sink = sink
+
+    def write(self, text: str) -> int:
+        self.sink.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.mark.slow
+def test_cli_run_writes_results(tiny_run: dict[str, Any]) -> None:
+    results, out = tiny_run["results"], tiny_run["out"]
+    cfg = results["config"]
+    assert cfg["task"] == "mnist" and cfg["hidden"] == 16 and cfg["layers"] == 2
+    assert cfg["k"] == 4 and cfg["mode"] == "per-example" and cfg["k_output"] == 0
+    assert cfg["batch_size"] == 8 and cfg["train_size"] == N_TRAIN and cfg["input_dim"] == 16
+    assert cfg["dev_size"] == MNIST_DEV_SIZE and cfg["test_size"] == N_TEST
+    assert cfg["optimizer"] == "adam" and cfg["lr"] == 1e-3 and cfg["epochs"] == 2
+    assert results["status"] == "complete" and results["num_devices"] == 1
+    assert results["backend"] == "cpu" and results["jax_version"] == jax.__version__
+    assert [r["epoch"] for r in results["epochs"]] == [1, 2]
+    for record in results["epochs"]:
+        assert record["steps"] == N_TRAIN // 8
+        for field in ("forward_s", "backward_s", "update_s", "train_wall_s", "eval_s"):
+            assert record["timing"][field] >= 0.0
+    best = results["best"]
+    assert set(best) == {"epoch", "dev_acc", "test_acc"}
+    assert best["dev_acc"] == max(r["dev_acc"] for r in results["epochs"])
+    assert (out / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+    assert f"best epoch {best['epoch']}: dev {best['dev_acc']:.2f}%" in tiny_run["stdout"]
+    assert "forward" in tiny_run["stdout"] and "backward" in tiny_run["stdout"]
+
+
+@pytest.mark.slow
+def test_sigint_saves_checkpoint_and_resume_continues(
+    tiny_files: tuple[Path, dict[str, FileSpec]],
+    tiny_dir: Path,
+    tiny_run: dict[str, Any],
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C a real process mid-run: exit 130, a checkpoint, and a resume command whose
+    run reproduces the uninterrupted one."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_dir, out, "--epochs", "500", "--timing-batches", "0")
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PLATFORMS": "cpu",
+    }
+    specs = {name: [spec.sha256, list(spec.shape)] for name, spec in tiny_files[1].items()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUBPROCESS_MAIN, json.dumps(specs), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("epoch 1/500") or not line:
+                break
+        assert lines[-1].startswith("epoch 1/500"), "".join(lines) + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "SIGINT" in stderr and "--resume" in stderr and str(out) in stderr
+    results = json.loads((out / "results.json").read_text())
+    done = len(results["epochs"])
+    assert results["status"] == "interrupted" and 1 <= done < 500
+    assert (out / "checkpoints" / str(done)).is_dir()
+
+    resume_args = [*args[: args.index("--epochs")], "--epochs", str(done + 1), "--resume"]
+    assert mnist.main(resume_args) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["status"] == "complete" and len(resumed["epochs"]) == done + 1
+    # Epoch 1 ran in another process, whose XLA may split the work over threads differently:
+    # equal up to float reassociation (the in-process resume test demands exact equality).
+    want = metrics(tiny_run["results"]["epochs"])
+    assert metrics(resumed["epochs"])[:2] == [pytest.approx(r, rel=1e-5) for r in want]
+
+
+@pytest.mark.slow
+def test_existing_run_needs_resume_or_overwrite(
+    tiny_dir: Path, tiny_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        mnist.main(tiny_args(tiny_dir, tiny_run["out"]))
+    assert exc.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals before training
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(loop, "train", fail)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--k", "600", "--hidden", "500"], ["--k 600", "--hidden 500"]),
+        (["--k", "500"], ["--k 500", "--hidden 500"]),
+        (["--k", "-1"], ["--k"]),
+        (["--mode", "topk"], ["--mode", "topk"]),
+        (["--epochs", "0"], ["--epochs"]),
+        (["--epochs", "-2"], ["--epochs"]),
+        (["--limit-train", "0"], ["--limit-train"]),
+        (["--layers", "0"], ["--layers"]),
+        (["--layers", "6"], ["--layers"]),
+        (["--batch-size", "50", "--devices", "8"], ["--batch-size 50", "--devices"]),
+        (["--batch-size", "8", "--devices", "3"], ["--batch-size 8", "--devices"]),
+        (["--eval-batch-size", "100", "--devices", "8", "--batch-size", "8"], ["--eval-batch"]),
+        (["--devices", "9"], ["--devices"]),
+        (["--k-output", "10"], ["--k-output"]),
+        (["--kdim", "--k", "0"], ["--kdim"]),
+        (["--dropout", "1.0"], ["--dropout"]),
+        (["--optimizer", "rmsprop"], ["--optimizer"]),
+        (["--lr", "0"], ["--lr"]),
+    ],
+)
+def test_bad_arguments_rejected_before_training(
+    argv: list[str],
+    named: list[str],
+    no_training: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        mnist.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for name in named:
+        assert name in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_data_rejected_before_training(
+    no_training: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        mnist.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "run"),
+                    "--devices", "1"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "absent" in err and "lacks" in err and MNIST_FILES[0] in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def settings(*argv: str, devices: int = 1) -> mnist.MnistSettings:
+    return mnist.settings_from_args(mnist.build_parser().parse_args(list(argv)), devices)
+
+
+def test_defaults_are_documented_ones() -> None:
+    s = settings()
+    assert (s.hidden, s.layers, s.k, s.mode, s.k_output) == (500, 2, 30, "unified", 0)
+    assert (s.batch_size, s.eval_batch_size, s.dropout, s.kdim) == (50, 1000, 0.0, False)
+    # Rounded up so that it splits over 3 devices.
+    assert settings("--batch-size", "48", devices=3).eval_batch_size == 1002
+    args = mnist.build_parser().parse_args([])
+    assert (args.epochs, args.optimizer, args.lr, args.seed, args.clip) == (
+        20,
+        "adam",
+        None,
+        0,
+        0.0,
+    )
+    assert mnist.default_out(s, args) == Path("runs/mnist-k30-unified-h500x2-adam-b50-s0")
+    assert settings("--mode", "per_example").mode == "per-example"
+
+
+def test_kdim_builds_a_dense_mlp_of_width_k() -> None:
+    s = settings("--kdim", "--k", "20", "--hidden", "500", "--layers", "3")
+    assert (s.hidden, s.k, s.kdim) == (20, 0, True)
+    rng = np.random.default_rng(0)
+    data = mnist.Mnist(*(rng.random((4, 16), dtype=np.float32), np.zeros(4, np.int32)) * 3, "x")
+    task = mnist.MnistTask(data, s)
+    shapes = jax.tree.map(np.shape, jax.eval_shape(task.init, jax.random.key(0))["params"])
+    assert shapes == {
+        "hidden_0": {"kernel": (16, 20), "bias": (20,)},
+        "hidden_1": {"kernel": (20, 20), "bias": (20,)},
+        "hidden_2": {"kernel": (20, 20), "bias": (20,)},
+        "output": {"kernel": (20, 10), "bias": (10,)},
+    }
+    model = s.model()
+    assert model.k == 0 and model.hidden == (20, 20, 20)
+    assert "kdim20" in str(mnist.default_out(s, mnist.build_parser().parse_args([])))
+
+
+def test_batchify_pads_with_zero_mask() -> None:
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    y = np.arange(5, dtype=np.int32)
+    b = mnist.batchify(x, y, 2, order=np.array([4, 3, 2, 1, 0]))
+    assert b["x"].shape == (3, 2, 2) and b["y"].shape == (3, 2) and b["mask"].shape == (3, 2)
+    np.testing.assert_array_equal(b["y"], [[4, 3], [2, 1], [0, 0]])
+    np.testing.assert_array_equal(b["mask"], [[1, 1], [1, 1], [1, 0]])
+    np.testing.assert_array_equal(b["x"][2, 1], [0, 0])
+
+
+def test_loss_ignores_padding() -> None:
+    s = settings("--hidden", "8", "--k", "2")
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 16), dtype=np.float32)
+    y = np.array([1, 2, 3], np.int32)
+    data = mnist.Mnist(x, y, x, y, x, y, "x")
+    task = mnist.MnistTask(data, s)
+    params = jax.jit(task.init)(jax.random.key(0))
+    full = mnist.batchify(x, y, 3)
+    padded = mnist.batchify(x, y, 4)
+    key = jax.random.key(1)
+    loss_fn = jax.jit(task.loss_fn, static_argnums=3)
+    loss_full, aux_full = loss_fn(params, jax.tree.map(lambda a: a[0], full), key, False)
+    loss_pad, aux_pad = loss_fn(params, jax.tree.map(lambda a: a[0], padded), key, False)
+    np.testing.assert_allclose(loss_pad, loss_full, rtol=1e-6)
+    assert float(aux_pad["count"]) == 3.0 and float(aux_pad["correct"]) == float(
+        aux_full["correct"]
+    )
+
+
+def test_dropout_keeps_the_mean_under_sharding() -> None:
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(
+            np.ones((64, 256), np.float32),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+        )
+        y = mnist.inverted_dropout(x, 0.25, jax.random.key(0))
+    values = np.asarray(y)
+    assert set(np.unique(values).tolist()) <= {0.0, float(np.float32(1.0) / np.float32(0.75))}
+    assert abs(np.mean(values == 0.0) - 0.25) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not REAL_DATA_DIR, reason="set MEPROP_DATA_DIR to the folder with mnist/")
+@pytest.mark.parametrize(
+    ("k", "threshold"),
+    # One epoch of 40 minibatches: dense backprop passes 80%; meProp, where a minibatch
+    # updates only 30 of 500 hidden units, starts slower (about 72-79% here).
+    [("0", 80.0), ("30", 60.0)],
+)
+def test_real_mnist_one_epoch(k: str, threshold: float, cache_dir: Path, tmp_path: Path) -> None:
+    argv = ["--data-dir", str(REAL_DATA_DIR), "--out", str(tmp_path), "--epochs", "1"]
+    argv += ["--limit-train", "2000", "--k", k, "--devices", "1", "--timing-batches", "5"]
+    assert mnist.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["train_size"] == 2000 and results["config"]["test_size"] == 10000
+    assert results["best"]["test_acc"] > threshold
