@@ -165,7 +165,9 @@ class LSTMCell(nn.LSTMCell):
 
         split = {"params": False, "meprop": True}
         rnn = nn.RNN(cell, split_rngs=split)  # variable_broadcast="params" is the default
-        bi = nn.Bidirectional(nn.RNN(cell, split_rngs=split), nn.RNN(cell, split_rngs=split))
+        bi = nn.Bidirectional(
+            nn.RNN(fwd_cell, split_rngs=split), nn.RNN(bwd_cell, split_rngs=split)
+        )
 
     and pass ``rngs={"meprop": key}`` to ``init`` and ``apply`` (use ``rng_collection`` instead
     of ``"meprop"`` if you changed it). The other modes need no RNG.

@@ -282,14 +282,6 @@ def test_rnn_and_bidirectional_jit_grad(model):
     assert np.array_equal(flat(g1), flat(g2)) != isinstance(model, nn.RNN)
 
 
-def test_rnn_dense_k_matches_stock_rnn():
-    xs = jnp.swapaxes(XS, 0, 1)
-    params = {"params": {"cell": stock_params()["params"]}}
-    loss = lambda m, p: jnp.sum(m.apply(p, xs) ** 2)
-    stock = jax.grad(loss, 1)(nn.RNN(nn.LSTMCell(H)), params)
-    assert_trees_equal(jax.grad(loss, 1)(nn.RNN(mlinen.LSTMCell(H, k=0)), params), stock)
-
-
 def test_rnn_random_mode_without_split_rngs_raises():
     xs = jnp.swapaxes(XS, 0, 1)
     model = nn.RNN(mlinen.LSTMCell(H, k=2, mode="random"))
