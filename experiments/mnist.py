@@ -225,31 +225,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.mnist",
         description="Train the paper's MNIST MLP with meProp.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = parser.add_argument_group("model")
-    m.add_argument("--hidden", type=int, default=500, help="hidden layer size")
-    m.add_argument("--layers", type=int, default=2, help=f"hidden layers, 1-{MAX_LAYERS}")
+    m.add_argument("--hidden", type=int, default=500, help="hidden layer size (default 500)")
     m.add_argument(
-        "--k", type=int, default=30, help="meProp k of the hidden layers; 0 = ordinary backprop"
+        "--layers", type=int, default=2, help=f"hidden layers, 1-{MAX_LAYERS} (default 2)"
+    )
+    m.add_argument(
+        "--k",
+        type=int,
+        default=30,
+        help="meProp k of the hidden layers (default 30); 0 = ordinary backprop",
     )
     m.add_argument(
         "--mode",
-        choices=(*MODES, "per_example"),
+        type=lambda text: text.replace("_", "-"),  # per_example is accepted too
+        choices=MODES,
         default="unified",
-        help="unified (one top-k set per minibatch), per-example, or random (control)",
+        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
+        "CPU variant) or random (the control)",
     )
     m.add_argument(
-        "--k-output", type=int, default=0, help="meProp k of the output layer; 0 = dense"
+        "--k-output", type=int, default=0, help="meProp k of the output layer (default 0 = dense)"
     )
     m.add_argument(
         "--kdim",
         action="store_true",
         help="the k-dimensional baseline: a dense MLP with hidden size k (overrides --hidden)",
     )
-    m.add_argument("--dropout", type=float, default=0.0, help="dropout rate after each ReLU")
+    m.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout rate after each ReLU (default 0)"
+    )
     d = parser.add_argument_group("data")
-    d.add_argument("--batch-size", type=int, default=50, help="training minibatch (global)")
+    d.add_argument(
+        "--batch-size", type=int, default=50, help="training minibatch, all devices (default 50)"
+    )
     d.add_argument(
         "--eval-batch-size",
         type=int,
@@ -257,11 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluation minibatch (default {DEFAULT_EVAL_BATCH}, rounded up to a multiple "
         "of the device count)",
     )
-    d.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the MNIST IDX files (default: $MEPROP_DATA_DIR, then the cache)",
+    )
     d.add_argument(
         "--limit-train", type=int, default=None, help="use the first N training examples"
     )
-    d.add_argument("--source", choices=("local", "tfds"), default="local", help="data reader")
+    d.add_argument(
+        "--source",
+        choices=("local", "tfds"),
+        default="local",
+        help="local IDX files (default) or tensorflow-datasets",
+    )
     loop.add_train_arguments(parser)
     return parser
 
@@ -312,7 +331,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         hidden=hidden,
         layers=args.layers,
         k=k,
-        mode=args.mode.replace("_", "-"),
+        mode=args.mode,
         k_output=args.k_output,
         dropout=args.dropout,
         kdim=args.kdim,

@@ -28,6 +28,12 @@ times are stored next to the estimates (``probe_*_s``). "Backward" thus covers t
 backward pass (loss, activations, top-k selection and the sparse products), the paper's
 "overall BP time" (its Table 2), plus one gradient accumulation per minibatch.
 
+Caveats. XLA optimises each program on its own, so work can move between the phases: with
+meProp, the dense ``[in, out]`` weight gradient built from ``k`` columns can be fused into the
+accumulation in (b) but has to be materialised before the optimizer in (c), where it counts
+as update time. Each probe is one measurement, so on a busy machine single epochs are noisy;
+the final summary averages the epochs.
+
 Beside the estimates, ``train_wall_s`` is the real wall time of the epoch's training phase
 (shuffling and batching on the host, transfer to the devices, all scanned chunks), excluding
 XLA compilation, which is reported separately as ``compile_s``; ``eval_s`` is the dev and
@@ -39,6 +45,17 @@ Every random number derives from ``seed`` through ``jax.random.fold_in``: the pa
 from ``(seed, 0)``, the epoch ``e`` shuffle, step keys and chunk order from ``(seed, 2, e)``.
 Nothing depends on how many epochs ran in the current process, so a run that is
 interrupted and resumed gives the same results as an uninterrupted one.
+
+Checkpoints and interruption
+----------------------------
+``<out>/checkpoints/<epoch>/`` (orbax, the last ``keep_checkpoints`` kept) holds two items:
+``state`` = ``{"params", "opt_state"}`` and ``meta`` (JSON) = ``{"epoch", "history",
+"config", "rng"}``. A checkpoint is written every ``checkpoint_every`` epochs and after the
+last one. SIGINT/SIGTERM only set a flag: the loop stops at the next chunk boundary, drops
+the unfinished epoch, checkpoints the last completed one if needed, and the command line
+exits with 128 + the signal number (130 for Ctrl-C), printing the ``--resume`` command.
+``--resume`` refuses a checkpoint made with other settings (except those in
+:data:`RESUMABLE_CHANGES`).
 """
 
 from __future__ import annotations
@@ -407,7 +424,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the loop's flags (``--epochs``, ``--optimizer``, ``--out``, ...) to ``parser``."""
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all (default 20)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default adam)")
     g.add_argument(
         "--lr",
         type=float,
@@ -423,12 +440,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="root of all randomness (default 0)")
     g.add_argument(
-        "--devices", type=int, default=None, help="data-parallel devices (default: all local)"
+        "--devices", type=int, default=None, help="data-parallel devices (default: all local ones)"
     )
     g.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config>)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --out")
-    g.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)"
+    )
     g.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default 3)")
     g.add_argument(
         "--timing-batches",
@@ -701,9 +720,18 @@ def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
 def _save_checkpoint(
     run: _Run, epoch: int, state: TrainState, history: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Saves ``state`` as epoch ``epoch``, with the history and config as JSON."""
+    """Saves ``state`` as epoch ``epoch``, with the history, config and root key as JSON.
+
+    The root key is all the RNG state there is: every key derives from it and the epoch.
+    """
     tree = {"params": state.params, "opt_state": state.opt_state}
-    meta = {"epoch": epoch, "history": list(history), "config": dict(run.config)}
+    root = np.asarray(jax.random.key_data(jax.random.key(run.cfg.seed)))
+    meta = {
+        "epoch": epoch,
+        "history": list(history),
+        "config": dict(run.config),
+        "rng": root.ravel().tolist(),
+    }
     run.manager.save(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),

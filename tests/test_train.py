@@ -269,7 +269,7 @@ def test_eight_devices_match_one(reference: loop.RunResult, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_random_mode_and_adagrad_with_clipping_run(tmp_path: Path) -> None:
-    cfg = config(tmp_path, epochs=1, optimizer="adagrad", clip=5.0, devices=2)
+    cfg = config(tmp_path, epochs=1, optimizer="adagrad", clip=5.0, devices=2, progress=True)
     run = loop.train(ToyTask(mode="random"), cfg, log=quiet)
     assert run.status == "complete" and np.isfinite(run.history[0]["loss"])
     assert run.history[0]["loss"] > 0
