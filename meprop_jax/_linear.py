@@ -153,10 +153,15 @@ def _weight_grad(x: Array, g_cols: Array, kernel: Array, cfg: _Config) -> Array:
     With ``cfg.compact``, the transpose ``g_cols^T x``, ``[n_cols, in]`` (see ``CompactGrad``).
     """
     lead = tuple(range(x.ndim - 1))
-    operands = (g_cols, x) if cfg.compact else (x, g_cols)
+    if cfg.compact:
+        # [K, ...] materialized first: XLA:CPU runs g^T x several times slower from [..., K].
+        g_t = lax.optimization_barrier(jnp.moveaxis(g_cols, -1, 0))
+        operands, dims = (g_t, x), (tuple(range(1, x.ndim)), lead)
+    else:
+        operands, dims = (x, g_cols), (lead, lead)
     return lax.dot_general(
         *operands,
-        ((lead, lead), ((), ())),
+        (dims, ((), ())),
         precision=cfg.precision,
         preferred_element_type=jnp.float32 if kernel.dtype == jnp.bfloat16 else None,
         out_sharding=_explicit_out_sharding(x, kernel, rows=cfg.compact),
@@ -173,10 +178,20 @@ def _input_grad(g_cols: Array, kernel_cols: Array, x: Array, cfg: _Config) -> Ar
 def _column_products(cfg: _Config, xs, kernels, g_cols: Array, cols: Array):
     """``dx_j`` and the weight-gradient blocks of the columns ``cols`` (see ``_weight_grad``).
 
-    Out-of-range entries of ``cols`` (padding) gather zero kernel columns.
+    Out-of-range entries of ``cols`` (padding) gather zero kernel columns. The barriers keep
+    the gathered ``[in, K]`` kernel columns and ``[..., K]`` gradient columns in their sources'
+    row-major order: left to itself, XLA:CPU gathers them straight into the transposed layouts
+    its products prefer, a strided walk down the kernel's columns that costs several times
+    more, and then runs ``dx`` as a slow transposed product.
     """
+    g_cols = lax.optimization_barrier(g_cols)
     dxs = tuple(
-        _input_grad(g_cols, jnp.take(w, cols, axis=1, mode="fill", fill_value=0), x, cfg)
+        _input_grad(
+            g_cols,
+            lax.optimization_barrier(jnp.take(w, cols, axis=1, mode="fill", fill_value=0)),
+            x,
+            cfg,
+        )
         for x, w in zip(xs, kernels, strict=True)
     )
     blocks = tuple(_weight_grad(x, g_cols, w, cfg) for x, w in zip(xs, kernels, strict=True))
