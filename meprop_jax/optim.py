@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from meprop_jax._linear import CompactGrad
+from meprop_jax._linear import CompactGrad, compact_tap, compact_width
 from meprop_jax.linen import TAP_COLLECTION
 
 Array = jax.Array
@@ -76,6 +76,8 @@ __all__ = [
     "SparseOptimizer",
     "SparseState",
     "TransposedSlots",
+    "compact_tap",
+    "compact_width",
     "sparse_adagrad",
     "sparse_adam",
     "sparse_sgd",
