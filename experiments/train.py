@@ -102,6 +102,7 @@ __all__ = [
     "make_optimizer",
     "require",
     "resolve_devices",
+    "restore_params",
     "run_cli",
     "train",
     "train_config_from_args",
@@ -751,6 +752,40 @@ def _restore_checkpoint(
     )
     state = restored["state"]
     return TrainState(state["params"], state["opt_state"]), restored["meta"]
+
+
+def restore_params(out: Path, template: Params, epoch: int | None = None) -> tuple[Params, int]:
+    """The parameters saved in the run folder ``out``, without the optimizer state (for
+    inference: the optimizer need not be rebuilt).
+
+    Args:
+      out: a run folder (``--out`` of a training run).
+      template: the parameter pytree, as arrays or ``jax.ShapeDtypeStruct`` with shardings;
+        the restored arrays take their shapes, dtypes and shardings.
+      epoch: the checkpoint to read; None, or an epoch whose checkpoint is no longer kept,
+        reads the latest.
+
+    Returns:
+      ``(params, epoch)``.
+
+    Raises:
+      ConfigError: ``out`` holds no checkpoint.
+    """
+    directory = (out / CHECKPOINT_DIR).absolute()
+    latest = _latest_checkpoint(directory)
+    if latest is None:
+        raise ConfigError(f"--out {out}: no checkpoint in {directory}")
+    if epoch is None or not (directory / str(epoch)).is_dir():
+        epoch = latest
+    item = {"params": template}
+    restore = ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+    )
+    with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
+        restored = manager.restore(epoch, args=ocp.args.Composite(state=restore))
+    return restored["state"]["params"], epoch
 
 
 def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
