@@ -10,6 +10,11 @@ is within the paper's MNIST range (k = 10-30 for h = 500). ``--k 0`` is ordinary
 ``--mode random`` the random-k control; ``--kdim`` the "k-dimensional network" baseline, a
 dense MLP whose hidden size is k. The output layer stays dense unless ``--k-output`` is set.
 
+``--sparse-update`` (a loop flag, see :mod:`experiments.train`) builds the hidden layers with
+``meprop_jax.Dense(sparse_update=True)``: their kernels' gradients stay compact and the
+column-sparse ``--optimizer`` updates only the selected columns (Adam becomes lazy Adam). The
+output layer (and ``--k-output``) keeps the masked dense gradient. It needs ``--k >= 1``.
+
 Initialisation is Flax's default for ``Dense`` (LeCun-normal kernels, zero biases); the
 authors' C# code drew kernels from N(0, sqrt(6 / (fan_in + fan_out))). The data split is the
 paper's: the first 5,000 training images are dev, the remaining 55,000 train, plus the
@@ -19,6 +24,7 @@ Examples:
   python -m experiments.mnist --epochs 1 --limit-train 2000
   python -m experiments.mnist --k 0                      # the dense baseline
   python -m experiments.mnist --optimizer adagrad        # lr 0.1, as in the paper
+  python -m experiments.mnist --sparse-update            # column-sparse (lazy) Adam
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ class MLP(nn.Module):
       k_output: meProp k of the output layer (0 = dense, the paper's choice).
       dropout: dropout rate after each hidden ReLU (0 = none).
       num_classes: output size.
+      sparse_update: hidden layers with compact-gradient taps (``Dense(sparse_update=True)``;
+        ``init`` with the training batch shape for the per-row modes).
     """
 
     hidden: Sequence[int]
@@ -81,12 +89,19 @@ class MLP(nn.Module):
     k_output: int = 0
     dropout: float = 0.0
     num_classes: int = NUM_CLASSES
+    sparse_update: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Logits ``[batch, num_classes]`` of ``x`` ``[batch, features]``."""
         for i, size in enumerate(self.hidden):
-            x = meprop_jax.Dense(size, k=self.k, mode=self.mode, name=f"hidden_{i}")(x)
+            x = meprop_jax.Dense(
+                size,
+                k=self.k,
+                mode=self.mode,
+                sparse_update=self.sparse_update,
+                name=f"hidden_{i}",
+            )(x)
             x = nn.relu(x)
             if train and self.dropout > 0:
                 x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
@@ -148,6 +163,7 @@ class MnistSettings:
     limit_train: int | None = None
     source: str = "local"
     data_dir: str | None = None
+    sparse_update: bool = False
 
     def model(self) -> MLP:
         """The MLP these settings describe."""
@@ -157,6 +173,7 @@ class MnistSettings:
             mode=self.mode.replace("-", "_"),
             k_output=self.k_output,
             dropout=self.dropout,
+            sparse_update=self.sparse_update,
         )
 
 
@@ -169,9 +186,11 @@ class MnistTask:
     name: str = "mnist"
 
     def init(self, key: jax.Array) -> Any:
-        """Flax-default initial parameters of the MLP."""
+        """Flax-default initial parameters of the MLP (and, with ``sparse_update``, the zero
+        taps, whose width in the per-row modes depends on the training batch size)."""
         k_params, k_meprop = jax.random.split(key)
-        x = jnp.zeros((1, self.data.train_x.shape[1]), jnp.float32)
+        rows = self.settings.batch_size if self.settings.sparse_update else 1
+        x = jnp.zeros((rows, self.data.train_x.shape[1]), jnp.float32)
         return self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
 
     def loss_fn(
@@ -318,6 +337,11 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
             "(use --k 0 for ordinary backprop)",
         )
         hidden, k = args.hidden, args.k
+    check(
+        not args.sparse_update or k >= 1,
+        "--sparse-update needs meProp hidden layers: --k >= 1 without --kdim (it updates the "
+        "selected columns only; with --k 0 every column is selected)",
+    )
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     if args.eval_batch_size is None:
         eval_batch = math.ceil(DEFAULT_EVAL_BATCH / devices) * devices
@@ -340,6 +364,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         limit_train=args.limit_train,
         source=args.source,
         data_dir=args.data_dir,
+        sparse_update=args.sparse_update,
     )
 
 
@@ -351,6 +376,8 @@ def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
         parts = ["dense"]
     else:
         parts = [f"k{s.k}", s.mode]
+    if s.sparse_update:
+        parts.append("sparse")
     parts += [f"h{s.hidden}x{s.layers}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     if args.lr is not None:
         parts.append(f"lr{args.lr:g}")

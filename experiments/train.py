@@ -56,6 +56,23 @@ the unfinished epoch, checkpoints the last completed one if needed, and the comm
 exits with 128 + the signal number (130 for Ctrl-C), printing the ``--resume`` command.
 ``--resume`` refuses a checkpoint made with other settings (except those in
 :data:`RESUMABLE_CHANGES`).
+
+Compact (column-sparse) updates: ``--sparse-update``
+----------------------------------------------------
+By default a step is the authors' semantics: autodiff hands the optimizer a dense ``[in, out]``
+weight gradient that is zero outside the selected columns, and a stock optax optimizer
+(:func:`make_optimizer`) updates every weight. With ``sparse_update`` the step instead takes
+the meProp kernels' gradients compact (:func:`meprop_jax.optim.value_and_compact_grad`) and
+updates only their selected columns with the column-sparse twin of ``--optimizer``
+(:func:`make_sparse_optimizer`: lazy Adam, AdaGrad, SGD; ``--clip`` applies), so the update
+costs O(k) rather than O(out) per kernel. The task must then build its meProp layers with
+``meprop_jax.Dense(..., sparse_update=True)`` and ``Task.init`` must return Flax variables
+``{"params": ..., "meprop_taps": ...}`` (what ``model.init`` gives). The zero taps are part
+of :class:`TrainState` (``taps``) but never saved: a checkpoint holds the same ``{"params",
+"opt_state"}`` as ever, and ``--resume`` rebuilds the taps from the task. A task whose model
+has no tap is refused with a :class:`ConfigError` before training (no silent dense run). The
+timing probes (b) and (c) then run the compact step too, so ``update_s`` shows the
+column-sparse update.
 """
 
 from __future__ import annotations
@@ -86,6 +103,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meprop_jax import optim
+
 __all__ = [
     "DEFAULT_LR",
     "OPTIMIZERS",
@@ -100,6 +119,7 @@ __all__ = [
     "check_divisible",
     "handle_signals",
     "make_optimizer",
+    "make_sparse_optimizer",
     "require",
     "resolve_devices",
     "restore_params",
@@ -161,6 +181,11 @@ class Task(Protocol):
     its size must be a multiple of the device count. Padding is the task's business: it
     marks padded examples (or tokens) in the batch and leaves them out of ``correct`` and
     ``count``.
+
+    For ``TrainConfig.sparse_update`` the task's :meth:`init` returns Flax variables with a
+    non-empty ``"meprop_taps"`` collection beside ``"params"`` (layers built with
+    ``meprop_jax.Dense(..., sparse_update=True)``); the loop keeps the taps apart and passes
+    them back inside ``params`` to :meth:`loss_fn` in training steps only.
     """
 
     name: str
@@ -219,6 +244,8 @@ class TrainConfig:
       chunk_steps: minibatches per scanned chunk (interrupts and the progress bar act at
         chunk boundaries); 0 picks about a tenth of an epoch.
       progress: show a tqdm bar; None shows one when stderr is a terminal.
+      sparse_update: compact meProp gradients and column-sparse optimizer updates (see the
+        module docstring); the task's model must have compact-gradient taps.
     """
 
     out: Path
@@ -235,6 +262,7 @@ class TrainConfig:
     timing_batches: int = 100
     chunk_steps: int = 0
     progress: bool | None = None
+    sparse_update: bool = False
 
     @property
     def learning_rate(self) -> float:
@@ -250,10 +278,16 @@ class TrainConfig:
 
 
 class TrainState(NamedTuple):
-    """Everything a training step changes."""
+    """Everything a training step changes, and the zero compact-gradient taps it reads.
+
+    ``taps`` is None unless ``sparse_update``; then it is ``{"params": <the task's
+    "meprop_taps" collection>}``, so that every tap sits at the path of its kernel in
+    ``params``. The taps are constant zeros and are not checkpointed.
+    """
 
     params: Params
-    opt_state: optax.OptState
+    opt_state: Any
+    taps: Any = None
 
 
 @dataclasses.dataclass
@@ -352,6 +386,24 @@ def make_optimizer(name: str, lr: float, clip: float = 0.0) -> optax.GradientTra
     else:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return optax.chain(optax.clip(clip), tx) if clip > 0 else tx
+
+
+def make_sparse_optimizer(name: str, lr: float, clip: float = 0.0) -> optim.SparseOptimizer:
+    """The column-sparse twin of :func:`make_optimizer` for ``--sparse-update``.
+
+    Same hyperparameters (AdaGrad's accumulator from 0 with ``eps = 1e-6``, Adam's optax
+    defaults) and the same element-wise clipping; compact meProp kernels are updated in their
+    selected columns only (Adam lazily, see :mod:`meprop_jax.optim`), every other parameter
+    densely by the same rule.
+    """
+    bound = clip if clip > 0 else None
+    if name == "adam":
+        return optim.sparse_adam(lr, clip=bound)
+    if name == "adagrad":
+        return optim.sparse_adagrad(lr, initial_accumulator_value=0.0, eps=1e-6, clip=bound)
+    if name == "sgd":
+        return optim.sparse_sgd(lr, clip=bound)
+    raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def resolve_devices(requested: int | None) -> int:
@@ -462,6 +514,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="minibatches per scanned chunk; 0 = a tenth of an epoch (default)",
     )
+    g.add_argument(
+        "--sparse-update",
+        action="store_true",
+        help="keep the meProp kernels' gradients compact and update only their selected "
+        "columns with the column-sparse --optimizer (Adam becomes lazy Adam); default: the "
+        "authors' masked dense gradient and a stock optimizer. Needs a model with meProp "
+        "layers (k > 0)",
+    )
 
 
 def train_config_from_args(args: argparse.Namespace, default_out: Path) -> TrainConfig:
@@ -480,6 +540,7 @@ def train_config_from_args(args: argparse.Namespace, default_out: Path) -> Train
         keep_checkpoints=args.keep_checkpoints,
         timing_batches=args.timing_batches,
         chunk_steps=args.chunk_steps,
+        sparse_update=args.sparse_update,
     )
     validate_config(cfg)
     return cfg
@@ -574,10 +635,12 @@ def _mean_timing(history: Sequence[Mapping[str, Any]], field: str) -> float | No
 # The jitted programs
 
 
-def _optimizer_update(tx: optax.GradientTransformation, grads, opt_state, params):
+def _optimizer_update(tx: Any, grads, opt_state, params, tap_grads=None):
     # optax mixes Python floats and int32 step counts (Adam's bias correction), which strict
     # dtype promotion rejects; the update is computed in float32 either way.
     with jax.numpy_dtype_promotion("standard"):
+        if isinstance(tx, optim.SparseOptimizer):
+            return tx.update(grads, opt_state, params, tap_grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -589,20 +652,45 @@ def _aux_value(aux: Mapping[str, Array], name: str) -> Array:
 
 
 class _Programs:
-    """The jitted programs of one run, built around a task's loss and an optimizer."""
+    """The jitted programs of one run, built around a task's loss and an optimizer.
 
-    def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation) -> None:
+    ``tx`` is an optax optimizer (the masked dense gradient) or, for ``sparse_update``, a
+    :class:`meprop_jax.optim.SparseOptimizer`, whose steps differentiate compactly.
+    """
+
+    #: Programs whose first argument (the training state) is donated: the scatters of the
+    #: column-sparse updates then write into the state's own buffers.
+    _DONATE: Mapping[str, tuple[int, ...]] = {"train_chunk": (0,)}
+
+    def __init__(self, loss_fn: Callable, tx: Any) -> None:
         self.loss_fn = loss_fn
         self.tx = tx
+        self.compact = isinstance(tx, optim.SparseOptimizer)
         self._compiled: dict[Any, Any] = {}
 
-    def _grad(self, params, batch, key):
-        return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, key, True)
+    def _grad(self, params, taps, batch, key):
+        """``((loss, aux), grads)``; compact: ``grads = (param grads, tap grads)``, with None
+        for every kernel that has a tap (see ``optim.value_and_compact_grad``)."""
+        if not self.compact:
+            return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, key, True)
+
+        def loss(params, taps):
+            variables = {**params, optim.TAP_COLLECTION: taps["params"]}
+            return self.loss_fn(variables, batch, key, True)
+
+        value, grads = optim.value_and_compact_grad(loss, has_aux=True)(params, taps)
+        return value, grads
 
     def _step(self, state: TrainState, batch, key):
-        (loss, aux), grads = self._grad(state.params, batch, key)
-        params, opt_state = _optimizer_update(self.tx, grads, state.opt_state, state.params)
-        return TrainState(params, opt_state), (loss, _aux_value(aux, "count"))
+        (loss, aux), grads = self._grad(state.params, state.taps, batch, key)
+        if self.compact:
+            grads, tap_grads = grads
+        else:
+            tap_grads = None
+        params, opt_state = _optimizer_update(
+            self.tx, grads, state.opt_state, state.params, tap_grads
+        )
+        return TrainState(params, opt_state, state.taps), (loss, _aux_value(aux, "count"))
 
     def train_chunk(self, state, group, key, start, *, length: int):
         """``length`` training steps from ``start``; returns the state and loss sums."""
@@ -638,16 +726,24 @@ class _Programs:
         total, _ = lax.scan(body, jnp.zeros((), jnp.float32), _first(group, n))
         return total
 
-    def probe_backward(self, params, group, key, *, n: int):
-        """Timing probe (b): forward + backward, gradients summed so none is dead code."""
+    def probe_backward(self, params, taps, group, key, *, n: int):
+        """Timing probe (b): forward + backward, gradients summed so none is dead code
+        (compact: the ``[K, in]`` blocks and their column indices are summed)."""
+
+        def grads(batch, i):
+            return self._grad(params, taps, batch, jax.random.fold_in(key, i))
 
         def body(acc, xs):
-            batch, i = xs
-            (loss, _), grads = self._grad(params, batch, jax.random.fold_in(key, i))
-            return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), None
+            (loss, _), g = grads(*xs)
+            return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], g)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        total, _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros), _first(group, n))
+        xs = _first(group, n)
+        if self.compact:
+            shapes = jax.eval_shape(grads, *jax.tree.map(lambda a: a[0], xs))[1]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+        total, _ = lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
         return total
 
     def probe_step(self, state, group, key, *, n: int):
@@ -671,7 +767,10 @@ class _Programs:
         if key in self._compiled:
             return self._compiled[key], 0.0
         start = time.perf_counter()
-        fn = jax.jit(functools.partial(getattr(self, name), **static))
+        fn = jax.jit(
+            functools.partial(getattr(self, name), **static),
+            donate_argnums=self._DONATE.get(name, ()),
+        )
         self._compiled[key] = fn.lower(*args).compile()
         return self._compiled[key], time.perf_counter() - start
 
@@ -689,9 +788,30 @@ def _sharding_key(x: Any) -> Any:
     return (sharding.mesh, tuple(parts))
 
 
-def _init_state(task: Task, tx: optax.GradientTransformation, key: Array) -> TrainState:
+def _init_state(task: Task, tx: Any, key: Array) -> TrainState:
     params = task.init(key)
-    return TrainState(params, tx.init(params))
+    if not isinstance(tx, optim.SparseOptimizer):
+        return TrainState(params, tx.init(params))
+    params, taps = _split_taps(params)
+    return TrainState(params, tx.init(params, taps), taps)
+
+
+def _split_taps(variables: Any) -> tuple[Any, Any]:
+    """``(variables without the taps, {"params": taps})`` (see :class:`TrainState`)."""
+    rest = {k: v for k, v in variables.items() if k != optim.TAP_COLLECTION}
+    return rest, {"params": variables[optim.TAP_COLLECTION]}
+
+
+def _check_taps(task: Task, key: Array) -> None:
+    """Refuses ``sparse_update`` for a task whose initial variables hold no tap."""
+    shapes = jax.eval_shape(task.init, key)
+    taps = shapes.get(optim.TAP_COLLECTION) if isinstance(shapes, Mapping) else None
+    require(
+        isinstance(shapes, Mapping) and "params" in shapes and bool(jax.tree.leaves(taps)),
+        f"--sparse-update: the {task.name!r} model has no compact-gradient taps (no "
+        "meprop_jax.Dense(sparse_update=True) layer with 0 < k < features, or init does not "
+        "return Flax variables); use meProp layers or drop --sparse-update",
+    )
 
 
 def _first(group: Batch, n: int) -> tuple[Batch, Array]:
@@ -751,7 +871,7 @@ def _restore_checkpoint(
         args=ocp.args.Composite(state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore()),
     )
     state = restored["state"]
-    return TrainState(state["params"], state["opt_state"]), restored["meta"]
+    return TrainState(state["params"], state["opt_state"], template.taps), restored["meta"]
 
 
 def restore_params(out: Path, template: Params, epoch: int | None = None) -> tuple[Params, int]:
@@ -789,8 +909,15 @@ def restore_params(out: Path, template: Params, epoch: int | None = None) -> tup
 
 
 def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Differing settings; a loop setting missing from ``saved`` (a checkpoint written before
+    the setting existed) counts as its default."""
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return sorted(k for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -898,8 +1025,14 @@ def _run_chunks(
     bar: Any,
 ) -> tuple[TrainState, float, float, float, bool]:
     """Runs the planned chunks; returns state, loss sum, count, compile seconds, and whether
-    every chunk ran (False: stopped early)."""
+    every chunk ran (False: stopped early).
+
+    The chunks donate their input state; the first gets a copy, so that ``state`` stays
+    valid for an epoch that is abandoned part-way.
+    """
     loss_sum, count, compile_s = 0.0, 0.0, 0.0
+    if plan and not stop.requested:
+        state = jax.tree.map(lambda a: a.copy(), state)
     for g, start, length in plan:
         if stop.requested:
             return state, loss_sum, count, compile_s, False
@@ -956,16 +1089,16 @@ def _probe_timings(
         if n == 0:
             continue
         calls = (
-            ("probe_forward", state.params),
-            ("probe_backward", state.params),
-            ("probe_step", state),
+            ("probe_forward", (state.params,)),
+            ("probe_backward", (state.params, state.taps)),
+            ("probe_step", (state,)),
         )
         for j, (name, first) in enumerate(calls):
-            fn, seconds = programs.compiled(name, first, group, key, n=n)
+            fn, seconds = programs.compiled(name, *first, group, key, n=n)
             if seconds:
                 compile_s += seconds
-                jax.block_until_ready(fn(first, group, key))  # warm-up run, untimed
-            t = _time(fn, first, group, key)
+                jax.block_until_ready(fn(*first, group, key))  # warm-up run, untimed
+            t = _time(fn, *first, group, key)
             raw[j] += t
             est[j] += t / n * total
     fwd, fwd_bwd, full = est
@@ -1053,7 +1186,11 @@ def train(
     check_out_dir(cfg)
     n_devices = resolve_devices(cfg.devices)
     mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
-    tx = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
+    if cfg.sparse_update:
+        _check_taps(task, _root_subkey(cfg.seed, _INIT))
+        tx = make_sparse_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
+    else:
+        tx = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
     # Through JSON once, so that it compares equal to the copy stored in a checkpoint.
     config = json.loads(
         json.dumps({"task": task.name, **cfg.as_dict(), "num_devices": n_devices, **task.config()})
@@ -1098,8 +1235,14 @@ def train(
 
 
 def _resume(run: _Run, template: TrainState) -> tuple[TrainState, list[dict[str, Any]]]:
-    """The last checkpoint's state and history, after checking that the settings match."""
-    state, meta = _restore_checkpoint(run.manager, template)
+    """The last checkpoint's state and history, after checking that the settings match.
+
+    The settings are compared first: a checkpoint of another layout (e.g. ``sparse_update``'s
+    optimizer state) is never read into this run's template.
+    """
+    latest = run.manager.latest_step()
+    meta = run.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = meta["meta"]
     changed = _config_changes(meta["config"], run.config)
     if changed:
         raise ConfigError(
@@ -1108,6 +1251,7 @@ def _resume(run: _Run, template: TrainState) -> tuple[TrainState, list[dict[str,
                 f"{k} ({meta['config'].get(k)!r} there, {run.config.get(k)!r} now)" for k in changed
             )
         )
+    state, meta = _restore_checkpoint(run.manager, template)
     run.log(f"resuming {run.cfg.out} after epoch {meta['epoch']}")
     return state, list(meta["history"])
 

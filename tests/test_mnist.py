@@ -291,6 +291,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--dropout", "1.0"], ["--dropout"]),
         (["--optimizer", "rmsprop"], ["--optimizer"]),
         (["--lr", "0"], ["--lr"]),
+        (["--sparse-update", "--k", "0"], ["--sparse-update", "--k >= 1"]),
+        (["--sparse-update", "--kdim", "--k", "5"], ["--sparse-update", "--kdim"]),
     ],
 )
 def test_bad_arguments_rejected_before_training(
@@ -426,3 +428,52 @@ def test_real_mnist_one_epoch(k: str, threshold: float, cache_dir: Path, tmp_pat
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["train_size"] == 2000 and results["config"]["test_size"] == 10000
     assert results["best"]["test_acc"] > threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# --sparse-update
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    # per-example: 8 rows x k = 2 columns span at most 16 of 64 units, so the compact blocks
+    # hold the union of the rows' columns (not every column).
+    [("unified", ["--hidden", "16", "--k", "4"]), ("per-example", ["--hidden", "64", "--k", "2"])],
+)
+def test_cli_sparse_update_run(
+    mode: str, shape: list[str], tiny_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_dir, out, "--mode", mode, *shape, "--sparse-update")
+    assert mnist.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete" and len(results["epochs"]) == 2
+    assert results["config"]["sparse_update"] is True and results["config"]["mode"] == mode
+    for record in results["epochs"]:
+        assert np.isfinite(record["loss"]) and record["steps"] == N_TRAIN // 8
+        for field in ("forward_s", "backward_s", "update_s"):
+            assert record["timing"][field] >= 0.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_sparse_update_model_has_taps_of_the_training_batch() -> None:
+    rng = np.random.default_rng(0)
+    data = mnist.Mnist(*(rng.random((4, 16), dtype=np.float32), np.zeros(4, np.int32)) * 3, "x")
+
+    def tap_shapes(*argv: str) -> dict[str, Any]:
+        task = mnist.MnistTask(data, settings("--sparse-update", "--batch-size", "8", *argv))
+        taps = jax.eval_shape(task.init, jax.random.key(0))["meprop_taps"]
+        return {name: tuple(np.shape(a) for a in tap["kernel"]) for name, tap in taps.items()}
+
+    # Hidden layers only (the output layer keeps the masked dense gradient): [K, in] blocks.
+    assert tap_shapes("--hidden", "64", "--k", "3") == {
+        "hidden_0": ((3, 16), (3,)),
+        "hidden_1": ((3, 64), (3,)),
+    }
+    # Per example: the union of 8 rows' k = 2 columns, padded to 16.
+    shapes = tap_shapes("--hidden", "64", "--k", "2", "--mode", "per-example", "--layers", "1")
+    assert shapes == {"hidden_0": ((16, 16), (16,))}
+    args = mnist.build_parser().parse_args(["--sparse-update"])
+    out = mnist.default_out(settings("--sparse-update"), args)
+    assert out == Path("runs/mnist-k30-unified-sparse-h500x2-adam-b50-s0")
