@@ -5,9 +5,12 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import meprop_jax
 from experiments import bench
+from meprop_jax import optim
 
 
 def test_quick_run_writes_json_and_plot(tmp_path):
@@ -134,3 +137,92 @@ def test_paper_table7_plot_and_table(tmp_path):
     assert len({len(line) for line in table.splitlines()[:2]}) == 1  # header and rule align
     bench.plot_speedup(tmp_path / "t7.png", records, paper=True)
     assert (tmp_path / "t7.png").stat().st_size > 0
+
+
+# Whole training steps (--steps) and one layer's backward + update (--with-update): structure
+# only; the timings of a tiny quick run mean nothing and are never asserted.
+
+
+def test_quick_steps_section_writes_json_and_plot(tmp_path):
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    records = bench.main(["--steps", "--quick", "--out", str(out), "--plot", str(plot)])
+    assert plot.is_file() and plot.stat().st_size > 0
+    data = json.loads(out.read_text())
+    assert data["args"]["section"] == "steps" and len(data["records"]) == len(records)
+    ((sizes, batch, k, steps),) = bench.QUICK_STEP_CONFIGS
+    modes = {r["mode"]: r for r in data["records"]}
+    fwd_bwd = {v + bench.FWD_BWD for v in bench.STEP_VARIANTS}
+    assert set(modes) == {*bench.STEP_VARIANTS, *fwd_bwd, "forward"}
+    for rec in data["records"]:
+        assert rec["section"] == "steps" and rec["batch"] == batch
+        assert rec["extra"]["sizes"] == list(sizes) and rec["extra"]["steps_per_call"] == steps
+        assert len(rec["times_ms"]) == data["args"]["repeats"] and rec["median_ms"] > 0
+        memory = rec["extra"]["memory"]
+        assert memory["peak"] > 0 and memory["peak"] == memory["total"] - memory["data"]
+    assert modes["dense"]["ratio_vs_dense"] == 1.0 and modes["dense"]["k"] == 0
+    assert modes["meprop+sparse"]["k"] == k and modes["meprop+sparse"]["extra"]["update"] == (
+        "sparse_adam"
+    )
+    bound = modes["forward"]["ratio_vs_dense"]
+    for variant in bench.STEP_VARIANTS:
+        extra = modes[variant]["extra"]
+        assert extra["bound"] == pytest.approx(bound)
+        assert extra["fraction_of_bound"] == pytest.approx(modes[variant]["ratio_vs_dense"] / bound)
+        assert extra["fwd_bwd_ms"] > 0 and extra["update_ms"] >= 0
+    assert any("memory (steps" in line for line in data["memory_report"])
+    table = bench.format_steps_table(records)
+    assert "of bound" in table and "forward (bound)" in table and "meprop+sparse" in table
+
+
+def test_quick_layer_with_update_section(tmp_path):
+    out, plot = tmp_path / "u.json", tmp_path / "u.png"
+    argv = ["--quick", "--with-update", "--modes", "unified", "--out", str(out)]
+    bench.main([*argv, "--plot", str(plot)])
+    assert plot.is_file() and plot.stat().st_size > 0
+    data = json.loads(out.read_text())
+    seen = {(r["d_out"], r["k"], r["mode"]) for r in data["records"]}
+    for _, _, d_out, k in bench.QUICK_GRID:
+        assert {(d_out, k, "unified+adam"), (d_out, k, "unified+sparse_adam")} <= seen
+        assert {(d_out, 0, "dense"), (d_out, 0, "forward")} <= seen
+    for rec in data["records"]:
+        assert rec["section"] == "layer+update" and rec["extra"]["memory"]["peak"] > 0
+    table = bench.format_table([bench.Record(**r) for r in data["records"]])
+    assert "peak MiB" in table.splitlines()[0] and "unified+sparse_adam" in table
+
+
+def test_timed_layer_steps_update_the_selected_columns():
+    """After one step from the same state, lazy Adam on the compact gradient and optax Adam
+    on the masked dense gradient agree (zero moments move nothing), only k kernel columns
+    moved, and dx is the meProp input gradient."""
+    k = 3
+    x, w, b, g, key = _data()
+    params = {"kernel": w, "bias": b}
+    dense_fn = bench.layer_step_fn(k, "unified")
+    (dense_params, _), dense_dx = jax.jit(dense_fn)(
+        (params, optax.adam(1e-3).init(params)), x, g, key
+    )
+    tap = meprop_jax.compact_tap(w.shape[0], w.shape[1], k=k)
+    state = optim.sparse_adam(1e-3).init(params, {"kernel": tap})
+    step = jax.jit(bench.layer_compact_step_fn(k, "unified"))
+    (sparse_params, _), sparse_dx = step((params, state), x, g, key, tap)
+    np.testing.assert_allclose(sparse_dx, dense_dx, rtol=1e-5, atol=1e-6)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(sparse_params[name], dense_params[name], rtol=1e-6, atol=1e-7)
+    moved = np.any(np.asarray(sparse_params["kernel"]) != np.asarray(w), axis=0)
+    assert moved.sum() == k
+
+
+def test_steps_arguments():
+    args = bench.parse_args(["--steps", "--mlp", "784-500-500-10:50:30", "--mlp", "8-6-4:2:1:3"])
+    assert args.section == "steps" and args.repeats == 7 and args.warmup == 1
+    assert args.mlp == [((784, 500, 500, 10), 50, 30, 10), ((8, 6, 4), 2, 1, 3)]
+    for bad in (["--mlp", "784-10:50:30"], ["--mlp", "8-6-4:2:6"], ["--mlp", "8-6-4:2"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--steps", *bad])
+    for bad in (
+        ["--steps", "--paper-table7"],
+        ["--steps", "--with-update"],
+        ["--mlp", "8-6-4:2:1"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
