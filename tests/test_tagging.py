@@ -312,7 +312,11 @@ def test_train_conll2000_and_predict(corpus2000, tmp_path, k):
     out = tmp_path / "run"
     args = ["--train-file", corpus2000["train"], "--test-file", corpus2000["test"]]
     args += [*COMMON, "--k", k, "--devices", 1, "--out", out]
-    assert run_main(args) == 0
+    if k == 0:  # one epoch, then the second one through --resume
+        assert run_main([*args, "--epochs", 1]) == 0
+        assert run_main([*args, "--resume"]) == 0
+    else:
+        assert run_main(args) == 0
     results = check_results(out, k, "unified")
     assert results["config"]["dev_file"] is None  # 10% of train held out
     assert results["config"]["dev_sentences"] == 6 and results["config"]["train_sentences"] == 54
@@ -353,7 +357,11 @@ def test_train_conllx_per_example_bidirectional(corpusx, tmp_path, capsys):
     tagged = read_tagged(predicted, format="conllx")
     assert sum(len(s.words) for s in tagged) == test_tokens
     assert "UH" not in {t for s in tagged for t in s.tags}
-    assert "tagged 10 sentences" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        f"tagged 10 sentences ({test_tokens} tokens) with epoch {results['best']['epoch']}"
+        in printed
+    )
 
 
 # ---------------------------------------------------------------------------------------------
