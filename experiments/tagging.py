@@ -1010,55 +1010,43 @@ def _existing(path: Path, what: str) -> Path:
 def resolve_files(args: argparse.Namespace) -> DataFiles:
     """The data files the flags name, checked to exist.
 
+    ``--train-file``/``--dev-file``/``--test-file`` override the corpus's files; the corpus
+    (default conll2000 without ``--train-file``) needs ``--data-dir`` or ``$MEPROP_DATA_DIR``
+    unless both ``--train-file`` and ``--test-file`` are given.
+
     Raises:
-      ConfigError: a missing file (named), or no data named at all.
+      ConfigError: a missing file (named, with the flag it came from), or no data named.
     """
-    corpus = args.corpus
-    if corpus is None and args.train_file is None:
-        corpus = "conll2000"
-    paths: dict[str, Path | None] = {"train": None, "dev": None, "test": None}
-    if corpus is not None:
+    given = {split: getattr(args, f"{split}_file") for split in ("train", "dev", "test")}
+    corpus = args.corpus or (None if given["train"] else "conll2000")
+    paths: dict[str, Path] = {}
+    flags: dict[str, str] = {}
+    if corpus is not None and not (given["train"] and given["test"]):
         root = args.data_dir or os.environ.get(ENV_VAR)
-        overridden = args.train_file is not None and args.test_file is not None
-        if not overridden:
-            loop.require(
-                root is not None,
-                f"--corpus {corpus} needs the data folder: pass --data-dir or set {ENV_VAR} "
-                f"(the folder holding {CORPORA[corpus][0]}/), or give --train-file and "
-                "--test-file",
-            )
-            folder, train, dev, test = CORPORA[corpus]
-            base = Path(root) / folder  # type: ignore[arg-type]
-            paths = {
-                "train": base / train,
-                "dev": None if dev is None else base / dev,
-                "test": base / test,
-            }
-    for split in paths:
-        given = getattr(args, f"{split}_file")
-        if given is not None:
-            paths[split] = given
-    loop.require(paths["train"] is not None, "--train-file is required without --corpus")
-    loop.require(paths["test"] is not None, "--test-file is required with --train-file")
-    where = f"--corpus {corpus}" if corpus is not None else "--{}-file"
-    checked = {
-        split: None
-        if p is None
-        else _existing(
-            p,
-            f"--{split}-file"
-            if getattr(args, f"{split}_file") is not None
-            else where.format(split),
+        folder, *names = CORPORA[corpus]
+        loop.require(
+            root is not None,
+            f"--corpus {corpus} needs the data folder: pass --data-dir or set {ENV_VAR} "
+            f"(the folder holding {folder}/), or give --train-file and --test-file",
         )
-        for split, p in paths.items()
-    }
+        for split, name in zip(("train", "dev", "test"), names, strict=True):
+            if name is not None:
+                paths[split] = Path(root) / folder / name  # type: ignore[arg-type]
+                flags[split] = f"--corpus {corpus}"
+    for split, path in given.items():
+        if path is not None:
+            paths[split], flags[split] = path, f"--{split}-file"
+    loop.require("train" in paths, "--train-file is required without --corpus")
+    loop.require("test" in paths, "--test-file is required with --train-file")
+    for split, path in paths.items():
+        _existing(path, flags[split])
     return DataFiles(
-        train=checked["train"],  # type: ignore[arg-type]
-        dev=checked["dev"],
-        test=checked["test"],  # type: ignore[arg-type]
+        train=paths["train"],
+        dev=paths.get("dev"),
+        test=paths["test"],
         format=args.format,
         tag_column=args.tag_column,
-        corpus=corpus if args.train_file is None else None,
+        corpus=corpus if given["train"] is None else None,
     )
 
 

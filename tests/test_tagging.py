@@ -389,6 +389,8 @@ def test_missing_files_are_named(corpus2000, capsys, tmp_path):
     missing = tmp_path / "nope.txt"
     args = ["--train-file", missing, "--test-file", corpus2000["test"], "--out", tmp_path]
     expect_error(args, capsys, "--train-file", str(missing))
+    args = ["--train-file", corpus2000["train"], "--out", tmp_path]
+    expect_error(args, capsys, "--test-file is required")
     args = ["--corpus", "ptb-dep-sample", "--data-dir", tmp_path, "--out", tmp_path]
     expect_error(args, capsys, str(tmp_path / "ptb-dep-sample" / "train.conllx.gz"))
 
