@@ -1090,7 +1090,7 @@ def plot_speedup(path: Path, records: Sequence[Record], paper: bool = False) -> 
     what = "backward + Adam update" if update else "backward"
     ax.set_ylabel(f"{what} speedup over dense")
     backend = jax.default_backend()
-    ax.set_title(f"one layer {what}, batch {batch}, {d_in}x{d_out}, {dtype}, {backend}")
+    ax.set_title(f"one layer {what}\nbatch {batch}, {d_in}x{d_out}, {dtype}, {backend}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
