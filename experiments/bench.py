@@ -1265,7 +1265,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, help="draw speedup vs k (PNG) here")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="draw speedup vs k with the ideal out/k (PNG) here; for --steps, the speedup "
+        "of each training variant beside the bound",
+    )
     p.add_argument("--no-progress", action="store_true", help="print the table once, at the end")
     args = p.parse_args(argv)
     if args.steps:
@@ -1277,8 +1282,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--mlp configures --steps")
     if args.section == "steps" and args.modes and len(args.modes) > 1:
         p.error("--steps times one meProp mode: give a single --modes value")
+    if args.section == "steps" and args.dtype != "float32":
+        p.error("--steps times float32 models only")
     if args.repeats is None:
-        args.repeats = 3 if args.quick or args.paper_table7 else 7 if args.steps else 11
+        steps = args.section == "steps"
+        args.repeats = 3 if args.quick or args.paper_table7 else 7 if steps else 11
     if args.warmup is None:
         args.warmup = 1 if args.quick or args.paper_table7 or args.section == "steps" else 2
     if args.repeats < 1 or args.warmup < 0:
