@@ -135,8 +135,8 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
     """Boolean mask of the ``k`` largest entries of each row of ``scores``.
 
     Exactly the entries ``lax.top_k`` would return (ties go to the lower index, NaN ranks
-    first), built from the ``k``-th value and a running count of ties rather than from a
-    per-row scatter of indices, which XLA:CPU runs slowly.
+    first), built from the ``k``-th value and the index of the last kept tie rather than from
+    a per-row scatter of indices, which XLA:CPU runs slowly.
 
     Args:
       scores: ``[..., n]`` ranking values.
@@ -145,13 +145,18 @@ def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
     Returns:
       ``[..., n]`` bool mask with exactly ``k`` True entries per row.
     """
-    # NaN compares false with everything; rank it as +inf (top_k also ranks it first).
-    scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-    threshold = lax.top_k(scores, k)[0][..., -1:]
-    greater = scores > threshold
-    equal = scores == threshold
-    quota = k - jnp.sum(greater, axis=-1, keepdims=True, dtype=jnp.int32)
-    return greater | (equal & (jnp.cumsum(equal, axis=-1, dtype=jnp.int32) <= quota))
+    # NaN compares false with everything; rank it as +inf (top_k also ranks it first). -0.0
+    # becomes +0.0: top_k orders -0.0 below +0.0, the comparisons below do not.
+    scores = jnp.where(jnp.isnan(scores), jnp.inf, jnp.where(scores == 0, 0, scores))
+    values, idx = lax.top_k(scores, k)
+    # top_k returns its values in descending order and its ties by increasing index, so the
+    # k-th value is the smallest and the kept ties are those up to the last index returned
+    # at that value. Reductions, not the slices [..., -1]: XLA:CPU rewrites a top_k whose
+    # values are sliced into a full sort of the row, ten to fifty times slower.
+    threshold = jnp.min(values, axis=-1, keepdims=True)
+    last = jnp.max(jnp.where(values == threshold, idx, -1), axis=-1, keepdims=True)
+    iota = lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+    return (scores > threshold) | ((scores == threshold) & (iota <= last))
 
 
 def _grouped_mask(scores: jax.Array, k: int, groups: int) -> jax.Array:
