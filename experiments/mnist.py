@@ -343,14 +343,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         "selected columns only; with --k 0 every column is selected)",
     )
     loop.check_divisible(args.batch_size, devices, "--batch-size")
-    if args.eval_batch_size is None:
-        eval_batch = math.ceil(DEFAULT_EVAL_BATCH / devices) * devices
-    else:
-        check(
-            args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}"
-        )
-        loop.check_divisible(args.eval_batch_size, devices, "--eval-batch-size")
-        eval_batch = args.eval_batch_size
+    eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return MnistSettings(
         hidden=hidden,
         layers=args.layers,

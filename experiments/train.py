@@ -122,6 +122,7 @@ __all__ = [
     "make_sparse_optimizer",
     "require",
     "resolve_devices",
+    "resolve_eval_batch",
     "restore_params",
     "run_cli",
     "train",
@@ -431,6 +432,22 @@ def check_divisible(size: int, devices: int, flag: str = "--batch-size") -> None
             f"{flag} {size} cannot be split over {devices} devices: use a multiple of "
             f"{devices} for {flag}, or choose another device count with --devices"
         )
+
+
+def resolve_eval_batch(
+    requested: int | None, default: int, devices: int, flag: str = "--eval-batch-size"
+) -> int:
+    """The evaluation batch size: ``requested``, or ``default`` rounded up to a multiple of
+    ``devices``.
+
+    Raises:
+      ConfigError: ``requested`` is below 1 or not a multiple of ``devices`` (naming ``flag``).
+    """
+    if requested is None:
+        return math.ceil(default / devices) * devices
+    require(requested >= 1, f"{flag} must be >= 1, got {requested}")
+    check_divisible(requested, devices, flag)
+    return requested
 
 
 def require(condition: bool, message: str) -> None:
