@@ -148,6 +148,35 @@ class Record:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _record(
+    section: str,
+    batch: int,
+    d_in: int,
+    d_out: int,
+    k: int,
+    mode: str,
+    dtype: str,
+    stats: Stats,
+    dense_ms: float,
+    extra: dict[str, Any],
+) -> Record:
+    """A :class:`Record` from one row's timings and the dense backward's median."""
+    return Record(
+        section=section,
+        batch=batch,
+        d_in=d_in,
+        d_out=d_out,
+        k=k,
+        mode=mode,
+        dtype=dtype,
+        median_ms=stats.median_ms,
+        min_ms=stats.min_ms,
+        times_ms=list(stats.times_ms),
+        ratio_vs_dense=dense_ms / stats.median_ms,
+        extra=extra,
+    )
+
+
 def _block(tree: Any) -> None:
     for leaf in jax.tree_util.tree_leaves(tree):
         leaf.block_until_ready()
@@ -282,20 +311,8 @@ def bench_layer_shape(
             extra["ideal_speedup"] = d_out / k
             if k in paper_speedups:
                 extra["paper_speedup"] = paper_speedups[k]
-        return Record(
-            section="layer",
-            batch=batch,
-            d_in=d_in,
-            d_out=d_out,
-            k=k,
-            mode=mode,
-            dtype=str(jnp.dtype(dtype)),
-            median_ms=s.median_ms,
-            min_ms=s.min_ms,
-            times_ms=list(s.times_ms),
-            ratio_vs_dense=dense_ms / s.median_ms,
-            extra=extra,
-        )
+        dtype_name = str(jnp.dtype(dtype))
+        return _record("layer", batch, d_in, d_out, k, mode, dtype_name, s, dense_ms, extra)
 
     records = [record(DENSE, 0, DENSE)]
     records += [record((k, mode), k, mode) for k in ks for mode in modes]
@@ -598,20 +615,8 @@ def bench_layer_update_shape(
             extra["ideal_speedup"] = d_out / k
             if k in paper_speedups and mode == "unified+sparse_adam":
                 extra["paper_speedup"] = paper_speedups[k]
-        return Record(
-            section="layer+update",
-            batch=batch,
-            d_in=d_in,
-            d_out=d_out,
-            k=k,
-            mode=mode,
-            dtype=str(jnp.dtype(dtype)),
-            median_ms=s.median_ms,
-            min_ms=s.min_ms,
-            times_ms=list(s.times_ms),
-            ratio_vs_dense=dense_ms / s.median_ms,
-            extra=extra,
-        )
+        dtype_name = str(jnp.dtype(dtype))
+        return _record("layer+update", batch, d_in, d_out, k, mode, dtype_name, s, dense_ms, extra)
 
     records = [record(DENSE, 0, DENSE)]
     for k in ks:
@@ -825,19 +830,9 @@ def bench_steps_config(
                 extra["update_ms"] = max(s.median_ms - fwd_bwd, 0.0)
         if name == FORWARD:
             extra["fraction_of_bound"] = 1.0
-        return Record(
-            section="steps",
-            batch=batch,
-            d_in=sizes[0],
-            d_out=sizes[1],
-            k=0 if variant in ("dense", FORWARD) else k,
-            mode=name,
-            dtype="float32",
-            median_ms=s.median_ms,
-            min_ms=s.min_ms,
-            times_ms=list(s.times_ms),
-            ratio_vs_dense=speedup,
-            extra=extra,
+        row_k = 0 if variant in ("dense", FORWARD) else k
+        return _record(
+            "steps", batch, sizes[0], sizes[1], row_k, name, "float32", s, dense_ms, extra
         )
 
     names = [*STEP_VARIANTS, *(v + FWD_BWD for v in STEP_VARIANTS if v + FWD_BWD in fns)]
