@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from meprop_jax import _linear, _selection
+from meprop_jax import _linear, _recurrent, _selection
 
 Array = jax.Array
 
@@ -258,11 +258,5 @@ class LSTMCell(nn.LSTMCell):
             groups=4,
             sparse_bias=self.sparse_bias,
         )
-        z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
-        i = self.gate_fn(z_i)
-        f = self.gate_fn(z_f)
-        g = self.activation_fn(z_g)
-        o = self.gate_fn(z_o)
-        new_c = f * c + i * g
-        new_h = o * self.activation_fn(new_c)
+        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
         return (new_c, new_h), new_h

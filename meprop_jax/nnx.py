@@ -27,7 +27,7 @@ from flax.nnx.nn.recurrent import modified_orthogonal
 from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 from jax import lax
 
-from meprop_jax import _linear, _selection
+from meprop_jax import _linear, _recurrent, _selection
 
 Array = jax.Array
 RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
@@ -321,11 +321,5 @@ class LSTMCell(nnx.LSTMCell):
             groups=4,
             sparse_bias=self.sparse_bias,
         )
-        z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
-        i = self.gate_fn(z_i)
-        f = self.gate_fn(z_f)
-        g = self.activation_fn(z_g)
-        o = self.gate_fn(z_o)
-        new_c = f * c + i * g
-        new_h = o * self.activation_fn(new_c)
+        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
         return (new_c, new_h), new_h
