@@ -49,6 +49,23 @@ def _fork_stream(mode: str, rngs: nnx.Rngs, rng_collection: str) -> nnx.RngStrea
     return rngs[rng_collection].fork()
 
 
+def _set_meprop(
+    module: nnx.Module,
+    k: int,
+    mode: str,
+    sparse_bias: bool,
+    rngs: nnx.Rngs,
+    rng_collection: str,
+) -> None:
+    """Stores the meProp settings on ``module``, after its stock parameters are built."""
+    module.k = k
+    module.mode = mode
+    module.sparse_bias = bool(sparse_bias)
+    module.rng_collection = rng_collection
+    # Not ``module.rngs``: the stock LSTM cell keeps its (deprecated) carry stream there.
+    module.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+
+
 def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -> Array:
     """One key from the call argument if given, else from the stream kept at construction."""
     source = rngs if rngs is not None else stored
@@ -143,11 +160,7 @@ class Linear(nnx.Linear):
             kernel_metadata=kernel_metadata,
             bias_metadata=bias_metadata,
         )
-        self.k = k
-        self.mode = mode
-        self.sparse_bias = bool(sparse_bias)
-        self.rng_collection = rng_collection
-        self.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
 
     def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
         """Applies the layer.
@@ -272,12 +285,7 @@ class LSTMCell(nnx.LSTMCell):
             recurrent_kernel_metadata=recurrent_kernel_metadata,
             bias_metadata=bias_metadata,
         )
-        self.k = k
-        self.mode = mode
-        self.sparse_bias = bool(sparse_bias)
-        self.rng_collection = rng_collection
-        # Not ``self.rngs``: the stock cell keeps its (deprecated) carry stream there.
-        self.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
 
     def __call__(
         self, carry: tuple[Array, Array], inputs: Array, *, rngs: RngArg = None
