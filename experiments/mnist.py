@@ -48,7 +48,6 @@ from experiments import train as loop
 from experiments.mnist_data import DataError, Mnist, load_mnist, load_mnist_tfds
 
 NUM_CLASSES = 10
-MODES = ("unified", "per-example", "random")
 MAX_LAYERS = 5
 DEFAULT_EVAL_BATCH = 1000
 
@@ -256,14 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30,
         help="meProp k of the hidden layers (default 30); 0 = ordinary backprop",
     )
-    m.add_argument(
-        "--mode",
-        type=lambda text: text.replace("_", "-"),  # per_example is accepted too
-        choices=MODES,
-        default="unified",
-        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
-        "CPU variant) or random (the control)",
-    )
+    loop.add_mode_argument(m)
     m.add_argument(
         "--k-output", type=int, default=0, help="meProp k of the output layer (default 0 = dense)"
     )

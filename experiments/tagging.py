@@ -141,7 +141,6 @@ DEFAULT_TIMING_BATCHES = 20
 DEFAULT_BATCH = 8
 DEFAULT_EVAL_BATCH = 64
 DEFAULT_K = 10
-MODES = ("unified", "per-example", "random")
 BUCKET_STEP = 8  # bucket lengths: multiples of 8 up to 64, then powers of two
 BUCKET_LINEAR_MAX = 64
 ADAGRAD_LR = 0.01  # the paper's AdaGrad learning rate for POS tagging
@@ -831,14 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_K,
         help=f"meProp k per LSTM gate (default {DEFAULT_K}); 0 = ordinary backprop",
     )
-    m.add_argument(
-        "--mode",
-        type=lambda text: text.replace("_", "-"),  # per_example is accepted too
-        choices=MODES,
-        default="unified",
-        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
-        "CPU variant) or random (the control)",
-    )
+    loop.add_mode_argument(m)
     m.add_argument(
         "--dropout",
         type=float,

@@ -106,6 +106,7 @@ from jax.sharding import PartitionSpec as P
 from meprop_jax import optim
 
 __all__ = [
+    "CLI_MODES",
     "DEFAULT_LR",
     "OPTIMIZERS",
     "ConfigError",
@@ -114,6 +115,7 @@ __all__ = [
     "Task",
     "TrainConfig",
     "TrainState",
+    "add_mode_argument",
     "add_train_arguments",
     "best_epoch",
     "check_divisible",
@@ -488,6 +490,22 @@ def check_out_dir(cfg: TrainConfig) -> None:
             f"{cfg.out} already holds checkpoints: pass --resume to continue that run, "
             "--overwrite to start afresh, or another --out"
         )
+
+
+#: meProp modes as the command lines spell them (``per_example`` is accepted too).
+CLI_MODES: tuple[str, ...] = ("unified", "per-example", "random")
+
+
+def add_mode_argument(group: argparse._ActionsContainer) -> None:
+    """Adds the ``--mode`` option every experiment shares."""
+    group.add_argument(
+        "--mode",
+        type=lambda text: text.replace("_", "-"),
+        choices=CLI_MODES,
+        default="unified",
+        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
+        "CPU variant) or random (the control)",
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
