@@ -10,12 +10,12 @@ inputs), and XLA's own flop estimate, printed beside each row, confirms that a d
 costs two forward-sized products, not three.
 
 Every backward call returns a fresh dense ``[in, out]`` ``dW`` (meProp's, too, is zero outside
-the kept columns), and producing it is not free: glibc's allocator serves a buffer above its
-mmap threshold (at most 32 MiB by default) with a new ``mmap`` on every call, which is then
-page-faulted in 4 KiB at a time -- at ``in = out = 4096`` in float32 (64 MiB) that is 16385
-faults per call and most of the unified backward's time. Starting Python with
-``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296``
-keeps such buffers in the heap and removes the faults (for dense and meProp alike); the
+the kept columns), and producing it is not free: glibc serves a large block requested from one
+of XLA's worker threads with a new ``mmap`` on every call, which is then page-faulted in 4 KiB
+at a time -- at ``in = out = 4096`` in float32 (64 MiB) that is 16385 faults per call and most
+of the unified backward's time. ``--reuse-memory`` runs the benchmark again under
+:data:`REUSE_MEMORY_TUNABLES` (one malloc arena and high mmap and trim thresholds), which keeps
+such buffers in the heap and removes the faults, for dense and meProp alike; the
 allocator-related environment is recorded in the JSON output.
 
 All functions of one configuration are timed in the same run, interleaved call by call, so
@@ -1267,6 +1267,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "of each training variant beside the bound",
     )
     p.add_argument("--no-progress", action="store_true", help="print the table once, at the end")
+    p.add_argument(
+        "--reuse-memory",
+        action="store_true",
+        help="re-run under GLIBC_TUNABLES that let glibc reuse large freed blocks (Linux); "
+        "without it every call maps its [in, out] outputs afresh and pays a page fault per "
+        "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
+    )
     args = p.parse_args(argv)
     if args.steps:
         args.section = "steps"
@@ -1289,9 +1296,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: One malloc arena, so that XLA's worker threads allocate from the main heap, where blocks below
+#: the mmap threshold are reused instead of being mapped (and faulted in) on every call.
+REUSE_MEMORY_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:"
+    "glibc.malloc.trim_threshold=4294967296"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Record]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.reuse_memory and os.environ.get("GLIBC_TUNABLES") != REUSE_MEMORY_TUNABLES:
+        # glibc reads its tunables at process start: start again with them set.
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "experiments.bench", *argv],
+            {**os.environ, "GLIBC_TUNABLES": REUSE_MEMORY_TUNABLES},
+        )
     env = environment()
     print(
         f"jax {env['jax_version']}, backend {env['backend']} ({env['device_kind']}), "

@@ -1,6 +1,10 @@
 """The layer benchmark runs end to end, and the functions it times compute real gradients."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +230,28 @@ def test_steps_arguments():
     ):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_reuse_memory_reruns_under_the_allocator_tunables(tmp_path):
+    out = tmp_path / "reuse.json"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench",
+            "--quick",
+            "--modes",
+            "unified",
+            "--reuse-memory",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+    )
+    recorded = json.loads(out.read_text())["env"]
+    assert recorded["GLIBC_TUNABLES"] == bench.REUSE_MEMORY_TUNABLES
