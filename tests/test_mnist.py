@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as cc
+from conftest import persistent_compilation_cache
 
 from experiments import mnist
 from experiments import train as loop
@@ -65,27 +65,6 @@ specs = {k: mnist_data.FileSpec(v[0], tuple(v[1])) for k, v in json.loads(sys.ar
 mnist.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
 sys.exit(mnist.main(sys.argv[2:]))
 """
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(path: Path) -> Iterator[None]:
-    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        cc.reset_cache()
 
 
 @pytest.fixture(scope="module")

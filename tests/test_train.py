@@ -4,13 +4,11 @@ The toy task has two batch groups of different shapes with padding, like a lengt
 tagger: flat examples ``[steps, batch, F]`` and two-token sequences ``[steps, batch, 2, F]``.
 """
 
-import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import persistent_compilation_cache
 from flax import linen as nn
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 import meprop_jax
 from experiments import train as loop
@@ -152,27 +150,6 @@ def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
     again and again (every ``train`` call builds fresh jitted closures)."""
     with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax-cache"):
         yield
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(path: Path) -> Iterator[None]:
-    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
