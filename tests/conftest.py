@@ -1,33 +1,7 @@
 """Test configuration: strict dtype promotion and eight simulated CPU devices."""
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
 import jax
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 # Must run before any JAX computation so that the sharding tests see eight devices.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(path: Path) -> Iterator[None]:
-    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    before = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
-        cc.reset_cache()

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import tagging
-from experiments.conll import Sentence, read_tagged
-from experiments.tagging import (
+from experiments.corpora.conll import Sentence, read_tagged
+from experiments.tagging import main as tagging
+from experiments.tagging.main import (
     DEFAULT_FEATURES,
     Vocab,
     Vocabularies,

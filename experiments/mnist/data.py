@@ -12,7 +12,6 @@ has the files, they are downloaded into the cache and their uncompressed content
 against known SHA-256 digests before anything is written.
 """
 
-import gzip
 import hashlib
 import math
 import os
@@ -20,12 +19,13 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from experiments.common import ENV_VAR, GZIP_MAGIC, DataError, gunzip_if_needed, read_bytes
 
 __all__ = [
     "ENV_VAR",
@@ -47,11 +47,6 @@ __all__ = [
 ]
 
 
-class DataError(ValueError):
-    """A data file is missing, unreadable or malformed; the message names the file."""
-
-
-ENV_VAR = "MEPROP_DATA_DIR"
 MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 MNIST_DEV_SIZE = 5000
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -62,7 +57,6 @@ TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 MNIST_FILES: tuple[str, ...] = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 
-_GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UINT8 = 0x08
 _NUM_CLASSES = 10
 
@@ -123,35 +117,6 @@ class Mnist:
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
-
-
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """Read a whole file, decompressing it when it starts with the gzip magic bytes.
-
-    Args:
-        path: the file; its name does not matter, only its first two bytes.
-
-    Returns:
-        The (uncompressed) content.
-
-    Raises:
-        DataError: the file cannot be read or is a corrupt/truncated gzip stream.
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
-    return _gunzip_if_needed(raw, str(path))
-
-
-def _gunzip_if_needed(raw: bytes, source: str) -> bytes:
-    """Decompress ``raw`` if it is gzip data; ``source`` names it in errors."""
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{source}: corrupt or truncated gzip data: {exc}") from exc
 
 
 def parse_idx(raw: bytes, source: str) -> np.ndarray:
@@ -363,13 +328,13 @@ def download_mnist(
             payload = _fetch(url)
         except (urllib.error.URLError, OSError) as exc:
             raise DataError(f"Downloading {url} failed: {exc}\n{_where_to_put_files()}") from exc
-        content = _gunzip_if_needed(payload, url)
+        content = gunzip_if_needed(payload, url)
         _check_digest(content, expected[name], url)
         _check_shape(parse_idx(content, url), expected[name], url)
         payloads[name] = payload
     folder.mkdir(parents=True, exist_ok=True)
     for name, payload in payloads.items():
-        suffix = ".gz" if payload.startswith(_GZIP_MAGIC) else ""
+        suffix = ".gz" if payload.startswith(GZIP_MAGIC) else ""
         _write_atomic(folder / f"{name}{suffix}", payload)
     return folder
 

@@ -35,7 +35,7 @@ carried from call to call (shared by the variants of one state layout), so that 
 scatters update them in place.
 
 ``--steps`` (section ``steps``) times whole training steps of the MNIST MLP
-(:class:`experiments.mnist.MLP`, the model ``python -m experiments.mnist`` trains) with the
+(:class:`experiments.common.models.MLP`, the model ``python -m experiments.mnist`` trains) with the
 training loop's optimizers: ``dense`` (k = 0, optax Adam), ``meprop`` (masked dense gradient,
 optax Adam), ``meprop+sparse`` (``--sparse-update``: compact gradients, lazy
 ``sparse_adam``) and ``forward`` (loss only). Each call runs ``steps`` minibatches in one
@@ -747,13 +747,13 @@ def bench_steps_config(
     Records: ``dense``, ``meprop``, ``meprop+sparse`` (each with ``fwd_bwd_ms`` and
     ``update_ms`` in ``extra`` when ``breakdown``), their ``:fwd+bwd`` rows, then ``forward``.
     """
-    from experiments import mnist
-    from experiments import train as loop
+    from experiments import loop
+    from experiments.common.models import MLP
 
     hidden = tuple(sizes[1:-1])
 
     def model(k: int, sparse_update: bool = False) -> Any:
-        return mnist.MLP(
+        return MLP(
             hidden=hidden, k=k, mode=mode, num_classes=sizes[-1], sparse_update=sparse_update
         )
 
@@ -1343,7 +1343,3 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
             plot_speedup(args.plot, records, paper=args.paper_table7)
         print(f"wrote {args.plot}")
     return records
-
-
-if __name__ == "__main__":
-    main()

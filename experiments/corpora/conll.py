@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from experiments.mnist_data import DataError, read_bytes
+from experiments.common import DataError, read_bytes
 
 __all__ = [
     "FORMATS",

@@ -103,12 +103,14 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from experiments.common import CLI_MODES, ConfigError, add_mode_argument, require
 from meprop_jax import optim
 
 __all__ = [
     "CLI_MODES",
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "RESULTS_FILE",
     "ConfigError",
     "RunResult",
     "StopFlag",
@@ -165,10 +167,6 @@ RESUMABLE_CHANGES = frozenset(
 _AUTO_CHUNKS = 10  # chunks per epoch when chunk_steps is 0: enough for a progress bar
 _INIT, _EVAL, _EPOCH = 0, 1, 2  # fold_in tags of the root key
 _SHUFFLE, _STEPS, _ORDER = 0, 1, 2  # fold_in tags of an epoch key
-
-
-class ConfigError(ValueError):
-    """A bad command-line value; the message names the flag."""
 
 
 class Task(Protocol):
@@ -452,12 +450,6 @@ def resolve_eval_batch(
     return requested
 
 
-def require(condition: bool, message: str) -> None:
-    """Raises :class:`ConfigError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(message)
-
-
 def validate_config(cfg: TrainConfig) -> None:
     """Checks the loop's settings; raises :class:`ConfigError` naming the flag."""
     require(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
@@ -490,22 +482,6 @@ def check_out_dir(cfg: TrainConfig) -> None:
             f"{cfg.out} already holds checkpoints: pass --resume to continue that run, "
             "--overwrite to start afresh, or another --out"
         )
-
-
-#: meProp modes as the command lines spell them (``per_example`` is accepted too).
-CLI_MODES: tuple[str, ...] = ("unified", "per-example", "random")
-
-
-def add_mode_argument(group: argparse._ActionsContainer) -> None:
-    """Adds the ``--mode`` option every experiment shares."""
-    group.add_argument(
-        "--mode",
-        type=lambda text: text.replace("_", "-"),
-        choices=CLI_MODES,
-        default="unified",
-        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
-        "CPU variant) or random (the control)",
-    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.conll import (
+from experiments.corpora.conll import (
     DataError,
     Sentence,
     detect_format,

@@ -18,14 +18,15 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache
 
-from experiments import mnist
-from experiments import train as loop
-from experiments.mnist_data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
+from experiments.common import inverted_dropout
+from experiments.loop import core as loop
+from experiments.mnist import main as mnist
+from experiments.mnist.data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
+from tests.helpers import persistent_compilation_cache
 
 REAL_DATA_DIR = os.environ.get("MEPROP_DATA_DIR")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 N_TRAIN, N_TEST, SIDE = 96, 40, 4
 METRICS = ("epoch", "loss", "dev_acc", "test_acc", "dev_loss", "test_loss", "steps")
 
@@ -60,7 +61,8 @@ def write_tiny_mnist(folder: Path) -> dict[str, FileSpec]:
 # The reader insists on MNIST's shapes unless told otherwise; so does this, in a subprocess.
 SUBPROCESS_MAIN = """
 import functools, json, sys
-from experiments import mnist, mnist_data
+from experiments.mnist import data as mnist_data
+from experiments.mnist import main as mnist
 specs = {k: mnist_data.FileSpec(v[0], tuple(v[1])) for k, v in json.loads(sys.argv[1]).items()}
 mnist.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
 sys.exit(mnist.main(sys.argv[2:]))
@@ -382,7 +384,7 @@ def test_dropout_keeps_the_mean_under_sharding() -> None:
             np.ones((64, 256), np.float32),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
         )
-        y = mnist.inverted_dropout(x, 0.25, jax.random.key(0))
+        y = inverted_dropout(x, 0.25, jax.random.key(0))
     values = np.asarray(y)
     assert set(np.unique(values).tolist()) <= {0.0, float(np.float32(1.0) / np.float32(0.75))}
     assert abs(np.mean(values == 0.0) - 0.25) < 0.02

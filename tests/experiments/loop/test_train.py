@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import persistent_compilation_cache
 from flax import linen as nn
 
 import meprop_jax
-from experiments import train as loop
+from experiments.loop import core as loop
+from tests.helpers import persistent_compilation_cache
 
 FEATURES, CLASSES, HIDDEN = 6, 3, 16
 METRICS = ("epoch", "loss", "dev_acc", "test_acc", "dev_loss", "test_loss", "steps")

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import meprop_jax
-from experiments import bench
+from experiments.bench import main as bench
 from meprop_jax import optim
 
 
@@ -249,7 +249,7 @@ def test_reuse_memory_reruns_under_the_allocator_tunables(tmp_path):
             str(out),
         ],
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[3],
         env=env,
         capture_output=True,
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import mnist_data
-from experiments.mnist_data import (
+from experiments.mnist import data as mnist_data
+from experiments.mnist.data import (
     MNIST_FILES,
     DataError,
     FileSpec,

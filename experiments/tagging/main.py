@@ -92,8 +92,9 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 import meprop_jax
-from experiments import train as loop
-from experiments.conll import (
+from experiments import loop
+from experiments.common import ENV_VAR, inverted_dropout
+from experiments.corpora.conll import (
     FORMATS,
     TAG_COLUMNS,
     DataError,
@@ -103,8 +104,6 @@ from experiments.conll import (
     split_dev,
     write_tagged,
 )
-from experiments.mnist import inverted_dropout
-from experiments.mnist_data import ENV_VAR
 
 __all__ = [
     "CORPORA",
@@ -1097,7 +1096,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 2  # not reached: parser.error and parser.exit raise SystemExit
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
-import meprop_jax
-from experiments import train as loop
-from experiments.mnist_data import DataError, Mnist, load_mnist, load_mnist_tfds
+from experiments import loop
+from experiments.common import DataError
+from experiments.common.models import MLP
+from experiments.mnist.data import Mnist, load_mnist, load_mnist_tfds
 
 NUM_CLASSES = 10
 MAX_LAYERS = 5
@@ -54,57 +54,6 @@ DEFAULT_EVAL_BATCH = 1000
 
 # ---------------------------------------------------------------------------------------------
 # Model
-
-
-def inverted_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Zeroes each entry with probability ``rate`` and scales the rest by ``1 / (1 - rate)``.
-
-    Written out rather than ``nn.Dropout`` so that the mask is drawn with ``x``'s sharding:
-    under explicit mesh axes a replicated mask cannot be combined with a batch-sharded ``x``.
-    """
-    keep = 1.0 - rate
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mask = jax.random.bernoulli(key, keep, x.shape, out_sharding=sharding)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-
-class MLP(nn.Module):
-    """ReLU MLP of ``meprop_jax.Dense`` layers.
-
-    Attributes:
-      hidden: sizes of the hidden layers.
-      k: meProp k of every hidden layer (0 = dense backprop).
-      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
-      k_output: meProp k of the output layer (0 = dense, the paper's choice).
-      dropout: dropout rate after each hidden ReLU (0 = none).
-      num_classes: output size.
-      sparse_update: hidden layers with compact-gradient taps (``Dense(sparse_update=True)``;
-        ``init`` with the training batch shape for the per-row modes).
-    """
-
-    hidden: Sequence[int]
-    k: int = 0
-    mode: str = "unified"
-    k_output: int = 0
-    dropout: float = 0.0
-    num_classes: int = NUM_CLASSES
-    sparse_update: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """Logits ``[batch, num_classes]`` of ``x`` ``[batch, features]``."""
-        for i, size in enumerate(self.hidden):
-            x = meprop_jax.Dense(
-                size,
-                k=self.k,
-                mode=self.mode,
-                sparse_update=self.sparse_update,
-                name=f"hidden_{i}",
-            )(x)
-            x = nn.relu(x)
-            if train and self.dropout > 0:
-                x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
-        return meprop_jax.Dense(self.num_classes, k=self.k_output, mode=self.mode, name="output")(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +353,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ImportError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 2  # not reached: parser.error and parser.exit raise SystemExit
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Models more than one experiment trains."""
+
+from collections.abc import Sequence
+
+import jax
+from flax import linen as nn
+
+import meprop_jax
+from experiments.common.layers import inverted_dropout
+
+__all__ = ["MLP"]
+
+
+class MLP(nn.Module):
+    """ReLU MLP of ``meprop_jax.Dense`` layers.
+
+    Attributes:
+      hidden: sizes of the hidden layers.
+      k: meProp k of every hidden layer (0 = dense backprop).
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      k_output: meProp k of the output layer (0 = dense, the paper's choice).
+      dropout: dropout rate after each hidden ReLU (0 = none).
+      num_classes: output size.
+      sparse_update: hidden layers with compact-gradient taps (``Dense(sparse_update=True)``;
+        ``init`` with the training batch shape for the per-row modes).
+    """
+
+    hidden: Sequence[int]
+    k: int = 0
+    mode: str = "unified"
+    k_output: int = 0
+    dropout: float = 0.0
+    num_classes: int = 10
+    sparse_update: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Logits ``[batch, num_classes]`` of ``x`` ``[batch, features]``."""
+        for i, size in enumerate(self.hidden):
+            x = meprop_jax.Dense(
+                size,
+                k=self.k,
+                mode=self.mode,
+                sparse_update=self.sparse_update,
+                name=f"hidden_{i}",
+            )(x)
+            x = nn.relu(x)
+            if train and self.dropout > 0:
+                x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
+        return meprop_jax.Dense(self.num_classes, k=self.k_output, mode=self.mode, name="output")(x)

@@ -1,0 +1,8 @@
+"""``python -m experiments.tagging``."""
+
+import sys
+
+from experiments.tagging.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())
