@@ -1,6 +1,6 @@
 """``python -m experiments.bench``."""
 
-from experiments.bench.main import main
+from experiments.bench.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,362 @@
+"""Command line of the benchmarks: ``python -m experiments.bench``.
+
+Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections: ``layer``
+(one linear layer's backward, or with ``--with-update`` its backward and Adam update; see
+:mod:`experiments.bench.layer`) and ``steps`` (whole training steps of the MNIST MLP; see
+:mod:`experiments.bench.steps`). Timing is interleaved call by call
+(:mod:`experiments.bench.harness`); tables, JSON and plots come from
+:mod:`experiments.bench.report`.
+
+``--paper-table7`` runs the shape of the paper's GPU measurement (Sun et al. 2017, Table 7:
+batch 1024, ``in = out = 8192``) and prints the published speedups beside ours.
+
+Every backward call returns a fresh dense ``[in, out]`` ``dW`` (meProp's, too, is zero outside
+the kept columns), and producing it is not free: glibc serves a large block requested from one
+of XLA's worker threads with a new ``mmap`` on every call, which is then page-faulted in 4 KiB
+at a time -- at ``in = out = 4096`` in float32 (64 MiB) that is 16385 faults per call and most
+of the unified backward's time. ``--reuse-memory`` runs the benchmark again under
+:data:`REUSE_MEMORY_TUNABLES` (one malloc arena and high mmap and trim thresholds) merged into
+any ``GLIBC_TUNABLES`` already set (see :func:`merge_tunables`), which keeps such buffers in the
+heap and removes the faults, for dense and meProp alike; the allocator-related environment the
+run saw is recorded in the JSON output (``env``).
+
+Sections plug in through :data:`SECTIONS`: a function ``(args) -> list[Record]`` built on
+:func:`experiments.bench.harness.time_fns`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import meprop_jax
+from experiments.bench.harness import Record
+from experiments.bench.layer import (
+    DEFAULT_GRID,
+    DEFAULT_MODES,
+    PAPER_TABLE7_SHAPE,
+    PAPER_TABLE7_SPEEDUP,
+    QUICK_GRID,
+    bench_layer_shape,
+    bench_layer_update_shape,
+)
+from experiments.bench.report import (
+    environment,
+    format_steps_table,
+    format_table,
+    memory_report,
+    plot_speedup,
+    plot_steps,
+    write_json,
+)
+from experiments.bench.steps import QUICK_STEP_CONFIGS, STEP_CONFIGS, bench_steps_config
+
+
+def layer_grid(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
+    if args.paper_table7:
+        batch, d_in, d_out = PAPER_TABLE7_SHAPE
+        return [(batch, d_in, d_out, k) for k in PAPER_TABLE7_SPEEDUP]
+    if args.grid:
+        return list(args.grid)
+    return list(QUICK_GRID if args.quick else DEFAULT_GRID)
+
+
+def run_layer_section(args: argparse.Namespace) -> list[Record]:
+    """Section ``layer``: configurations of one shape share their data and dense timing."""
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for batch, d_in, d_out, k in layer_grid(args):
+        ks = shapes.setdefault((batch, d_in, d_out), [])
+        if k not in ks:
+            ks.append(k)
+    modes = args.modes or (("unified",) if args.paper_table7 else DEFAULT_MODES)
+    paper = PAPER_TABLE7_SPEEDUP if args.paper_table7 else None
+    records: list[Record] = []
+    bench_shape = bench_layer_update_shape if args.with_update else bench_layer_shape
+    for i, ((batch, d_in, d_out), ks) in enumerate(shapes.items()):
+        rows = bench_shape(
+            batch,
+            d_in,
+            d_out,
+            ks,
+            modes,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            seed=args.seed + i,
+            paper_speedups=paper,
+        )
+        records.extend(rows)
+        if not args.no_progress:
+            print(format_table(rows, header=i == 0), flush=True)
+    if args.with_update and not args.no_progress:
+        print(memory_report(records), flush=True)
+    return records
+
+
+def steps_configs(args: argparse.Namespace) -> list[tuple[tuple[int, ...], int, int, int]]:
+    if args.mlp:
+        return list(args.mlp)
+    return list(QUICK_STEP_CONFIGS if args.quick else STEP_CONFIGS)
+
+
+def run_steps_section(args: argparse.Namespace) -> list[Record]:
+    """Section ``steps``: whole training steps per MLP configuration."""
+    mode = (args.modes or ["unified"])[0]
+    records: list[Record] = []
+    for i, (sizes, batch, k, steps) in enumerate(steps_configs(args)):
+        rows = bench_steps_config(
+            sizes,
+            batch,
+            k,
+            steps,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            mode=mode,
+            seed=args.seed + i,
+        )
+        records.extend(rows)
+        if not args.no_progress:
+            print(format_steps_table(rows, args.repeats), flush=True)
+    if not args.no_progress:
+        print(memory_report(records), flush=True)
+    return records
+
+
+# Sections map the parsed arguments to a list of records.
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
+    "layer": run_layer_section,
+    "steps": run_steps_section,
+}
+
+
+def _grid_entry(text: str) -> tuple[int, int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 4 or min(parts[:3]) < 1 or parts[3] < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected BATCHxINxOUTxK with positive ints, e.g. 256x4096x4096x32; got {text!r}"
+        )
+    # k >= out keeps every column: that is dense backprop, not a meProp configuration.
+    if parts[3] >= parts[2]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: K ({parts[3]}) must be below OUT ({parts[2]}); k >= out is dense backprop"
+        )
+    return parts  # type: ignore[return-value]
+
+
+def _mlp_entry(text: str) -> tuple[tuple[int, ...], int, int, int]:
+    try:
+        parts = text.split(":")
+        sizes = tuple(int(s) for s in parts[0].split("-"))
+        rest = [int(p) for p in parts[1:]]
+    except ValueError:
+        parts, sizes, rest = [], (), []
+    if len(sizes) < 3 or len(rest) not in (2, 3) or min(sizes + tuple(rest)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected SIZES:BATCH:K[:STEPS] with SIZES like 784-500-500-10 (at least one "
+            f"hidden layer) and positive ints, e.g. 784-4096-4096-10:256:32:5; got {text!r}"
+        )
+    batch, k = rest[:2]
+    steps = rest[2] if len(rest) == 3 else 10
+    if k >= min(sizes[1:-1]):
+        raise argparse.ArgumentTypeError(f"--mlp {text}: k must be below every hidden size")
+    return sizes, batch, k, steps
+
+
+def _mode(text: str) -> str:
+    try:
+        return meprop_jax.MODES[meprop_jax.MODES.index(text.replace("-", "_"))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode {text!r}; choose from {', '.join(meprop_jax.MODES)}"
+        ) from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench",
+        description="Time meProp's sparsified backward pass against dense backprop: one "
+        "layer's backward (default), its backward + Adam update (--with-update), or whole "
+        "training steps of the MNIST MLP (--steps).",
+        epilog="Examples: python -m experiments.bench --steps --out bench_out/steps.json "
+        "--plot bench_out/steps.png;  python -m experiments.bench --paper-table7 --with-update "
+        "--out bench_out/table7_steps.json --plot bench_out/table7_steps.png",
+    )
+    p.add_argument(
+        "--section",
+        choices=sorted(SECTIONS),
+        default="layer",
+        help="what to time: layer (one layer; see --with-update) or steps (see --steps); "
+        "default layer",
+    )
+    p.add_argument(
+        "--steps",
+        action="store_true",
+        help="same as --section steps: whole training steps (forward + backward + Adam) of "
+        "the MLPs 784-500-500-10 (batch 50, k 30) and 784-4096-4096-10 (batch 256, k 32): "
+        "dense, meprop (masked dense gradient + optax Adam), meprop+sparse (compact gradients "
+        "+ sparse_adam, as --sparse-update trains) and forward only, whose ratio to dense is "
+        "the bound; with fwd+bwd rows for the update estimates and peak memory per variant",
+    )
+    p.add_argument(
+        "--mlp",
+        type=_mlp_entry,
+        action="append",
+        metavar="SIZES:BATCH:K[:STEPS]",
+        help="a --steps configuration instead of the defaults, e.g. 784-4096-4096-10:256:32:5 "
+        "(STEPS: minibatches scanned per timed call); repeatable",
+    )
+    p.add_argument(
+        "--with-update",
+        action="store_true",
+        help="layer section: time backward + Adam update of the layer (kernel and bias): "
+        "dense + optax Adam, <mode>+adam (masked dense dW + optax Adam) and "
+        "<mode>+sparse_adam (compact dW + column-sparse Adam), with peak memory; with "
+        "--paper-table7, the paper's grid as a training step of one layer",
+    )
+    p.add_argument(
+        "--grid",
+        type=_grid_entry,
+        action="append",
+        metavar="BxINxOUTxK",
+        help="a (batch, in, out, k) configuration, e.g. 256x4096x4096x32; repeatable",
+    )
+    p.add_argument(
+        "--paper-table7",
+        action="store_true",
+        help="the paper's GPU shape: batch 1024, in=out=8192, k=8..512 (unified only)",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny grid (for tests)")
+    p.add_argument(
+        "--modes",
+        type=_mode,
+        nargs="+",
+        metavar="MODE",
+        help="meProp modes to time besides dense (default: all; unified for --paper-table7)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls (rounds) of each function (default 11; --steps 7; 3 for --quick "
+        "and --paper-table7)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls first (default 2; 1 for --steps, --quick and --paper-table7)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="draw speedup vs k with the ideal out/k (PNG) here; for --steps, the speedup "
+        "of each training variant beside the bound",
+    )
+    p.add_argument("--no-progress", action="store_true", help="print the table once, at the end")
+    p.add_argument(
+        "--reuse-memory",
+        action="store_true",
+        help="re-run under GLIBC_TUNABLES that let glibc reuse large freed blocks (Linux); "
+        "without it every call maps its [in, out] outputs afresh and pays a page fault per "
+        "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
+    )
+    args = p.parse_args(argv)
+    if args.steps:
+        args.section = "steps"
+    if args.section == "steps" and (args.paper_table7 or args.grid or args.with_update):
+        p.error("--steps times whole MLP steps: --paper-table7, --grid and --with-update are "
+                "options of the layer section")  # fmt: skip
+    if args.section != "steps" and args.mlp:
+        p.error("--mlp configures --steps")
+    if args.section == "steps" and args.modes and len(args.modes) > 1:
+        p.error("--steps times one meProp mode: give a single --modes value")
+    if args.section == "steps" and args.dtype != "float32":
+        p.error("--steps times float32 models only")
+    if args.repeats is None:
+        steps = args.section == "steps"
+        args.repeats = 3 if args.quick or args.paper_table7 else 7 if steps else 11
+    if args.warmup is None:
+        args.warmup = 1 if args.quick or args.paper_table7 or args.section == "steps" else 2
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+#: One malloc arena, so that XLA's worker threads allocate from the main heap, where blocks below
+#: the mmap threshold are reused instead of being mapped (and faulted in) on every call.
+REUSE_MEMORY_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:"
+    "glibc.malloc.trim_threshold=4294967296"
+)
+
+
+def merge_tunables(user: str | None, ours: str = REUSE_MEMORY_TUNABLES) -> str:
+    """``GLIBC_TUNABLES`` with the user's settings kept and ours added for the keys they lack.
+
+    Both are ``key=value`` lists joined by ``:``; the user's entries come first, in their order.
+
+    Example:
+      >>> merge_tunables("glibc.malloc.arena_max=4:glibc.rtld.nns=2", "glibc.malloc.arena_max=1:"
+      ...                "glibc.malloc.mmap_threshold=9")
+      'glibc.malloc.arena_max=4:glibc.rtld.nns=2:glibc.malloc.mmap_threshold=9'
+      >>> merge_tunables(None, "glibc.malloc.arena_max=1")
+      'glibc.malloc.arena_max=1'
+    """
+    entries = [e for e in (user or "").split(":") if e]
+    taken = {e.split("=", 1)[0] for e in entries}
+    entries += [e for e in ours.split(":") if e and e.split("=", 1)[0] not in taken]
+    return ":".join(entries)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Record]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.reuse_memory:
+        tunables = merge_tunables(os.environ.get("GLIBC_TUNABLES"))
+        if os.environ.get("GLIBC_TUNABLES") != tunables:
+            # glibc reads its tunables at process start: start again with them set. The merge
+            # is idempotent, so the restarted process runs on.
+            os.execve(
+                sys.executable,
+                [sys.executable, "-m", "experiments.bench", *argv],
+                {**os.environ, "GLIBC_TUNABLES": tunables},
+            )
+    env = environment()
+    print(
+        f"jax {env['jax_version']}, backend {env['backend']} ({env['device_kind']}), "
+        f"{env['cpu_count']} CPUs, load {env['load_average']}, "
+        f"{args.repeats} repeats after {args.warmup} warm-up",
+        flush=True,
+    )
+    records = SECTIONS[args.section](args)
+    if args.no_progress:
+        if args.section == "steps":
+            configs: dict[tuple[Any, ...], list[Record]] = {}
+            for r in records:
+                configs.setdefault((tuple(r.extra["sizes"]), r.batch), []).append(r)
+            print("\n\n".join(format_steps_table(rows, args.repeats) for rows in configs.values()))
+        else:
+            print(format_table(records))
+        report = memory_report(records)
+        if report:
+            print(report)
+    if args.out:
+        write_json(args.out, args, records, argv)
+        print(f"wrote {args.out}")
+    if args.plot:
+        if args.section == "steps":
+            plot_steps(args.plot, records)
+        else:
+            plot_speedup(args.plot, records, paper=args.paper_table7)
+        print(f"wrote {args.plot}")
+    return records

@@ -1,0 +1,245 @@
+"""Section ``steps``: whole training steps of the MNIST MLP.
+
+Times whole training steps of :class:`experiments.common.models.MLP` (the model
+``python -m experiments.mnist`` trains) with the training loop's optimizers: ``dense`` (k = 0,
+optax Adam), ``meprop`` (masked dense gradient, optax Adam), ``meprop+sparse``
+(``--sparse-update``: compact gradients, lazy ``sparse_adam``) and ``forward`` (loss only).
+Each call runs ``steps`` minibatches in one ``lax.scan`` on a donated state, like a chunk of the
+loop; times are per step. The dense step time over the forward time is the bound on any
+backward-side saving (``bound``); ``of bound`` is a variant's speedup divided by it.
+``<variant>:fwd+bwd`` rows time forward + backward with the gradients summed (the loop's
+probe (b)), so ``update = step - fwd+bwd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from experiments import loop
+from experiments.bench.harness import (
+    ADAM_LR,
+    FORWARD,
+    Carry,
+    Live,
+    Record,
+    Stats,
+    _block,
+    _compile_donated,
+    _copy,
+    _record,
+    memory_stats,
+    time_fns,
+)
+from experiments.common.models import MLP
+from meprop_jax import optim
+
+# (layer sizes, batch, k, minibatches per timed call). The first is the paper's MNIST MLP,
+# the second the large acceptance case.
+STEP_CONFIGS: tuple[tuple[tuple[int, ...], int, int, int], ...] = (
+    ((784, 500, 500, 10), 50, 30, 200),
+    ((784, 4096, 4096, 10), 256, 32, 5),
+)
+QUICK_STEP_CONFIGS: tuple[tuple[tuple[int, ...], int, int, int], ...] = (
+    ((16, 32, 32, 10), 8, 4, 3),
+)
+STEP_VARIANTS: tuple[str, ...] = ("dense", "meprop", "meprop+sparse")
+FWD_BWD = ":fwd+bwd"
+
+
+def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _train_scan(model: Any, tx: optax.GradientTransformation) -> Callable[..., Any]:
+    """``((params, opt_state), xs, ys) -> (state, loss sum)``: ``len(xs)`` steps of
+    ``value_and_grad`` + optax update, scanned (the masked dense gradient for meProp)."""
+
+    def loss_fn(params, x, y):
+        return _cross_entropy(model.apply({"params": params}, x, True), y)
+
+    def body(carry, xy):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return (params, opt_state), loss
+
+    def run(carry, xs, ys):
+        carry, losses = lax.scan(body, carry, (xs, ys))
+        return carry, jnp.sum(losses)
+
+    return run
+
+
+def _compact_loss(model: Any) -> Callable[..., jax.Array]:
+    def loss_fn(params, taps, x, y):
+        logits = model.apply({"params": params, optim.TAP_COLLECTION: taps}, x, True)
+        return _cross_entropy(logits, y)
+
+    return loss_fn
+
+
+def _compact_train_scan(model: Any, opt: optim.SparseOptimizer) -> Callable[..., Any]:
+    """``((params, sparse_state), xs, ys, taps) -> (state, loss sum)``: compact gradients and
+    the column-sparse update, as ``--sparse-update`` trains."""
+    grad_fn = optim.value_and_compact_grad(_compact_loss(model))
+
+    def run(carry, xs, ys, taps):
+        def body(carry, xy):
+            params, state = carry
+            loss, (grads, tap_grads) = grad_fn(params, taps, *xy)
+            with jax.numpy_dtype_promotion("standard"):
+                params, state = opt.update(grads, state, params, tap_grads)
+            return (params, state), loss
+
+        carry, losses = lax.scan(body, carry, (xs, ys))
+        return carry, jnp.sum(losses)
+
+    return run
+
+
+def _grad_scan(grad_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``(acc, xs, ys, *params) -> (acc, loss sum)``: forward + backward of every minibatch,
+    the gradients summed into the donated ``acc`` so that none is dead code (the loop's
+    timing probe (b))."""
+
+    def run(acc, xs, ys, *params):
+        def body(acc, xy):
+            loss, grads = grad_fn(*params, *xy)
+            return jax.tree.map(jnp.add, acc, grads), loss
+
+        acc, losses = lax.scan(body, acc, (xs, ys))
+        return acc, jnp.sum(losses)
+
+    return run
+
+
+def _forward_scan(model: Any) -> Callable[..., jax.Array]:
+    """``(params, xs, ys) -> loss sum``: the forward pass and loss alone, scanned."""
+
+    def run(params, xs, ys):
+        def body(total, xy):
+            x, y = xy
+            return total + _cross_entropy(model.apply({"params": params}, x, True), y), None
+
+        return lax.scan(body, jnp.zeros((), jnp.float32), (xs, ys))[0]
+
+    return run
+
+
+def _zeros_like_shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+def bench_steps_config(
+    sizes: Sequence[int],
+    batch: int,
+    k: int,
+    steps: int,
+    *,
+    repeats: int,
+    warmup: int,
+    mode: str = "unified",
+    seed: int = 0,
+    breakdown: bool = True,
+) -> list[Record]:
+    """Times whole training steps of one MLP (see the module docstring), per step.
+
+    Records: ``dense``, ``meprop``, ``meprop+sparse`` (each with ``fwd_bwd_ms`` and
+    ``update_ms`` in ``extra`` when ``breakdown``), their ``:fwd+bwd`` rows, then ``forward``.
+    """
+    hidden = tuple(sizes[1:-1])
+
+    def model(k: int, sparse_update: bool = False) -> Any:
+        return MLP(
+            hidden=hidden, k=k, mode=mode, num_classes=sizes[-1], sparse_update=sparse_update
+        )
+
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray(rng.standard_normal((steps, batch, sizes[0]), np.float32))
+    ys = jnp.asarray(rng.integers(0, sizes[-1], (steps, batch)), jnp.int32)
+    init = jax.jit(lambda key, x: model(k, True).init(key, x, False))
+    variables = init(jax.random.key(seed), xs[0])
+    params, taps = variables["params"], variables[optim.TAP_COLLECTION]
+    tx = loop.make_optimizer("adam", ADAM_LR)
+    sparse_opt = loop.make_sparse_optimizer("adam", ADAM_LR)
+    dense_box = Carry((params, tx.init(params)))
+    sparse_params = _copy(params)
+    sparse_box = Carry((sparse_params, sparse_opt.init(sparse_params, taps)))
+    _block((dense_box.value, sparse_box.value))
+
+    fns: dict[str, tuple[Callable[..., Any], Sequence[Any]]] = {}
+    memory: dict[str, dict[str, int]] = {}
+
+    data = xs.nbytes + ys.nbytes
+
+    def add(name: str, fn: Callable[..., Any], box: Carry, *args: Any) -> None:
+        compiled = _compile_donated(fn, (box.value, *args))
+        fns[name] = (box.stepper(compiled, *args), ())
+        memory[name] = memory_stats(compiled, data)
+
+    add("dense", _train_scan(model(0), tx), dense_box, xs, ys)
+    add("meprop", _train_scan(model(k), tx), dense_box, xs, ys)
+    add("meprop+sparse", _compact_train_scan(model(k, True), sparse_opt), sparse_box, xs, ys, taps)
+    if breakdown:
+        dense_params = Live(lambda: dense_box.value[0])
+        for name, m in (("dense", model(0)), ("meprop", model(k))):
+
+            def grad_fn(params, x, y, m=m):
+                loss = lambda p: _cross_entropy(m.apply({"params": p}, x, True), y)
+                return jax.value_and_grad(loss)(params)
+
+            acc = Carry(jax.tree.map(jnp.zeros_like, params))
+            add(name + FWD_BWD, _grad_scan(grad_fn), acc, xs, ys, dense_params)
+        compact_grad = optim.value_and_compact_grad(_compact_loss(model(k, True)))
+        shapes = jax.eval_shape(compact_grad, params, taps, xs[0], ys[0])[1]
+        acc = Carry(_zeros_like_shapes(shapes))
+        sparse_params = Live(lambda: sparse_box.value[0])
+        add("meprop+sparse" + FWD_BWD, _grad_scan(compact_grad), acc, xs, ys, sparse_params, taps)
+    fwd = jax.jit(_forward_scan(model(0))).lower(params, xs, ys).compile()
+    fns[FORWARD] = (lambda: fwd(dense_box.value[0], xs, ys), ())
+    memory[FORWARD] = memory_stats(fwd, data)
+
+    stats = time_fns(fns, repeats, warmup)
+    per_step = {
+        name: Stats.from_seconds([t / 1e3 / steps for t in s.times_ms]) for name, s in stats.items()
+    }
+    dense_ms = per_step["dense"].median_ms
+    bound = dense_ms / per_step[FORWARD].median_ms
+
+    def record(name: str) -> Record:
+        s = per_step[name]
+        variant = name.split(":")[0]
+        speedup = dense_ms / s.median_ms
+        extra: dict[str, Any] = {
+            "sizes": list(sizes),
+            "steps_per_call": steps,
+            "memory": memory[name],
+            "bound": bound,
+            "update": {"dense": "adam", "meprop": "adam", "meprop+sparse": "sparse_adam"}.get(
+                variant
+            ),
+        }
+        if name in STEP_VARIANTS:
+            extra["fraction_of_bound"] = speedup / bound
+            if name + FWD_BWD in per_step:
+                fwd_bwd = per_step[name + FWD_BWD].median_ms
+                extra["fwd_bwd_ms"] = fwd_bwd
+                extra["update_ms"] = max(s.median_ms - fwd_bwd, 0.0)
+        if name == FORWARD:
+            extra["fraction_of_bound"] = 1.0
+        row_k = 0 if variant in ("dense", FORWARD) else k
+        return _record(
+            "steps", batch, sizes[0], sizes[1], row_k, name, "float32", s, dense_ms, extra
+        )
+
+    names = [*STEP_VARIANTS, *(v + FWD_BWD for v in STEP_VARIANTS if v + FWD_BWD in fns)]
+    return [record(n) for n in (*names, FORWARD)]
