@@ -23,6 +23,18 @@ class MLP(nn.Module):
       num_classes: output size.
       sparse_update: hidden layers with compact-gradient taps (``Dense(sparse_update=True)``;
         ``init`` with the training batch shape for the per-row modes).
+
+    Every hidden layer is ``meprop_jax.Dense`` -> ReLU, so its top-k acts on ``dL/dy`` of the
+    linear output ``y``, i.e. after the ReLU derivative has zeroed the inactive units.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = MLP(hidden=(8, 8), k=2, num_classes=3)
+      >>> params = model.init(jax.random.key(0), jnp.ones((4, 5)), False)["params"]
+      >>> jax.tree.map(jnp.shape, params)["hidden_1"]
+      {'bias': (8,), 'kernel': (8, 8)}
+      >>> model.apply({"params": params}, jnp.ones((4, 5)), False).shape
+      (4, 3)
     """
 
     hidden: Sequence[int]

@@ -1,8 +1,8 @@
-"""``python -m experiments.mnist``."""
+"""``python -m experiments.mnist``: see :mod:`experiments.mnist.cli` for the flags."""
 
 import sys
 
-from experiments.mnist.main import main
+from experiments.mnist.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,13 +1,14 @@
 """MNIST reader: IDX parsing, locating the files, verified download and the paper's split.
 
-The data is looked for, in this order, in:
+An explicit ``data_dir`` (the ``--data-dir`` option of the experiments) is the only place
+looked at: when it lacks a file, that is an error, with no fall-back. Without one the data is
+looked for, in this order, in:
 
-1. an explicit ``data_dir`` (the ``--data-dir`` option of the experiments),
-2. the folder named by the environment variable ``MEPROP_DATA_DIR``,
-3. the user cache, ``$XDG_CACHE_HOME/meprop_jax/mnist`` (default ``~/.cache/meprop_jax/mnist``).
+1. the folder named by the environment variable ``MEPROP_DATA_DIR``,
+2. the user cache, ``$XDG_CACHE_HOME/meprop_jax/mnist`` (default ``~/.cache/meprop_jax/mnist``).
 
 ``data_dir`` and ``MEPROP_DATA_DIR`` may hold the four files themselves or an ``mnist/``
-subfolder with them; each file may be gzip-compressed (``.gz``) or not. When none of these
+subfolder with them; each file may be gzip-compressed (``.gz``) or not. When neither of these
 has the files, they are downloaded into the cache and their uncompressed content is checked
 against known SHA-256 digests before anything is written.
 """

@@ -1,4 +1,4 @@
-"""Tests for experiments.mnist_data on tiny IDX files (and, marked `data`, the real MNIST)."""
+"""Tests for experiments.mnist.data on tiny IDX files (and, marked `data`, the real MNIST)."""
 
 import gzip
 import hashlib

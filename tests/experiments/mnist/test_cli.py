@@ -1,4 +1,4 @@
-"""Tests for the MNIST experiment, experiments.mnist, on tiny IDX files (and, marked
+"""Tests for the MNIST command line, experiments.mnist.cli, on tiny IDX files (and, marked
 ``data``, on the real MNIST under MEPROP_DATA_DIR)."""
 
 import contextlib
@@ -19,9 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.common import inverted_dropout
-from experiments.loop import core as loop
-from experiments.mnist import main as mnist
+from experiments.mnist import cli
+from experiments.mnist import task as mnist_task
 from experiments.mnist.data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
 from tests.helpers import persistent_compilation_cache
 
@@ -61,11 +60,11 @@ def write_tiny_mnist(folder: Path) -> dict[str, FileSpec]:
 # The reader insists on MNIST's shapes unless told otherwise; so does this, in a subprocess.
 SUBPROCESS_MAIN = """
 import functools, json, sys
+from experiments.mnist import cli, task
 from experiments.mnist import data as mnist_data
-from experiments.mnist import main as mnist
 specs = {k: mnist_data.FileSpec(v[0], tuple(v[1])) for k, v in json.loads(sys.argv[1]).items()}
-mnist.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
-sys.exit(mnist.main(sys.argv[2:]))
+task.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
@@ -87,7 +86,7 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 def tiny_dir(tiny_files: tuple[Path, dict[str, FileSpec]], monkeypatch: pytest.MonkeyPatch) -> Path:
     """The tiny files, with the experiment's reader told to accept their shapes."""
     folder, specs = tiny_files
-    monkeypatch.setattr(mnist, "load_mnist", functools.partial(load_mnist, expected=specs))
+    monkeypatch.setattr(mnist_task, "load_mnist", functools.partial(load_mnist, expected=specs))
     return folder
 
 
@@ -118,8 +117,8 @@ def tiny_run(
         pytest.MonkeyPatch.context() as patch,
         contextlib.redirect_stdout(_Tee(capture)),
     ):
-        patch.setattr(mnist, "load_mnist", functools.partial(load_mnist, expected=specs))
-        code = mnist.main(tiny_args(folder, out))
+        patch.setattr(mnist_task, "load_mnist", functools.partial(load_mnist, expected=specs))
+        code = cli.main(tiny_args(folder, out))
     assert code == 0
     return {
         "out": out,
@@ -220,7 +219,7 @@ def test_sigint_saves_checkpoint_and_resume_continues(
     assert (out / "checkpoints" / str(done)).is_dir()
 
     resume_args = [*args[: args.index("--epochs")], "--epochs", str(done + 1), "--resume"]
-    assert mnist.main(resume_args) == 0
+    assert cli.main(resume_args) == 0
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["status"] == "complete" and len(resumed["epochs"]) == done + 1
     # Epoch 1 ran in another process, whose XLA may split the work over threads differently:
@@ -234,7 +233,7 @@ def test_existing_run_needs_resume_or_overwrite(
     tiny_dir: Path, tiny_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        mnist.main(tiny_args(tiny_dir, tiny_run["out"]))
+        cli.main(tiny_args(tiny_dir, tiny_run["out"]))
     assert exc.value.code == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -245,10 +244,12 @@ def test_existing_run_needs_resume_or_overwrite(
 
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training begins with the task's ``init``: make it fail the test."""
+
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("training started")
 
-    monkeypatch.setattr(loop, "train", fail)
+    monkeypatch.setattr(mnist_task.MnistTask, "init", fail)
 
 
 @pytest.mark.parametrize(
@@ -269,6 +270,11 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--devices", "9"], ["--devices"]),
         (["--k-output", "10"], ["--k-output"]),
         (["--kdim", "--k", "0"], ["--kdim"]),
+        (["--kdim", "--k", "20", "--hidden", "300"], ["--kdim", "--hidden 300"]),
+        (["--kdim", "--k", "20", "--hidden", "500"], ["--kdim", "--hidden 500"]),
+        (["--kdim", "--k", "20", "--mode", "per-example"], ["--kdim", "--mode per-example"]),
+        (["--kdim", "--k", "20", "--mode", "unified"], ["--kdim", "--mode unified"]),
+        (["--kdim", "--k", "9", "--hidden", "9", "--mode", "random"], ["--hidden 9", "--mode"]),
         (["--dropout", "1.0"], ["--dropout"]),
         (["--optimizer", "rmsprop"], ["--optimizer"]),
         (["--lr", "0"], ["--lr"]),
@@ -284,7 +290,7 @@ def test_bad_arguments_rejected_before_training(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        mnist.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path), *argv])
+        cli.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path), *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     for name in named:
@@ -296,19 +302,41 @@ def test_missing_data_rejected_before_training(
     no_training: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        mnist.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "run"),
+        cli.main(["--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "run"),
                     "--devices", "1"])  # fmt: skip
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "absent" in err and "lacks" in err and MNIST_FILES[0] in err
 
 
+def test_data_dir_without_files_does_not_fall_back(
+    no_training: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An explicit --data-dir is the only place looked at, even when $MEPROP_DATA_DIR has
+    the files."""
+    env_dir = tmp_path / "env" / "mnist"
+    env_dir.mkdir(parents=True)
+    for name in MNIST_FILES:
+        (env_dir / name).write_bytes(b"")
+    monkeypatch.setenv("MEPROP_DATA_DIR", str(env_dir.parent))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"),
+                    "--devices", "1"])  # fmt: skip
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'} lacks" in err and "env" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
 
-def settings(*argv: str, devices: int = 1) -> mnist.MnistSettings:
-    return mnist.settings_from_args(mnist.build_parser().parse_args(list(argv)), devices)
+def settings(*argv: str, devices: int = 1) -> mnist_task.MnistSettings:
+    return cli.settings_from_args(cli.build_parser().parse_args(list(argv)), devices)
 
 
 def test_defaults_are_documented_ones() -> None:
@@ -317,7 +345,7 @@ def test_defaults_are_documented_ones() -> None:
     assert (s.batch_size, s.eval_batch_size, s.dropout, s.kdim) == (50, 1000, 0.0, False)
     # Rounded up so that it splits over 3 devices.
     assert settings("--batch-size", "48", devices=3).eval_batch_size == 1002
-    args = mnist.build_parser().parse_args([])
+    args = cli.build_parser().parse_args([])
     assert (args.epochs, args.optimizer, args.lr, args.seed, args.clip) == (
         20,
         "adam",
@@ -325,69 +353,23 @@ def test_defaults_are_documented_ones() -> None:
         0,
         0.0,
     )
-    assert mnist.default_out(s, args) == Path("runs/mnist-k30-unified-h500x2-adam-b50-s0")
+    assert cli.default_out(s, args) == Path("runs/mnist-k30-unified-h500x2-adam-b50-s0")
     assert settings("--mode", "per_example").mode == "per-example"
 
 
 def test_kdim_builds_a_dense_mlp_of_width_k() -> None:
-    s = settings("--kdim", "--k", "20", "--hidden", "500", "--layers", "3")
-    assert (s.hidden, s.k, s.kdim) == (20, 0, True)
-    rng = np.random.default_rng(0)
-    data = mnist.Mnist(*(rng.random((4, 16), dtype=np.float32), np.zeros(4, np.int32)) * 3, "x")
-    task = mnist.MnistTask(data, s)
-    shapes = jax.tree.map(np.shape, jax.eval_shape(task.init, jax.random.key(0))["params"])
-    assert shapes == {
-        "hidden_0": {"kernel": (16, 20), "bias": (20,)},
-        "hidden_1": {"kernel": (20, 20), "bias": (20,)},
-        "hidden_2": {"kernel": (20, 20), "bias": (20,)},
-        "output": {"kernel": (20, 10), "bias": (10,)},
-    }
+    s = settings("--kdim", "--k", "20", "--layers", "3")
+    assert (s.hidden, s.k, s.mode, s.kdim) == (20, 0, "unified", True)
     model = s.model()
     assert model.k == 0 and model.hidden == (20, 20, 20)
-    assert "kdim20" in str(mnist.default_out(s, mnist.build_parser().parse_args([])))
+    args = cli.build_parser().parse_args([])
+    assert cli.default_out(s, args) == Path("runs/mnist-kdim20-h20x3-adam-b50-s0")
+    # --k-output concerns the output layer only, and is honoured.
+    assert settings("--kdim", "--k", "20", "--k-output", "3").model().k_output == 3
 
 
-def test_batchify_pads_with_zero_mask() -> None:
-    x = np.arange(10, dtype=np.float32).reshape(5, 2)
-    y = np.arange(5, dtype=np.int32)
-    b = mnist.batchify(x, y, 2, order=np.array([4, 3, 2, 1, 0]))
-    assert b["x"].shape == (3, 2, 2) and b["y"].shape == (3, 2) and b["mask"].shape == (3, 2)
-    np.testing.assert_array_equal(b["y"], [[4, 3], [2, 1], [0, 0]])
-    np.testing.assert_array_equal(b["mask"], [[1, 1], [1, 1], [1, 0]])
-    np.testing.assert_array_equal(b["x"][2, 1], [0, 0])
-
-
-def test_loss_ignores_padding() -> None:
-    s = settings("--hidden", "8", "--k", "2")
-    rng = np.random.default_rng(0)
-    x = rng.random((3, 16), dtype=np.float32)
-    y = np.array([1, 2, 3], np.int32)
-    data = mnist.Mnist(x, y, x, y, x, y, "x")
-    task = mnist.MnistTask(data, s)
-    params = jax.jit(task.init)(jax.random.key(0))
-    full = mnist.batchify(x, y, 3)
-    padded = mnist.batchify(x, y, 4)
-    key = jax.random.key(1)
-    loss_fn = jax.jit(task.loss_fn, static_argnums=3)
-    loss_full, aux_full = loss_fn(params, jax.tree.map(lambda a: a[0], full), key, False)
-    loss_pad, aux_pad = loss_fn(params, jax.tree.map(lambda a: a[0], padded), key, False)
-    np.testing.assert_allclose(loss_pad, loss_full, rtol=1e-6)
-    assert float(aux_pad["count"]) == 3.0 and float(aux_pad["correct"]) == float(
-        aux_full["correct"]
-    )
-
-
-def test_dropout_keeps_the_mean_under_sharding() -> None:
-    mesh = jax.make_mesh((8,), ("data",))
-    with jax.set_mesh(mesh):
-        x = jax.device_put(
-            np.ones((64, 256), np.float32),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
-        )
-        y = inverted_dropout(x, 0.25, jax.random.key(0))
-    values = np.asarray(y)
-    assert set(np.unique(values).tolist()) <= {0.0, float(np.float32(1.0) / np.float32(0.75))}
-    assert abs(np.mean(values == 0.0) - 0.25) < 0.02
+def test_explicit_hidden_and_mode_equal_the_defaults() -> None:
+    assert settings("--hidden", "500", "--mode", "unified") == settings()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +387,7 @@ def test_dropout_keeps_the_mean_under_sharding() -> None:
 def test_real_mnist_one_epoch(k: str, threshold: float, cache_dir: Path, tmp_path: Path) -> None:
     argv = ["--data-dir", str(REAL_DATA_DIR), "--out", str(tmp_path), "--epochs", "1"]
     argv += ["--limit-train", "2000", "--k", k, "--devices", "1", "--timing-batches", "5"]
-    assert mnist.main(argv) == 0
+    assert cli.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["train_size"] == 2000 and results["config"]["test_size"] == 10000
     assert results["best"]["test_acc"] > threshold
@@ -427,7 +409,7 @@ def test_cli_sparse_update_run(
 ) -> None:
     out = tmp_path / "run"
     argv = tiny_args(tiny_dir, out, "--mode", mode, *shape, "--sparse-update")
-    assert mnist.main(argv) == 0
+    assert cli.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete" and len(results["epochs"]) == 2
     assert results["config"]["sparse_update"] is True and results["config"]["mode"] == mode
@@ -438,23 +420,7 @@ def test_cli_sparse_update_run(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2"]
 
 
-def test_sparse_update_model_has_taps_of_the_training_batch() -> None:
-    rng = np.random.default_rng(0)
-    data = mnist.Mnist(*(rng.random((4, 16), dtype=np.float32), np.zeros(4, np.int32)) * 3, "x")
-
-    def tap_shapes(*argv: str) -> dict[str, Any]:
-        task = mnist.MnistTask(data, settings("--sparse-update", "--batch-size", "8", *argv))
-        taps = jax.eval_shape(task.init, jax.random.key(0))["meprop_taps"]
-        return {name: tuple(np.shape(a) for a in tap["kernel"]) for name, tap in taps.items()}
-
-    # Hidden layers only (the output layer keeps the masked dense gradient): [K, in] blocks.
-    assert tap_shapes("--hidden", "64", "--k", "3") == {
-        "hidden_0": ((3, 16), (3,)),
-        "hidden_1": ((3, 64), (3,)),
-    }
-    # Per example: the union of 8 rows' k = 2 columns, padded to 16.
-    shapes = tap_shapes("--hidden", "64", "--k", "2", "--mode", "per-example", "--layers", "1")
-    assert shapes == {"hidden_0": ((16, 16), (16,))}
-    args = mnist.build_parser().parse_args(["--sparse-update"])
-    out = mnist.default_out(settings("--sparse-update"), args)
+def test_sparse_update_out_dir() -> None:
+    args = cli.build_parser().parse_args(["--sparse-update"])
+    out = cli.default_out(settings("--sparse-update"), args)
     assert out == Path("runs/mnist-k30-unified-sparse-h500x2-adam-b50-s0")

@@ -1,0 +1,209 @@
+"""The ``python -m experiments.mnist`` command line: flags, their checks, the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from experiments import loop
+from experiments.common import DataError
+from experiments.mnist.task import (
+    DEFAULT_EVAL_BATCH,
+    NUM_CLASSES,
+    MnistSettings,
+    MnistTask,
+    load_data,
+)
+
+__all__ = ["MAX_LAYERS", "build_parser", "default_out", "main", "settings_from_args"]
+
+MAX_LAYERS = 5
+DEFAULT_HIDDEN = 500
+DEFAULT_MODE = "unified"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m experiments.mnist`` flags.
+
+    ``--hidden`` and ``--mode`` parse to None when absent, so that :func:`settings_from_args`
+    can tell them apart from their defaults (``--kdim`` refuses them).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.mnist",
+        description="Train the paper's MNIST MLP with meProp.",
+    )
+    m = parser.add_argument_group("model")
+    m.add_argument(
+        "--hidden", type=int, default=None, help=f"hidden layer size (default {DEFAULT_HIDDEN})"
+    )
+    m.add_argument(
+        "--layers", type=int, default=2, help=f"hidden layers, 1-{MAX_LAYERS} (default 2)"
+    )
+    m.add_argument(
+        "--k",
+        type=int,
+        default=30,
+        help="meProp k of the hidden layers (default 30); 0 = ordinary backprop",
+    )
+    loop.add_mode_argument(m)
+    parser.set_defaults(mode=None)
+    m.add_argument(
+        "--k-output", type=int, default=0, help="meProp k of the output layer (default 0 = dense)"
+    )
+    m.add_argument(
+        "--kdim",
+        action="store_true",
+        help="the k-dimensional baseline: a dense MLP with hidden size k (takes neither "
+        "--hidden nor --mode)",
+    )
+    m.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout rate after each ReLU (default 0)"
+    )
+    d = parser.add_argument_group("data")
+    d.add_argument(
+        "--batch-size", type=int, default=50, help="training minibatch, all devices (default 50)"
+    )
+    d.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help=f"evaluation minibatch (default {DEFAULT_EVAL_BATCH}, rounded up to a multiple "
+        "of the device count)",
+    )
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the MNIST IDX files (default: $MEPROP_DATA_DIR, then the cache)",
+    )
+    d.add_argument(
+        "--limit-train", type=int, default=None, help="use the first N training examples"
+    )
+    d.add_argument(
+        "--source",
+        choices=("local", "tfds"),
+        default="local",
+        help="local IDX files (default) or tensorflow-datasets",
+    )
+    loop.add_train_arguments(parser)
+    return parser
+
+
+def _hidden_and_k(args: argparse.Namespace) -> tuple[int, int]:
+    """The hidden size and the hidden layers' meProp k that the flags ask for."""
+    check = loop.require
+    if args.kdim:
+        check(args.k >= 1, "--kdim needs --k >= 1: the hidden size of the dense baseline")
+        # The k-dimensional network is dense and k wide: other widths and modes are mistakes.
+        extra = []
+        if args.hidden is not None:
+            extra.append(f"--hidden {args.hidden}")
+        if args.mode is not None:
+            extra.append(f"--mode {args.mode}")
+        check(
+            not extra,
+            f"--kdim trains a dense MLP whose hidden size is --k ({args.k}): "
+            f"drop {' and '.join(extra)}",
+        )
+        return args.k, 0
+    hidden = DEFAULT_HIDDEN if args.hidden is None else args.hidden
+    check(hidden >= 1, f"--hidden must be >= 1, got {hidden}")
+    # The library treats k >= out as dense backprop; here that is surely a mistake.
+    check(
+        args.k < hidden,
+        f"--k {args.k} must be smaller than --hidden {hidden} (use --k 0 for ordinary backprop)",
+    )
+    return hidden, args.k
+
+
+def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
+    """Validates the MNIST flags; ``devices`` is the resolved device count.
+
+    Raises:
+      ConfigError: naming the offending flag(s).
+    """
+    check = loop.require
+    check(1 <= args.layers <= MAX_LAYERS, f"--layers must be 1..{MAX_LAYERS}, got {args.layers}")
+    check(args.k >= 0, f"--k must be >= 0 (0 = ordinary backprop), got {args.k}")
+    check(args.k_output >= 0, f"--k-output must be >= 0, got {args.k_output}")
+    check(
+        args.k_output < NUM_CLASSES,
+        f"--k-output {args.k_output} must be below the {NUM_CLASSES} output units "
+        "(0 = dense output layer)",
+    )
+    check(0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(
+        args.limit_train is None or args.limit_train >= 1,
+        f"--limit-train must be >= 1, got {args.limit_train}",
+    )
+    hidden, k = _hidden_and_k(args)
+    check(
+        not args.sparse_update or k >= 1,
+        "--sparse-update needs meProp hidden layers: --k >= 1 without --kdim (it updates the "
+        "selected columns only; with --k 0 every column is selected)",
+    )
+    loop.check_divisible(args.batch_size, devices, "--batch-size")
+    eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
+    return MnistSettings(
+        hidden=hidden,
+        layers=args.layers,
+        k=k,
+        mode=DEFAULT_MODE if args.mode is None else args.mode,
+        k_output=args.k_output,
+        dropout=args.dropout,
+        kdim=args.kdim,
+        batch_size=args.batch_size,
+        eval_batch_size=eval_batch,
+        limit_train=args.limit_train,
+        source=args.source,
+        data_dir=args.data_dir,
+        sparse_update=args.sparse_update,
+    )
+
+
+def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
+    """``runs/mnist-<config>``: the same flags give the same folder, so ``--resume`` finds it."""
+    if s.kdim:
+        parts = [f"kdim{s.hidden}"]
+    elif s.k == 0:
+        parts = ["dense"]
+    else:
+        parts = [f"k{s.k}", s.mode]
+    if s.sparse_update:
+        parts.append("sparse")
+    parts += [f"h{s.hidden}x{s.layers}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
+    if args.lr is not None:
+        parts.append(f"lr{args.lr:g}")
+    if args.clip > 0:
+        parts.append(f"clip{args.clip:g}")
+    if s.k_output:
+        parts.append(f"ko{s.k_output}")
+    if s.dropout:
+        parts.append(f"drop{s.dropout:g}")
+    if s.limit_train is not None:
+        parts.append(f"n{s.limit_train}")
+    return Path("runs") / "-".join(["mnist", *parts])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the experiment; returns the exit code (130 after Ctrl-C, with a checkpoint).
+
+    Bad flags and missing data end the program with exit code 2 before any training.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        devices = loop.resolve_devices(args.devices)
+        settings = settings_from_args(args, devices)
+        cfg = loop.train_config_from_args(args, default_out(settings, args))
+        return loop.run_cli(
+            lambda: MnistTask(load_data(settings), settings), cfg, "experiments.mnist", argv
+        )
+    except loop.ConfigError as exc:
+        parser.error(str(exc))
+    except (DataError, ImportError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return 2  # not reached: parser.error and parser.exit raise SystemExit

@@ -1,0 +1,189 @@
+"""The MNIST task of the shared loop: settings, minibatches, loss and data loading.
+
+:class:`MnistTask` is what :func:`experiments.loop.train` trains: the MLP of
+:class:`experiments.common.models.MLP` on the paper's split (the first 5,000 training images
+are dev, the remaining 55,000 train, plus the 10,000 test images; pixels in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.common.models import MLP
+from experiments.mnist.data import Mnist, load_mnist, load_mnist_tfds
+
+__all__ = [
+    "DEFAULT_EVAL_BATCH",
+    "NUM_CLASSES",
+    "MnistSettings",
+    "MnistTask",
+    "batchify",
+    "load_data",
+]
+
+NUM_CLASSES = 10
+DEFAULT_EVAL_BATCH = 1000
+
+
+def batchify(
+    x: np.ndarray, y: np.ndarray, batch_size: int, order: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Stacks examples into ``[steps, batch_size, ...]`` minibatches.
+
+    The last minibatch is padded with zero images whose ``mask`` is 0, so every example is
+    used once (like PyTorch's ``DataLoader`` without ``drop_last``) and the padding counts
+    for nothing.
+
+    Args:
+      x: ``[n, features]`` images.
+      y: ``[n]`` labels.
+      batch_size: examples per minibatch.
+      order: optional permutation of ``range(n)``.
+
+    Returns:
+      ``{"x": [steps, batch, features] float32, "y": [steps, batch] int32,
+      "mask": [steps, batch] float32}``.
+
+    Example:
+      >>> import numpy as np
+      >>> b = batchify(np.ones((3, 2), np.float32), np.array([7, 8, 9], np.int32), 2)
+      >>> b["x"].shape, b["y"].tolist(), b["mask"].tolist()
+      ((2, 2, 2), [[7, 8], [9, 0]], [[1.0, 1.0], [1.0, 0.0]])
+    """
+    n = len(x)
+    steps = math.ceil(n / batch_size)
+    idx = np.arange(n) if order is None else order
+    bx = np.zeros((steps * batch_size, x.shape[1]), np.float32)
+    by = np.zeros(steps * batch_size, np.int32)
+    mask = np.zeros(steps * batch_size, np.float32)
+    np.take(x, idx, axis=0, out=bx[:n])
+    np.take(y, idx, axis=0, out=by[:n])
+    mask[:n] = 1.0
+    return {
+        "x": bx.reshape(steps, batch_size, -1),
+        "y": by.reshape(steps, batch_size),
+        "mask": mask.reshape(steps, batch_size),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistSettings:
+    """The MNIST experiment's own settings (validated by
+    :func:`experiments.mnist.cli.settings_from_args`).
+
+    With ``kdim`` (the paper's k-dimensional network) ``hidden`` already holds the command
+    line's ``--k`` and ``k`` is 0: the settings describe the dense MLP actually trained.
+    """
+
+    hidden: int = 500
+    layers: int = 2
+    k: int = 30
+    mode: str = "unified"
+    k_output: int = 0
+    dropout: float = 0.0
+    kdim: bool = False
+    batch_size: int = 50
+    eval_batch_size: int = DEFAULT_EVAL_BATCH
+    limit_train: int | None = None
+    source: str = "local"
+    data_dir: str | None = None
+    sparse_update: bool = False
+
+    def model(self) -> MLP:
+        """The MLP these settings describe."""
+        return MLP(
+            hidden=(self.hidden,) * self.layers,
+            k=self.k,
+            mode=self.mode.replace("-", "_"),
+            k_output=self.k_output,
+            dropout=self.dropout,
+            num_classes=NUM_CLASSES,
+            sparse_update=self.sparse_update,
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MnistTask:
+    """MNIST classification as an :class:`experiments.loop.Task`."""
+
+    data: Mnist
+    settings: MnistSettings
+    name: str = "mnist"
+
+    def init(self, key: jax.Array) -> Any:
+        """Flax-default initial parameters of the MLP (and, with ``sparse_update``, the zero
+        taps, whose width in the per-row modes depends on the training batch size)."""
+        k_params, k_meprop = jax.random.split(key)
+        rows = self.settings.batch_size if self.settings.sparse_update else 1
+        x = jnp.zeros((rows, self.data.train_x.shape[1]), jnp.float32)
+        return self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
+
+    def loss_fn(
+        self, params: Any, batch: dict[str, jax.Array], key: jax.Array, train: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean cross-entropy over the unpadded examples; correct and count as aux.
+
+        Args:
+          params: the variables :meth:`init` made.
+          batch: ``{"x": [batch, features], "y": [batch], "mask": [batch]}``.
+          key: dropout and random-k randomness of this step.
+          train: dropout on (and, in the loop, meProp's backward pass in use).
+
+        Returns:
+          The scalar loss and ``{"correct": [], "count": []}``.
+        """
+        k_dropout, k_meprop = jax.random.split(key)
+        logits = self.settings.model().apply(
+            params, batch["x"], train, rngs={"dropout": k_dropout, "meprop": k_meprop}
+        )
+        mask = batch["mask"]
+        count = jnp.sum(mask)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        loss = jnp.sum(ce * mask) / jnp.maximum(count, 1.0)
+        hits = (jnp.argmax(logits, axis=-1) == batch["y"]).astype(jnp.float32)
+        return loss, {"correct": jnp.sum(hits * mask), "count": count}
+
+    def train_groups(self, epoch: int, key: jax.Array) -> list[dict[str, np.ndarray]]:
+        """One group: the training set shuffled by ``key``, in minibatches."""
+        del epoch  # the key already depends on it
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        order = np.random.default_rng(seed).permutation(len(self.data.train_x))
+        return [batchify(self.data.train_x, self.data.train_y, self.settings.batch_size, order)]
+
+    def eval_groups(self, split: str) -> list[dict[str, np.ndarray]]:
+        """One group: ``split`` in padded minibatches of ``eval_batch_size``."""
+        x, y = {
+            "dev": (self.data.dev_x, self.data.dev_y),
+            "test": (self.data.test_x, self.data.test_y),
+        }[split]
+        return [batchify(x, y, self.settings.eval_batch_size)]
+
+    def config(self) -> dict[str, Any]:
+        """The settings plus the data sizes."""
+        return {
+            **dataclasses.asdict(self.settings),
+            "input_dim": int(self.data.train_x.shape[1]),
+            "train_size": len(self.data.train_x),
+            "dev_size": len(self.data.dev_x),
+            "test_size": len(self.data.test_x),
+            "data_source": self.data.source,
+        }
+
+
+def load_data(s: MnistSettings) -> Mnist:
+    """Reads MNIST as ``--source``/``--data-dir``/``--limit-train`` say.
+
+    Raises:
+      DataError: the IDX files are missing or malformed (see :func:`load_mnist`).
+      ImportError: ``--source tfds`` without tensorflow-datasets.
+    """
+    if s.source == "tfds":
+        return load_mnist_tfds(limit_train=s.limit_train)
+    return load_mnist(s.data_dir, limit_train=s.limit_train)
