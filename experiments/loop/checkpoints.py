@@ -1,0 +1,194 @@
+"""Checkpoints, and the comparison of settings that guards ``--resume``.
+
+``<out>/checkpoints/<epoch>/`` (orbax, the last ``keep_checkpoints`` kept) holds two items:
+``state`` = ``{"params", "opt_state"}`` and ``meta`` (JSON) = ``{"epoch", "history",
+"config", "rng"}``. A checkpoint is written every ``checkpoint_every`` epochs and after the
+last one. ``--resume`` refuses a checkpoint made with other settings (except those in
+:data:`experiments.loop.config.RESUMABLE_CHANGES`); :func:`check_resume` does that check,
+and every other check of the run folder, without writing anything, so a refused resume
+leaves every file of the run as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from experiments.common import ConfigError
+from experiments.loop.config import RESUMABLE_CHANGES, TrainConfig
+from experiments.loop.task import Params, TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def latest_checkpoint(directory: Path) -> int | None:
+    if not directory.is_dir():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps) if steps else None
+
+
+def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(), options=options, item_names=("state", "meta")
+    )
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    epoch: int,
+    state: TrainState,
+    history: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+    seed: int,
+) -> None:
+    """Saves ``state`` as epoch ``epoch``, with the history, config and root key as JSON.
+
+    The root key is all the RNG state there is: every key derives from it and the epoch.
+    """
+    tree = {"params": state.params, "opt_state": state.opt_state}
+    root = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    meta = {
+        "epoch": epoch,
+        "history": list(history),
+        "config": dict(config),
+        "rng": root.ravel().tolist(),
+    }
+    manager.save(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager, template: TrainState
+) -> tuple[TrainState, dict[str, Any]]:
+    epoch = manager.latest_step()
+    tree = {"params": template.params, "opt_state": template.opt_state}
+    restored = manager.restore(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore()),
+    )
+    state = restored["state"]
+    return TrainState(state["params"], state["opt_state"], template.taps), restored["meta"]
+
+
+def restore_params(out: Path, template: Params, epoch: int | None = None) -> tuple[Params, int]:
+    """The parameters saved in the run folder ``out``, without the optimizer state (for
+    inference: the optimizer need not be rebuilt).
+
+    Args:
+      out: a run folder (``--out`` of a training run).
+      template: the parameter pytree, as arrays or ``jax.ShapeDtypeStruct`` with shardings;
+        the restored arrays take their shapes, dtypes and shardings.
+      epoch: the checkpoint to read; None, or an epoch whose checkpoint is no longer kept,
+        reads the latest.
+
+    Returns:
+      ``(params, epoch)``.
+
+    Raises:
+      ConfigError: ``out`` holds no checkpoint.
+    """
+    directory = (out / CHECKPOINT_DIR).absolute()
+    latest = latest_checkpoint(directory)
+    if latest is None:
+        raise ConfigError(f"--out {out}: no checkpoint in {directory}")
+    if epoch is None or not (directory / str(epoch)).is_dir():
+        epoch = latest
+    item = {"params": template}
+    restore = ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+    )
+    with ocp.CheckpointManager(directory, item_names=("state", "meta")) as manager:
+        restored = manager.restore(epoch, args=ocp.args.Composite(state=restore))
+    return restored["state"]["params"], epoch
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Differing settings; a loop setting missing from ``saved`` (a checkpoint written before
+    the setting existed) counts as its default."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return sorted(k for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuses to start over existing checkpoints (or to resume without any).
+
+    Raises:
+      ConfigError: naming ``--resume``, ``--overwrite`` and ``--out``.
+    """
+    has_checkpoints = latest_checkpoint(cfg.out / CHECKPOINT_DIR) is not None
+    if cfg.resume and not has_checkpoints:
+        raise ConfigError(f"--resume: no checkpoint in {cfg.out / CHECKPOINT_DIR} (check --out)")
+    if not cfg.resume and not cfg.overwrite and has_checkpoints:
+        raise ConfigError(
+            f"{cfg.out} already holds checkpoints: pass --resume to continue that run, "
+            "--overwrite to start afresh, or another --out"
+        )
+
+
+def run_config(task: Any, cfg: TrainConfig, n_devices: int) -> dict[str, Any]:
+    """The settings stored with a run and compared by ``--resume``: the task's name, the
+    loop's settings, the device count and the task's hyperparameters.
+
+    Through JSON once, so that it compares equal to the copy stored in a checkpoint.
+    """
+    return json.loads(
+        json.dumps({"task": task.name, **cfg.as_dict(), "num_devices": n_devices, **task.config()})
+    )
+
+
+def _saved_meta(directory: Path) -> dict[str, Any]:
+    """The ``meta`` item of the latest checkpoint in ``directory``, read without writing."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(
+        directory.absolute(), options=options, item_names=("state", "meta")
+    ) as manager:
+        restored = manager.restore(
+            manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+    return restored["meta"]
+
+
+def check_resume(cfg: TrainConfig, task: Any) -> None:
+    """Every check :func:`~experiments.loop.train` makes of the run folder before it writes
+    anything: ``--resume`` needs a checkpoint made with the same settings, a fresh run needs a
+    folder without checkpoints (or ``--overwrite``). Writes nothing, so a task that writes
+    files of its own into ``cfg.out`` can call it first.
+
+    Raises:
+      ConfigError: the one a refused run gives, naming the differing settings.
+    """
+    check_out_dir(cfg)
+    if not cfg.resume:
+        return
+    meta = _saved_meta(cfg.out / CHECKPOINT_DIR)
+    current = run_config(task, cfg, 0)  # the device count may change (RESUMABLE_CHANGES)
+    changed = config_changes(meta["config"], current)
+    if changed:
+        raise ConfigError(
+            f"--resume: {cfg.out} was trained with other settings for "
+            + ", ".join(
+                f"{k} ({meta['config'].get(k)!r} there, {current.get(k)!r} now)" for k in changed
+            )
+        )

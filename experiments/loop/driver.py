@@ -1,0 +1,428 @@
+"""The epoch driver: :func:`train` (jitted scanned epochs, data parallelism, checkpoints that
+survive interruption, a ``results.json`` per run) and the command line around it.
+
+``train_wall_s`` is the real wall time of an epoch's training phase (shuffling and batching
+on the host, transfer to the devices, all scanned chunks), excluding XLA compilation, which
+is reported separately as ``compile_s``; ``eval_s`` is the dev and test evaluation; the
+forward/backward/update estimates come from :mod:`experiments.loop.probes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments.common import ConfigError
+from experiments.loop.checkpoints import (
+    CHECKPOINT_DIR,
+    check_out_dir,
+    check_resume,
+    checkpoint_manager,
+    restore_checkpoint,
+    run_config,
+    save_checkpoint,
+)
+from experiments.loop.config import (
+    TrainConfig,
+    make_optimizer,
+    make_sparse_optimizer,
+    resolve_devices,
+    validate_config,
+)
+from experiments.loop.probes import NO_PROBES, probe_timings
+from experiments.loop.programs import (
+    KEY_EVAL,
+    KEY_INIT,
+    KEY_ORDER,
+    KEY_SHUFFLE,
+    KEY_STEPS,
+    Programs,
+    batch_size,
+    check_group_batches,
+    check_taps,
+    chunk_plan,
+    epoch_key,
+    group_steps,
+    init_state,
+    put_batches,
+    put_replicated,
+    root_subkey,
+)
+from experiments.loop.results import (
+    RESULTS_FILE,
+    SPLITS,
+    best_epoch,
+    log_epoch,
+    plot,
+    results_payload,
+    summary_line,
+    write_json,
+)
+from experiments.loop.signals import StopFlag, handle_signals
+from experiments.loop.task import Array, Batch, Params, RunResult, Task, TrainState
+
+
+def _progress_bar(enabled: bool, total: int, epoch: int, epochs: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed during a run (everything the epoch loop reads but never changes)."""
+
+    task: Task
+    cfg: TrainConfig
+    config: Mapping[str, Any]
+    mesh: jax.sharding.Mesh
+    programs: Programs
+    manager: ocp.CheckpointManager
+    eval_groups: Mapping[str, Sequence[Batch]]
+    eval_key: Array
+    stop: StopFlag
+    progress: bool
+    log: Callable[[str], None]
+    metric: str = "acc"
+
+    @property
+    def n_devices(self) -> int:
+        return int(self.mesh.devices.size)
+
+
+def train(
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    stop: StopFlag | None = None,
+    max_epochs_this_run: int | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Trains ``task`` as configured, writing results, plots and checkpoints to ``cfg.out``.
+
+    Args:
+      task: the experiment.
+      cfg: loop settings.
+      stop: checked at every chunk boundary; when set, the partial epoch is dropped, the last
+        completed epoch is checkpointed and the run returns with status ``"interrupted"``.
+      max_epochs_this_run: stop (status ``"stopped"``, checkpoint saved) after this many
+        epochs of this call; for tests and time-limited jobs.
+      log: where progress lines go.
+
+    Returns:
+      The per-epoch history and the best epoch.
+
+    Raises:
+      ConfigError: bad settings, batches that do not split over the devices, or a resume
+        whose checkpoint was made with different settings.
+    """
+    validate_config(cfg)
+    # Every check comes before the first write: a refused run leaves the folder untouched.
+    check_resume(cfg, task)
+    host_eval = {split: task.eval_groups(split) for split in SPLITS}
+    n_devices = _choose_devices(task, cfg, host_eval, log)
+    for groups in host_eval.values():
+        check_group_batches(groups, n_devices)
+    mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
+    if cfg.sparse_update:
+        check_taps(task, root_subkey(cfg.seed, KEY_INIT))
+        tx = make_sparse_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
+    else:
+        tx = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
+    config = run_config(task, cfg, n_devices)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = cfg.out / CHECKPOINT_DIR
+    if cfg.overwrite and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+
+    with jax.set_mesh(mesh):
+        eval_groups = {
+            split: [put_batches(g, mesh) for g in groups] for split, groups in host_eval.items()
+        }
+        # One compiled program: run eagerly, a Flax init dispatches (and compiles) op by op.
+        init = jax.jit(
+            lambda key: init_state(task, tx, key), out_shardings=NamedSharding(mesh, P())
+        )
+        state = init(root_subkey(cfg.seed, KEY_INIT))
+        manager = checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
+        run = _Run(
+            task=task,
+            cfg=cfg,
+            config=config,
+            mesh=mesh,
+            programs=Programs(task.loss_fn, tx),
+            manager=manager,
+            eval_groups=eval_groups,
+            eval_key=put_replicated(root_subkey(cfg.seed, KEY_EVAL), mesh),
+            stop=stop or StopFlag(),
+            progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
+            log=log,
+            metric=getattr(task, "metric", "acc"),
+        )
+        try:
+            history: list[dict[str, Any]] = []
+            if cfg.resume:
+                state, history = _resume(run, state)
+            return _epochs(run, state, history, max_epochs_this_run)
+        finally:
+            manager.close()
+
+
+def _write_results(run: _Run, history: Sequence[Mapping[str, Any]], status: str) -> None:
+    """``results.json``: config, per-epoch metrics, best epoch and the platform."""
+    payload = results_payload(run.config, history, status, run.mesh, run.metric)
+    write_json(run.cfg.out / RESULTS_FILE, payload)
+
+
+def _choose_devices(
+    task: Task,
+    cfg: TrainConfig,
+    host_eval: Mapping[str, Sequence[Batch]],
+    log: Callable[[str], None],
+) -> int:
+    """``cfg.devices``, or by default the most local devices that divide every batch (the
+    evaluation batches and those of the first training epoch), said in the log when that is
+    fewer than all of them."""
+    if cfg.devices is not None or jax.local_device_count() == 1:
+        return resolve_devices(cfg.devices)
+    first = task.train_groups(1, jax.random.fold_in(epoch_key(cfg.seed, 1), KEY_SHUFFLE))
+    sizes = {batch_size(g) for groups in (*host_eval.values(), first) for g in groups}
+    n_devices = resolve_devices(None, sorted(sizes))
+    if n_devices < jax.local_device_count():
+        log(
+            f"using {n_devices} of {jax.local_device_count()} devices: the most that divide "
+            f"the batch sizes {sorted(sizes)} (--devices chooses)"
+        )
+    return n_devices
+
+
+def _resume(run: _Run, template: TrainState) -> tuple[TrainState, list[dict[str, Any]]]:
+    """The last checkpoint's state and history (:func:`check_resume` has compared the
+    settings before, so a checkpoint of another layout, e.g. ``sparse_update``'s optimizer
+    state, is never read into this run's template)."""
+    state, meta = restore_checkpoint(run.manager, template)
+    run.log(f"resuming {run.cfg.out} after epoch {meta['epoch']}")
+    return state, list(meta["history"])
+
+
+def _epochs(
+    run: _Run,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    max_epochs_this_run: int | None,
+) -> RunResult:
+    """Runs the remaining epochs, checkpointing as configured; saves a last checkpoint and
+    the results however the loop ends."""
+    cfg = run.cfg
+    first = len(history) + 1
+    saved_epoch = len(history)
+    status = "complete"
+    for epoch in range(first, cfg.epochs + 1):
+        if run.stop.requested:
+            status = "interrupted"
+            break
+        if max_epochs_this_run is not None and epoch - first >= max_epochs_this_run:
+            status = "stopped"
+            break
+        outcome = _train_epoch(run, state, epoch)
+        if outcome is None:
+            run.log(f"epoch {epoch} abandoned part-way; keeping epoch {epoch - 1}")
+            status = "interrupted"
+            break
+        state, record = outcome
+        history.append(record)
+        log_epoch(record, cfg.epochs, run.log, run.metric)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            save_checkpoint(run.manager, epoch, state, history, run.config, cfg.seed)
+            saved_epoch = epoch
+        _write_results(run, history, "running")
+    else:
+        if run.stop.requested and len(history) < cfg.epochs:
+            status = "interrupted"
+    if history and saved_epoch != len(history):
+        save_checkpoint(run.manager, len(history), state, history, run.config, cfg.seed)
+    _write_results(run, history, status)
+    plot(history, cfg.out, run.metric)
+    best = best_epoch(history, run.metric)
+    return RunResult(history, best, status, run.stop.signum, cfg.out, state, run.metric)
+
+
+def _train_epoch(
+    run: _Run, state: TrainState, epoch: int
+) -> tuple[TrainState, dict[str, Any]] | None:
+    """Trains, evaluates and times one epoch; None when stopped part-way."""
+    key = epoch_key(run.cfg.seed, epoch)
+    wall_start = time.perf_counter()
+    host_groups = run.task.train_groups(epoch, jax.random.fold_in(key, KEY_SHUFFLE))
+    steps = [group_steps(g) for g in host_groups]
+    if sum(steps) == 0:
+        raise ConfigError("the task produced no training minibatches (see --limit-train)")
+    check_group_batches(host_groups, run.n_devices)
+    groups = [put_batches(g, run.mesh) for g in host_groups]
+    steps_key = jax.random.fold_in(key, KEY_STEPS)
+    step_keys = [
+        put_replicated(jax.random.fold_in(steps_key, g), run.mesh) for g in range(len(groups))
+    ]
+    plan = chunk_plan(steps, run.cfg.chunk_steps, jax.random.fold_in(key, KEY_ORDER))
+    bar = _progress_bar(run.progress, sum(steps), epoch, run.cfg.epochs)
+    try:
+        state, loss_sum, count, compile_s, done = _run_chunks(
+            run.programs, state, groups, plan, step_keys, run.stop, bar
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not done:
+        return None
+    train_wall = time.perf_counter() - wall_start - compile_s
+
+    eval_start = time.perf_counter()
+    metrics, eval_compile = {}, 0.0
+    for split in SPLITS:
+        metrics[split], seconds = _evaluate_split(
+            run.programs, state.params, run.eval_groups[split], run.eval_key, run.metric
+        )
+        eval_compile += seconds
+    eval_wall = time.perf_counter() - eval_start - eval_compile
+    # The selection metric first, then the losses, then the task's extra metrics.
+    extra = [n for n in metrics["dev"] if n not in (run.metric, "loss")]
+    names = [run.metric, "loss", *extra]
+    probes, probe_compile = dict(NO_PROBES), 0.0
+    probe_start = time.perf_counter()
+    if run.cfg.timing_batches > 0:
+        probes, probe_compile = probe_timings(
+            run.programs, state, groups, step_keys, run.cfg.timing_batches
+        )
+    probe_wall = time.perf_counter() - probe_start - probe_compile
+    record = {
+        "epoch": epoch,
+        "loss": loss_sum / max(count, 1.0),
+        **{f"{split}_{name}": metrics[split][name] for name in names for split in SPLITS},
+        "steps": int(sum(steps)),
+        "timing": {
+            **probes,
+            "train_wall_s": float(train_wall),
+            "eval_s": float(eval_wall),
+            "probe_s": float(probe_wall),
+            "compile_s": float(compile_s + eval_compile + probe_compile),
+        },
+    }
+    return state, record
+
+
+def _run_chunks(
+    programs: Programs,
+    state: TrainState,
+    groups: Sequence[Batch],
+    plan: Sequence[tuple[int, int, int]],
+    step_keys: Sequence[Array],
+    stop: StopFlag,
+    bar: Any,
+) -> tuple[TrainState, float, float, float, bool]:
+    """Runs the planned chunks; returns state, loss sum, count, compile seconds, and whether
+    every chunk ran (False: stopped early).
+
+    The chunks donate their input state; the first gets a copy, so that ``state`` stays
+    valid for an epoch that is abandoned part-way.
+    """
+    loss_sum, count, compile_s = 0.0, 0.0, 0.0
+    if plan and not stop.requested:
+        state = jax.tree.map(lambda a: a.copy(), state)
+    for g, start, length in plan:
+        if stop.requested:
+            return state, loss_sum, count, compile_s, False
+        start_arr = np.int32(start)
+        fn, seconds = programs.compiled(
+            "train_chunk", state, groups[g], step_keys[g], start_arr, length=length
+        )
+        compile_s += seconds
+        state, chunk_loss, chunk_count = fn(state, groups[g], step_keys[g], start_arr)
+        # float() waits for the chunk, so the bar (and a stop request) act on finished work.
+        chunk_loss, chunk_count = float(chunk_loss), float(chunk_count)
+        loss_sum += chunk_loss
+        count += chunk_count
+        if bar is not None:
+            bar.update(length)
+            bar.set_postfix(loss=f"{chunk_loss / max(chunk_count, 1.0):.4f}")
+    return state, loss_sum, count, compile_s, True
+
+
+def _evaluate_split(
+    programs: Programs, params: Params, groups: Sequence[Batch], key: Array, metric: str
+) -> tuple[dict[str, float], float]:
+    """``{metric: 100 correct / count, "loss": mean loss}`` over the groups of a split, with
+    ``100 correct_<name> / count`` under ``<name>`` for every extra count of the task."""
+    totals: dict[str, float] = {}
+    compile_s = 0.0
+    for group in groups:
+        fn, seconds = programs.compiled("evaluate", params, group, key)
+        compile_s += seconds
+        for name, value in jax.device_get(fn(params, group, key)).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    denom = max(totals["count"], 1.0)
+    metrics = {metric: 100.0 * totals["correct"] / denom, "loss": totals["loss"] / denom}
+    for name in sorted(totals):
+        if name.startswith("correct_"):
+            metrics[name.removeprefix("correct_")] = 100.0 * totals[name] / denom
+    return metrics, compile_s
+
+
+def resume_command(prog: str, argv: Sequence[str], out: Path) -> str:
+    """The command that resumes a run started with ``argv``."""
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    return shlex.join(["python", "-m", prog, *args, "--resume"])
+
+
+def run_cli(
+    task_factory: Callable[[], Task],
+    cfg: TrainConfig,
+    prog: str,
+    argv: Sequence[str],
+) -> int:
+    """Trains under SIGINT/SIGTERM handlers and prints the summary; returns the exit code.
+
+    ``task_factory`` is called after the configuration checks, so that a data error still
+    comes before any training; errors (:class:`ConfigError` and the data reader's) propagate.
+    """
+    check_out_dir(cfg)
+    task = task_factory()
+    with handle_signals(StopFlag()) as flag:
+        result = train(task, cfg, stop=flag)
+    print(summary_line(result))
+    print(f"results: {result.out / RESULTS_FILE}")
+    if result.status != "interrupted":
+        return 0
+    signum = signal.Signals(result.signum or signal.SIGINT)
+    if result.history:
+        command = resume_command(prog, argv, result.out)
+        print(
+            f"interrupted by {signum.name} after epoch {len(result.history)}; checkpoint in "
+            f"{result.out / CHECKPOINT_DIR}. Resume with:\n  {command}",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"interrupted by {signum.name} before the first epoch ended: nothing saved; "
+            "run the same command again to start afresh.",
+            file=sys.stderr,
+        )
+    return 128 + int(signum)
