@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        devices = loop.resolve_devices(args.devices)
+        devices = loop.resolve_devices(args.devices, [args.batch_size])
         settings = settings_from_args(args, devices)
         cfg = loop.train_config_from_args(args, default_out(settings, args))
         return loop.run_cli(
