@@ -8,6 +8,9 @@ Files may be gzip-compressed (detected by their magic bytes) and are decoded as 
   PDEPREL``; ``tag_column="xpos"`` reads POSTAG (column 5), ``"upos"`` reads CPOSTAG (column 4).
 * CoNLL-U: 10 tab-separated columns ``ID FORM LEMMA UPOS XPOS FEATS HEAD DEPREL DEPS MISC``;
   ``#`` comment lines, multiword-token ranges (``3-4``) and empty nodes (``5.1``) are skipped.
+* Plain text (:data:`PLAIN`, input to tag only): one token a line, a blank line between
+  sentences. :func:`read_untagged` reads it, and CoNLL-X/U files whose tag column is ``_``;
+  :func:`write_tagged` writes plain text as ``word TAG`` lines.
 
 Every :class:`Sentence` read keeps its original lines, so :func:`write_tagged` can write
 predicted tags back into an otherwise unchanged copy of the file.
@@ -25,17 +28,24 @@ from experiments.common import DataError, read_bytes
 
 __all__ = [
     "FORMATS",
+    "MISSING_TAG",
+    "PLAIN",
     "TAG_COLUMNS",
     "DataError",
     "Sentence",
     "detect_format",
     "read_tagged",
+    "read_untagged",
     "split_dev",
     "write_tagged",
 ]
 
 FORMATS: tuple[str, ...] = ("conll2000", "conllx", "conllu")
 TAG_COLUMNS: tuple[str, ...] = ("xpos", "upos")
+#: Plain text, one token a line: readable by :func:`read_untagged` only (it carries no tags).
+PLAIN = "plain"
+#: The tag of a token that has none (CoNLL's empty field).
+MISSING_TAG = "_"
 
 _NUM_TAB_COLUMNS = 10
 # CoNLL-X and CoNLL-U agree on the first five columns: ID FORM LEMMA (C)UPOS (X)POSTAG.
@@ -110,11 +120,11 @@ def _is_token_line(line: str, fmt: str) -> bool:
 
 
 def _split_columns(line: str, fmt: str) -> list[str]:
-    return line.split() if fmt == "conll2000" else line.split("\t")
+    return line.split("\t") if fmt in ("conllx", "conllu") else line.split()
 
 
 def _join_columns(columns: Sequence[str], fmt: str) -> str:
-    return " ".join(columns) if fmt == "conll2000" else "\t".join(columns)
+    return "\t".join(columns) if fmt in ("conllx", "conllu") else " ".join(columns)
 
 
 def _tag_index(fmt: str, tag_column: str) -> int:
@@ -132,8 +142,9 @@ def _looks_conllu(columns: Sequence[str]) -> bool:
     return is_skipped_id or "=" in feats or "=" in misc or ":" in deps
 
 
-def _detect(lines: Sequence[str], path: str | os.PathLike[str]) -> str:
-    """Detect the format from the first token lines (see :func:`detect_format`)."""
+def _detect(lines: Sequence[str], path: str | os.PathLike[str], allow_plain: bool = False) -> str:
+    """Detect the format from the first token lines (see :func:`detect_format`); with
+    ``allow_plain``, a first token line of one column means :data:`PLAIN`."""
     seen_comment = False
     first: tuple[int, str] | None = None
     tab_rows: list[list[str]] = []
@@ -160,6 +171,8 @@ def _detect(lines: Sequence[str], path: str | os.PathLike[str]) -> str:
         return "conllu" if is_conllu else "conllx"
     if len(line.split()) in (2, 3):
         return "conll2000"
+    if allow_plain and len(line.split()) == 1:
+        return PLAIN
     raise DataError(
         f"{path}:{line_no}: cannot detect the format: expected 10 tab-separated columns "
         f"(CoNLL-X/CoNLL-U) or 2-3 whitespace-separated ones (CoNLL-2000), found {line!r}"
@@ -192,10 +205,24 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def _parse_token(
-    columns: list[str], line_no: int, fmt: str, tag_column: str, expected_id: int, path: str
+    columns: list[str],
+    line_no: int,
+    fmt: str,
+    tag_column: str,
+    expected_id: int,
+    path: str,
+    require_tag: bool = True,
 ) -> tuple[str, str]:
-    """Word and tag of one token line, validated."""
+    """Word and tag of one token line, validated; without ``require_tag`` a missing tag
+    (``_`` or empty in CoNLL-X/U, always in plain text) is :data:`MISSING_TAG`."""
     where = f"{path}:{line_no}"
+    if fmt == PLAIN:
+        if len(columns) != 1:
+            raise DataError(
+                f"{where}: expected one token a line (plain text), found {len(columns)} "
+                "whitespace-separated columns"
+            )
+        return columns[0], MISSING_TAG
     if fmt == "conll2000":
         if len(columns) not in (2, 3):
             raise DataError(
@@ -213,14 +240,20 @@ def _parse_token(
     if not word:
         raise DataError(f"{where}: empty word (FORM column)")
     tag = columns[_TAB_TAG_INDEX[tag_column]]
-    if tag in ("", "_"):
+    if tag in ("", MISSING_TAG):
+        if not require_tag:
+            return word, MISSING_TAG
         name = _TAB_COLUMN_NAMES[fmt][tag_column]
         raise DataError(f"{where}: no {name} tag ({tag!r}) for tag_column={tag_column!r}")
     return word, tag
 
 
 def _parse_block(
-    block: Sequence[tuple[int, str]], fmt: str, tag_column: str, path: str
+    block: Sequence[tuple[int, str]],
+    fmt: str,
+    tag_column: str,
+    path: str,
+    require_tags: bool = True,
 ) -> Sentence:
     """One sentence from its consecutive non-blank ``(line_no, line)`` pairs."""
     words: list[str] = []
@@ -229,7 +262,9 @@ def _parse_block(
         if not _is_token_line(line, fmt):
             continue
         columns = _split_columns(line, fmt)
-        word, tag = _parse_token(columns, line_no, fmt, tag_column, len(words) + 1, path)
+        word, tag = _parse_token(
+            columns, line_no, fmt, tag_column, len(words) + 1, path, require_tags
+        )
         words.append(word)
         tags.append(tag)
     if not words:
@@ -282,6 +317,42 @@ def read_tagged(
     return sentences
 
 
+def read_untagged(
+    path: str | os.PathLike[str], format: str = "auto", tag_column: str = "xpos"
+) -> tuple[list[Sentence], str]:
+    """Read sentences to tag, whose tags may be missing.
+
+    Accepts every format of :func:`read_tagged`, where a CoNLL-X/U tag column may hold ``_``,
+    and plain text (:data:`PLAIN`): one token a line, a blank line between sentences. A
+    missing tag reads as :data:`MISSING_TAG`.
+
+    Args:
+        path: the file (gzip or not).
+        format: ``"auto"`` (as :func:`detect_format`, plus plain text for a first token line
+            of one column), one of :data:`FORMATS`, or :data:`PLAIN`.
+        tag_column: for CoNLL-X/U, ``"xpos"`` or ``"upos"``.
+
+    Returns:
+        ``(sentences, format)``: the sentences in file order, each keeping its original lines,
+        and the format they were read in (pass it to :func:`write_tagged`).
+
+    Raises:
+        ValueError: unknown ``format`` or ``tag_column``.
+        DataError: unreadable or empty file, or a malformed line (``path:line: problem``).
+    """
+    _check_choice(format, ("auto", *FORMATS, PLAIN), "format")
+    _check_choice(tag_column, TAG_COLUMNS, "tag_column")
+    lines = _read_lines(path)
+    fmt = _detect(lines, path, allow_plain=True) if format == "auto" else format
+    sentences = [
+        _parse_block(block, fmt, tag_column, str(path), require_tags=False)
+        for block in _blocks(lines)
+    ]
+    if not sentences:
+        raise DataError(f"{path}: empty file (no sentences)")
+    return sentences, fmt
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -316,6 +387,8 @@ def _sentence_lines(
     sentence: Sentence, tags: Sequence[str], fmt: str, tag_column: str, index: int
 ) -> list[str]:
     """Lines for one sentence: the original ones retagged, or new minimal ones."""
+    if fmt == PLAIN:
+        return [f"{word} {tag}" for word, tag in zip(sentence.words, tags, strict=True)]
     if sentence.lines:
         return _retag_lines(sentence, tags, fmt, tag_column, index)
     if fmt == "conll2000":
@@ -340,19 +413,21 @@ def write_tagged(
     Sentences read by :func:`read_tagged` are written back line for line with only the tag
     column replaced (comments, ranges and other columns kept); hand-built ones get minimal
     lines (``word TAG``, or 10 columns with ``_`` for everything but ID, FORM and the tag).
+    Plain text (:data:`PLAIN`) is written as ``word TAG`` lines, like CoNLL-2000 without the
+    chunk column.
     A path ending in ``.gz`` is written gzip-compressed.
 
     Args:
         path: the output file.
         sentences: the sentences.
         tags: one tag sequence per sentence.
-        format: ``"conll2000"``, ``"conllx"`` or ``"conllu"``.
+        format: ``"conll2000"``, ``"conllx"``, ``"conllu"`` or ``"plain"``.
         tag_column: for CoNLL-X/U, the column to write (``"xpos"`` or ``"upos"``).
 
     Raises:
         ValueError: unknown format/tag column, or tags that do not fit the sentences.
     """
-    _check_choice(format, FORMATS, "format")
+    _check_choice(format, (*FORMATS, PLAIN), "format")
     _check_choice(tag_column, TAG_COLUMNS, "tag_column")
     if len(sentences) != len(tags):
         raise ValueError(f"{len(sentences)} sentences but {len(tags)} tag sequences")

@@ -2,7 +2,7 @@
 
 import sys
 
-from experiments.tagging.main import main
+from experiments.tagging.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 
 from experiments.corpora.conll import (
+    MISSING_TAG,
+    PLAIN,
     DataError,
     Sentence,
     detect_format,
     read_tagged,
+    read_untagged,
     split_dev,
     write_tagged,
 )
@@ -319,3 +322,50 @@ def test_real_corpora(name: str, fmt: str, n_sentences: int, n_tokens: int | Non
     assert len(sentences) == n_sentences
     if n_tokens is not None:
         assert sum(len(s.words) for s in sentences) == n_tokens
+
+
+# --- untagged input ---------------------------------------------------------------------------
+
+
+def test_read_untagged_plain_text_and_write_word_tag_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "plain.txt", "\nThe\ncat\n\n\nIt\nfell\n.\n")
+    with pytest.raises(DataError, match="cannot detect"):
+        detect_format(path)  # plain text is input to tag, never a training format
+    sentences, fmt = read_untagged(path)
+    assert fmt == PLAIN
+    assert [s.words for s in sentences] == [("The", "cat"), ("It", "fell", ".")]
+    assert {t for s in sentences for t in s.tags} == {MISSING_TAG}
+    out = tmp_path / "tagged.txt"
+    write_tagged(out, sentences, [["DT", "NN"], ["PRP", "VBD", "."]], fmt)
+    assert out.read_text() == "The DT\ncat NN\n\nIt PRP\nfell VBD\n. .\n\n"
+    assert [s.tags for s in read_tagged(out)] == [("DT", "NN"), ("PRP", "VBD", ".")]
+
+
+def test_read_untagged_plain_text_rejects_two_columns(tmp_path: Path) -> None:
+    path = write(tmp_path / "plain.txt", "The\nbig cat\n")
+    with pytest.raises(DataError, match=r"plain\.txt:2: expected one token a line"):
+        read_untagged(path)
+
+
+@pytest.mark.parametrize(("text", "fmt"), [(CONLLX, "conllx"), (CONLLU, "conllu")])
+def test_read_untagged_tab_formats_with_missing_tags(tmp_path: Path, text: str, fmt: str) -> None:
+    blank = "\n".join(
+        "\t".join([*c[:3], "_", "_", *c[5:]]) if len(c := line.split("\t")) == 10 else line
+        for line in text.split("\n")
+    )
+    path = write(tmp_path / f"untagged.{fmt}", blank)
+    with pytest.raises(DataError, match="no"):
+        read_tagged(path, format=fmt)
+    sentences, got_fmt = read_untagged(path)
+    assert got_fmt == fmt
+    tagged = read_tagged(write(tmp_path / f"tagged.{fmt}", text))
+    assert [s.words for s in sentences] == [s.words for s in tagged]
+    assert {t for s in sentences for t in s.tags} == {MISSING_TAG}
+    # Writing the tags back gives the tagged file's tags, every line (comments, ranges) kept.
+    out = tmp_path / f"out.{fmt}"
+    write_tagged(out, sentences, [s.tags for s in tagged], fmt)
+    written = [line for line in out.read_text().split("\n") if line]
+    original = [line for line in blank.split("\n") if line]
+    assert len(written) == len(original)
+    assert [w for w in written if w.startswith("#")] == [o for o in original if o.startswith("#")]
+    assert read_tagged(out, format=fmt) == tagged

@@ -1,0 +1,335 @@
+"""The ``python -m experiments.tagging`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from experiments import loop
+from experiments.common import ENV_VAR
+from experiments.corpora.conll import FORMATS, TAG_COLUMNS, DataError
+from experiments.tagging.features import DEFAULT_FEATURES, FEATURES
+from experiments.tagging.predict import predict_file
+from experiments.tagging.task import (
+    DEFAULT_BATCH,
+    DEFAULT_EVAL_BATCH,
+    DEFAULT_K,
+    DataFiles,
+    TaggerSettings,
+    TaggingTask,
+    load_data,
+)
+
+__all__ = ["CORPORA", "DEFAULT_EPOCHS", "build_parser", "main"]
+
+DEFAULT_EPOCHS = 15
+DEFAULT_TIMING_BATCHES = 0  # probes compile three programs per bucket: opt-in
+ADAGRAD_LR = 0.01  # the paper's AdaGrad learning rate for POS tagging
+
+#: ``--corpus`` name -> (folder, train, dev or None, test).
+CORPORA: Mapping[str, tuple[str, str, str | None, str]] = {
+    "conll2000": ("conll2000", "train.txt.gz", None, "test.txt.gz"),
+    "ptb-dep-sample": ("ptb-dep-sample", "train.conllx.gz", "dev.conllx.gz", "test.conllx.gz"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m experiments.tagging`` flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.tagging",
+        description="Train the paper's LSTM POS tagger with meProp, or tag a file with a "
+        "trained one (--predict).",
+    )
+    m = parser.add_argument_group("model")
+    m.add_argument("--hidden", type=int, default=500, help="LSTM units per direction (default 500)")
+    m.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULT_K,
+        help=f"meProp k per LSTM gate (default {DEFAULT_K}); 0 = ordinary backprop",
+    )
+    loop.add_mode_argument(m)
+    m.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="dropout rate on the LSTM input and output (default 0, as the paper's Table 1)",
+    )
+    m.add_argument(
+        "--bidirectional", action="store_true", help="add a right-to-left LSTM (default: off)"
+    )
+    m.add_argument("--word-dim", type=int, default=50, help="word embedding size (default 50)")
+    m.add_argument(
+        "--feature-dim", type=int, default=20, help="size of each feature embedding (default 20)"
+    )
+    m.add_argument(
+        "--features",
+        default=",".join(DEFAULT_FEATURES),
+        help=f"comma-separated token features, from {', '.join(FEATURES)} "
+        f"(default {','.join(DEFAULT_FEATURES)})",
+    )
+    m.add_argument(
+        "--min-count",
+        type=int,
+        default=2,
+        help="words and feature values seen fewer times in training map to <unk> (default 2)",
+    )
+    d = parser.add_argument_group("data")
+    d.add_argument(
+        "--corpus",
+        choices=tuple(CORPORA),
+        default=None,
+        help="read the corpus's files under --data-dir (default conll2000 unless --train-file "
+        "is given)",
+    )
+    d.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"folder holding conll2000/ and ptb-dep-sample/ (default: ${ENV_VAR})",
+    )
+    d.add_argument("--train-file", type=Path, default=None, help="training file")
+    d.add_argument(
+        "--dev-file",
+        type=Path,
+        default=None,
+        help="dev file (default: the corpus's, else the last 10%% of the training sentences)",
+    )
+    d.add_argument("--test-file", type=Path, default=None, help="test file")
+    d.add_argument(
+        "--format",
+        choices=("auto", *FORMATS),
+        default="auto",
+        help="file format (default auto: detected)",
+    )
+    d.add_argument(
+        "--tag-column",
+        choices=TAG_COLUMNS,
+        default="xpos",
+        help="CoNLL-X/U tag column: xpos = POSTAG/XPOS (default), upos = CPOSTAG/UPOS",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"sentences per training minibatch, all devices (default {DEFAULT_BATCH}; "
+        "the paper used 1)",
+    )
+    d.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help=f"sentences per evaluation minibatch (default {DEFAULT_EVAL_BATCH}, rounded up "
+        "to a multiple of the device count)",
+    )
+    d.add_argument(
+        "--limit-train", type=int, default=None, help="use the first N training sentences"
+    )
+    p = parser.add_argument_group("prediction")
+    p.add_argument(
+        "--predict",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="tag FILE with the model saved in the run folder --out, write it, and exit",
+    )
+    p.add_argument(
+        "--predict-output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="where --predict writes (default <out>/predicted-<FILE name>)",
+    )
+    loop.add_train_arguments(parser)
+    parser.set_defaults(epochs=DEFAULT_EPOCHS, timing_batches=DEFAULT_TIMING_BATCHES)
+    # The loop's help texts name its own defaults; say where the tagger's differ.
+    helps = {
+        "timing_batches": "minibatches per forward/backward/update timing probe after each "
+        f"epoch; 0 disables (default {DEFAULT_TIMING_BATCHES}: off, as the probes compile "
+        "three more programs per length bucket; 20 gives steady estimates)",
+        "lr": f"learning rate (default: adam 1e-3, adagrad {ADAGRAD_LR} as in the paper's POS "
+        "runs, sgd 0.1)",
+    }
+    # The LSTM scan reuses one cell for every time step, so its kernels have no compact
+    # gradient to update column by column: the loop's --sparse-update cannot apply here.
+    helps["sparse_update"] = argparse.SUPPRESS
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+    return parser
+
+
+def _parse_features(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FEATURES]
+    loop.require(
+        not unknown, f"--features: unknown {', '.join(unknown)}; valid: {', '.join(FEATURES)}"
+    )
+    loop.require(bool(names), "--features: give at least one feature")
+    loop.require(len(set(names)) == len(names), f"--features: repeated names in {text!r}")
+    return names
+
+
+def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings:
+    """Validates the tagger's flags; ``devices`` is the resolved device count.
+
+    Raises:
+      ConfigError: naming the offending flag(s).
+    """
+    check = loop.require
+    check(
+        not args.sparse_update,
+        "--sparse-update: the LSTM tagger has no column-sparse update (its LSTM scan reuses "
+        "one cell for every time step); drop the flag",
+    )
+    check(args.hidden >= 1, f"--hidden must be >= 1, got {args.hidden}")
+    check(args.k >= 0, f"--k must be >= 0 (0 = ordinary backprop), got {args.k}")
+    check(
+        args.k < args.hidden,
+        f"--k {args.k} must be smaller than --hidden {args.hidden} "
+        "(use --k 0 for ordinary backprop)",
+    )
+    check(0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(args.word_dim >= 1, f"--word-dim must be >= 1, got {args.word_dim}")
+    check(args.feature_dim >= 1, f"--feature-dim must be >= 1, got {args.feature_dim}")
+    check(args.min_count >= 1, f"--min-count must be >= 1, got {args.min_count}")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(
+        args.limit_train is None or args.limit_train >= 1,
+        f"--limit-train must be >= 1, got {args.limit_train}",
+    )
+    loop.check_divisible(args.batch_size, devices, "--batch-size")
+    eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
+    return TaggerSettings(
+        hidden=args.hidden,
+        k=args.k,
+        mode=args.mode,
+        dropout=args.dropout,
+        bidirectional=args.bidirectional,
+        word_dim=args.word_dim,
+        feature_dim=args.feature_dim,
+        features=_parse_features(args.features),
+        min_count=args.min_count,
+        batch_size=args.batch_size,
+        eval_batch_size=eval_batch,
+        limit_train=args.limit_train,
+    )
+
+
+def _existing(path: Path, what: str) -> Path:
+    loop.require(path.is_file(), f"{what}: no such file: {path}")
+    return path
+
+
+def resolve_files(args: argparse.Namespace) -> DataFiles:
+    """The data files the flags name, checked to exist.
+
+    ``--train-file``/``--dev-file``/``--test-file`` override the corpus's files; the corpus
+    (default conll2000 without ``--train-file``) needs ``--data-dir`` or ``$MEPROP_DATA_DIR``
+    unless both ``--train-file`` and ``--test-file`` are given.
+
+    Raises:
+      ConfigError: a missing file (named, with the flag it came from), or no data named.
+    """
+    given = {split: getattr(args, f"{split}_file") for split in ("train", "dev", "test")}
+    corpus = args.corpus or (None if given["train"] else "conll2000")
+    paths: dict[str, Path] = {}
+    flags: dict[str, str] = {}
+    if corpus is not None and not (given["train"] and given["test"]):
+        root = args.data_dir or os.environ.get(ENV_VAR)
+        folder, *names = CORPORA[corpus]
+        loop.require(
+            root is not None,
+            f"--corpus {corpus} needs the data folder: pass --data-dir or set {ENV_VAR} "
+            f"(the folder holding {folder}/), or give --train-file and --test-file",
+        )
+        for split, name in zip(("train", "dev", "test"), names, strict=True):
+            if name is not None:
+                paths[split] = Path(root) / folder / name  # type: ignore[arg-type]
+                flags[split] = f"--corpus {corpus}"
+    for split, path in given.items():
+        if path is not None:
+            paths[split], flags[split] = path, f"--{split}-file"
+    loop.require("train" in paths, "--train-file is required without --corpus")
+    loop.require("test" in paths, "--test-file is required with --train-file")
+    for split, path in paths.items():
+        _existing(path, flags[split])
+    return DataFiles(
+        train=paths["train"],
+        dev=paths.get("dev"),
+        test=paths["test"],
+        format=args.format,
+        tag_column=args.tag_column,
+        corpus=corpus if given["train"] is None else None,
+    )
+
+
+def default_out(s: TaggerSettings, files: DataFiles, args: argparse.Namespace) -> Path:
+    """``runs/tag-<corpus>-<config>``: the same flags give the same folder, for ``--resume``."""
+    data = files.corpus or files.train.name.split(".")[0]
+    parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
+    parts += [f"h{s.hidden}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
+    if s.bidirectional:
+        parts.append("bi")
+    if args.lr is not None:
+        parts.append(f"lr{args.lr:g}")
+    if args.clip > 0:
+        parts.append(f"clip{args.clip:g}")
+    if s.dropout:
+        parts.append(f"drop{s.dropout:g}")
+    if s.features != DEFAULT_FEATURES:
+        parts.append("feats-" + "+".join(s.features))
+    if s.limit_train is not None:
+        parts.append(f"n{s.limit_train}")
+    return Path("runs") / "-".join(["tag", data, *parts])
+
+
+def _predict_main(args: argparse.Namespace) -> int:
+    loop.require(args.out is not None, "--predict needs --out: the folder of a trained run")
+    _existing(args.predict, "--predict")
+    output = args.predict_output or args.out / f"predicted-{args.predict.name}"
+    sentences, tokens, acc, epoch = predict_file(
+        args.out, args.predict, output, args.format, args.tag_column
+    )
+    print(f"tagged {sentences} sentences ({tokens} tokens) with epoch {epoch} -> {output}")
+    if acc is not None:
+        print(f"agreement with the tags in {args.predict}: {acc:.2f}%")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the experiment (or ``--predict``); returns the exit code.
+
+    Bad flags and missing files end the program with exit code 2 before any training.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.predict is not None:
+            return _predict_main(args)
+        loop.setup_processes(args)  # before anything touches a device
+        devices = loop.resolve_devices(args.devices, [args.batch_size])
+        settings = settings_from_args(args, devices)
+        files = resolve_files(args)
+        out = default_out(settings, files, args)
+        if args.lr is None and args.optimizer == "adagrad":
+            args.lr = ADAGRAD_LR
+        cfg = loop.train_config_from_args(args, out)
+
+        def make_task() -> TaggingTask:
+            task = TaggingTask(load_data(files, settings), settings)
+            # A refused run must leave the run folder as it was: check before writing.
+            loop.check_resume(cfg, task)
+            if cfg.resume:
+                task.check_resume(cfg.out)
+            task.save_vocab(cfg.out)
+            return task
+
+        return loop.run_cli(make_task, cfg, "experiments.tagging", argv)
+    except loop.ConfigError as exc:
+        parser.error(str(exc))
+    except DataError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return 2  # not reached: parser.error and parser.exit raise SystemExit

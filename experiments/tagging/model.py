@@ -1,0 +1,151 @@
+"""The LSTM tagger (Flax linen), its initial parameters and its loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+import meprop_jax
+from experiments.common import inverted_dropout
+from experiments.tagging.batching import MIN_BUCKET
+
+__all__ = ["Tagger", "init_params", "lstm_layer", "token_loss", "zero_carry"]
+
+
+def _batch_axis(x: jax.Array) -> Any:
+    """The mesh axis ``x``'s leading (batch) axis is split over, or None."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec[0] if spec else None
+
+
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]``, keeping ``ids``'s batch sharding (explicit mesh axes need it said)."""
+    axis = _batch_axis(ids)
+    if axis is None:
+        return jnp.take(table, ids, axis=0)
+    spec = P(axis, *([None] * ids.ndim))
+    return table.at[ids].get(out_sharding=spec)
+
+
+def zero_carry(x: jax.Array, hidden: int) -> tuple[jax.Array, jax.Array]:
+    """A zero LSTM carry ``(c, h)`` for ``x [batch, time, in]``, sharded like ``x``.
+
+    ``nn.RNN`` would build an unsharded carry itself, which a scan over a batch-sharded input
+    rejects under explicit mesh axes.
+    """
+    axis = _batch_axis(x)
+    shape = (x.shape[0], hidden)
+    if axis is None:
+        zeros = jnp.zeros(shape, x.dtype)
+    else:
+        zeros = jnp.zeros(shape, x.dtype, out_sharding=P(axis, None))
+    return zeros, zeros
+
+
+def lstm_layer(hidden: int, k: int, mode: str, reverse: bool, name: str) -> nn.RNN:
+    """One direction of the tagger's LSTM: a meProp cell scanned over time.
+
+    Called inside a compact module, the cell belongs to that module: its parameters sit under
+    ``name``. With ``reverse`` the scan reads each sentence from its last real word back
+    (``seq_lengths``) and the outputs come back in the input order.
+
+    Returns:
+      An ``nn.RNN`` mapping ``x [batch, time, in]`` to ``[batch, time, hidden]``.
+    """
+    cell = meprop_jax.LSTMCell(hidden, k=k, mode=mode, name=name)
+    split = {"params": False, "meprop": True}  # a fresh random-k key at every step
+    return nn.RNN(cell, reverse=reverse, keep_order=True, split_rngs=split)
+
+
+class Tagger(nn.Module):
+    """Embeddings -> (dropout) -> LSTM (one- or two-way) -> (dropout) -> dense output layer.
+
+    Attributes:
+      vocab_size: word vocabulary size (with ``<pad>`` and ``<unk>``).
+      feature_sizes: vocabulary size of each feature.
+      num_tags: output classes.
+      hidden: LSTM units (per direction).
+      k: meProp k per gate of the LSTM cell (0 = ordinary backprop).
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      dropout: inverted-dropout rate on the LSTM input and output (0 = none).
+      bidirectional: add a right-to-left LSTM and concatenate the two outputs.
+      word_dim: word embedding size.
+      feature_dim: size of each feature embedding.
+    """
+
+    vocab_size: int
+    feature_sizes: tuple[int, ...]
+    num_tags: int
+    hidden: int = 500
+    k: int = 0
+    mode: str = "unified"
+    dropout: float = 0.0
+    bidirectional: bool = False
+    word_dim: int = 50
+    feature_dim: int = 20
+
+    @nn.compact
+    def __call__(
+        self,
+        words: jax.Array,
+        features: jax.Array,
+        lengths: jax.Array,
+        train: bool = False,
+    ) -> jax.Array:
+        """Logits ``[batch, time, num_tags]`` of ``words [batch, time]``, ``features
+        [batch, time, F]`` and true ``lengths [batch]`` (positions past a length are padding).
+        """
+        embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+        table = self.param("word_embedding", embed_init, (self.vocab_size, self.word_dim))
+        parts = [_lookup(table, words)]
+        for j, size in enumerate(self.feature_sizes):
+            table = self.param(f"feature_embedding_{j}", embed_init, (size, self.feature_dim))
+            parts.append(_lookup(table, features[..., j]))
+        x = jnp.concatenate(parts, axis=-1)
+        if train and self.dropout > 0:
+            x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
+        carry = zero_carry(x, self.hidden)
+        h = lstm_layer(self.hidden, self.k, self.mode, False, "lstm")(
+            x, initial_carry=carry, seq_lengths=lengths
+        )
+        if self.bidirectional:
+            # nn.Bidirectional gathers the final carries, which explicit mesh axes reject;
+            # a reversed nn.RNN with keep_order is its backward half.
+            back = lstm_layer(self.hidden, self.k, self.mode, True, "lstm_backward")(
+                x, initial_carry=carry, seq_lengths=lengths
+            )
+            h = jnp.concatenate([h, back], axis=-1)
+        if train and self.dropout > 0:
+            h = inverted_dropout(h, self.dropout, self.make_rng("dropout"))
+        return meprop_jax.Dense(self.num_tags, name="output")(h)
+
+
+def init_params(model: Tagger, key: jax.Array) -> Any:
+    """Initial parameters of ``model`` (Flax defaults; shapes do not depend on the input)."""
+    k_params, k_meprop, k_dropout = jax.random.split(key, 3)
+    words = jnp.zeros((1, MIN_BUCKET), jnp.int32)
+    features = jnp.zeros((1, MIN_BUCKET, len(model.feature_sizes)), jnp.int32)
+    lengths = jnp.ones((1,), jnp.int32)
+    rngs = {"params": k_params, "meprop": k_meprop, "dropout": k_dropout}
+    return jax.jit(model.init, static_argnums=4)(rngs, words, features, lengths, False)
+
+
+def token_loss(
+    logits: jax.Array, tags: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over the masked-in tokens, and ``correct``/``count``.
+
+    A tag id of -1 (unknown to the training vocabulary) is a token that is always wrong and
+    adds no loss.
+    """
+    known = (tags >= 0).astype(logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(tags, 0))
+    count = jnp.sum(mask)
+    loss = jnp.sum(ce * mask * known) / jnp.maximum(count, 1.0)
+    hits = (jnp.argmax(logits, axis=-1).astype(tags.dtype) == tags).astype(mask.dtype)
+    return loss, {"correct": jnp.sum(hits * mask), "count": count}

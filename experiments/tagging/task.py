@@ -1,0 +1,252 @@
+"""Settings, data loading and the tagging task of the shared loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import loop
+from experiments.corpora.conll import DataError, Sentence, read_tagged, split_dev
+from experiments.tagging.batching import batch_arrays, bucket_ladder, bucketize
+from experiments.tagging.features import DEFAULT_FEATURES, VOCAB_FILE, Vocabularies
+from experiments.tagging.model import Tagger, init_params, token_loss
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_EVAL_BATCH",
+    "DEFAULT_K",
+    "DataFiles",
+    "TaggerSettings",
+    "TaggingData",
+    "TaggingTask",
+    "load_data",
+]
+
+DEFAULT_BATCH = 8
+DEFAULT_EVAL_BATCH = 64
+DEFAULT_K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggerSettings:
+    """The tagger's own settings (validated; see :func:`settings_from_args`)."""
+
+    hidden: int = 500
+    k: int = DEFAULT_K
+    mode: str = "unified"
+    dropout: float = 0.0
+    bidirectional: bool = False
+    word_dim: int = 50
+    feature_dim: int = 20
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    min_count: int = 2
+    batch_size: int = DEFAULT_BATCH
+    eval_batch_size: int = DEFAULT_EVAL_BATCH
+    limit_train: int | None = None
+
+    def model(self, vocab: Vocabularies) -> Tagger:
+        """The tagger these settings describe, sized for ``vocab``."""
+        return Tagger(
+            vocab_size=len(vocab.words),
+            feature_sizes=tuple(len(v) for v in vocab.features),
+            num_tags=len(vocab.tags),
+            hidden=self.hidden,
+            k=self.k,
+            mode=self.mode.replace("-", "_"),
+            dropout=self.dropout,
+            bidirectional=self.bidirectional,
+            word_dim=self.word_dim,
+            feature_dim=self.feature_dim,
+        )
+
+    def model_json(self) -> dict[str, Any]:
+        """The fields that shape the model (stored with the vocabularies)."""
+        d = dataclasses.asdict(self)
+        return {
+            k: d[k]
+            for k in ("hidden", "k", "mode", "dropout", "bidirectional", "word_dim", "feature_dim")
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    """Where the three splits come from; ``dev`` None: hold out 10% of train."""
+
+    train: Path
+    dev: Path | None
+    test: Path
+    format: str = "auto"
+    tag_column: str = "xpos"
+    corpus: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggingData:
+    """The three splits, read, and the training vocabularies."""
+
+    train: list[Sentence]
+    dev: list[Sentence]
+    test: list[Sentence]
+    vocab: Vocabularies
+    files: DataFiles
+
+
+def load_data(files: DataFiles, settings: TaggerSettings) -> TaggingData:
+    """Reads the splits (dev held out from train when there is no dev file), applies
+    ``limit_train`` and builds the vocabularies from the training sentences."""
+    train = read_tagged(files.train, files.format, files.tag_column)
+    if files.dev is None:
+        if len(train) < 2:
+            raise DataError(f"{files.train}: need at least 2 sentences to hold out a dev set")
+        train, dev = split_dev(train, 0.1)
+    else:
+        dev = read_tagged(files.dev, files.format, files.tag_column)
+    test = read_tagged(files.test, files.format, files.tag_column)
+    if settings.limit_train is not None:
+        train = train[: settings.limit_train]
+    vocab = Vocabularies.build(train, settings.features, settings.min_count)
+    return TaggingData(train, dev, test, vocab, files)
+
+
+@dataclasses.dataclass(eq=False)
+class TaggingTask:
+    """POS tagging as a :class:`experiments.loop.Task`.
+
+    Training: one batch group per length bucket (at most :data:`~.batching.MAX_BUCKETS`,
+    chosen from the training lengths by :func:`~.batching.bucket_ladder`). Evaluation: one
+    group per minibatch, on the same bucket lengths, so that dev and test share their
+    compiled programs (a group's step count is part of its shape).
+    """
+
+    data: TaggingData
+    settings: TaggerSettings
+    name: str = "tagging"
+
+    def __post_init__(self) -> None:
+        vocab, n_feat = self.data.vocab, len(self.settings.features)
+        self.model = self.settings.model(vocab)
+        train_lengths = [len(s.words) for s in self.data.train]
+        self.ladder = bucket_ladder(train_lengths, self.settings.batch_size)
+        self.buckets = {
+            split: bucketize([vocab.encode(s) for s in sentences], n_feat, self.ladder)
+            for split, sentences in (
+                ("train", self.data.train),
+                ("dev", self.data.dev),
+                ("test", self.data.test),
+            )
+        }
+
+    def init(self, key: jax.Array) -> Any:
+        """Flax-default initial parameters."""
+        return init_params(self.model, key)
+
+    def loss_fn(
+        self, params: Any, batch: Mapping[str, jax.Array], key: jax.Array, train: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean token cross-entropy over the real tokens; correct and count as aux."""
+        k_dropout, k_meprop = jax.random.split(key)
+        logits = self.model.apply(
+            params,
+            batch["words"],
+            batch["features"],
+            batch["lengths"],
+            train,
+            rngs={"dropout": k_dropout, "meprop": k_meprop},
+        )
+        return token_loss(logits, batch["tags"], batch["mask"])
+
+    def train_groups(self, epoch: int, key: jax.Array) -> list[dict[str, np.ndarray]]:
+        """One group per bucket, its sentences shuffled by ``key`` (seed and epoch)."""
+        del epoch  # the key already depends on it
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        return [
+            batch_arrays(b, self.settings.batch_size, rng.permutation(len(b)))
+            for b in self.buckets["train"]
+        ]
+
+    def eval_groups(self, split: str) -> list[dict[str, np.ndarray]]:
+        """One group per minibatch of ``split`` (``[1, batch, ...]`` arrays), bucket by
+        bucket, in file order within a bucket."""
+        groups = []
+        for bucket in self.buckets[split]:
+            arrays = batch_arrays(bucket, self.settings.eval_batch_size)
+            steps = len(arrays["words"])
+            groups += [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(steps)]
+        return groups
+
+    def config(self) -> dict[str, Any]:
+        """The settings plus the data files and sizes."""
+        d, f = self.data, self.data.files
+        settings = dataclasses.asdict(self.settings)
+        settings["features"] = list(self.settings.features)
+        return {
+            **settings,
+            "corpus": f.corpus,
+            "train_file": str(f.train),
+            "dev_file": None if f.dev is None else str(f.dev),
+            "test_file": str(f.test),
+            "format": f.format,
+            "tag_column": f.tag_column,
+            "train_sentences": len(d.train),
+            "train_tokens": sum(len(s.words) for s in d.train),
+            "dev_sentences": len(d.dev),
+            "test_sentences": len(d.test),
+            "word_vocab": len(d.vocab.words),
+            "num_tags": len(d.vocab.tags),
+        }
+
+    def vocab_json(self) -> dict[str, Any]:
+        """What ``vocab.json`` holds: the vocabularies and the model settings."""
+        return {**self.data.vocab.to_json(), "model": self.settings.model_json()}
+
+    def check_resume(self, out: Path) -> None:
+        """Refuses to resume the run in ``out`` when its ``vocab.json`` differs from this
+        task's (other ``--min-count``, ``--features``, ``--limit-train``, model flags or data):
+        the saved embeddings are indexed by the saved vocabularies. Writes nothing.
+
+        Raises:
+          loop.ConfigError: naming what differs.
+        """
+        path = out / VOCAB_FILE
+        if not path.is_file():
+            return  # nothing saved to contradict; save_vocab writes it
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as exc:
+            raise loop.ConfigError(
+                f"--resume: unreadable {path} ({exc}); pass --overwrite to start afresh"
+            ) from exc
+        current = self.vocab_json()
+        if saved == current:
+            return
+        changed = [
+            f"{key} ({saved.get(key)!r} there, {current[key]!r} now)"
+            for key in ("min_count", "model")
+            if saved.get(key) != current[key]
+        ]
+        if list(saved.get("features", {})) != list(current["features"]):
+            changed.append(
+                f"features ({list(saved.get('features', {}))!r} there, "
+                f"{list(current['features'])!r} now)"
+            )
+        if not changed:
+            changed.append("the vocabularies built from the training data (--limit-train or data)")
+        raise loop.ConfigError(
+            f"--resume: {out} was trained with other settings for {', '.join(changed)}"
+        )
+
+    def save_vocab(self, out: Path) -> Path:
+        """Writes ``out/vocab.json`` (see :meth:`vocab_json`); an identical file is left as
+        it is."""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / VOCAB_FILE
+        text = json.dumps(self.vocab_json()) + "\n"
+        if not (path.is_file() and path.read_text() == text):
+            path.write_text(text)
+        return path
