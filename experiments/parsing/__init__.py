@@ -1,0 +1,1 @@
+"""Chen & Manning's transition parser trained with meProp (``python -m experiments.parsing``)."""

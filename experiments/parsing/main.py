@@ -1,0 +1,445 @@
+"""Chen & Manning's transition parser trained with meProp (``python -m experiments.parsing``).
+
+The parser (Chen & Manning 2014, as the meProp paper uses it): arc-standard transitions with
+a static oracle and greedy decoding; 18 word, 18 POS-tag and (labelled data only) 12
+arc-label features, each a 50-dimensional embedding; one hidden layer of 500 units with the
+cube activation (``--activation relu`` as an option); a softmax over the transitions. meProp
+acts on the hidden layer (``meprop_jax.Dense(500, k=--k, mode=--mode)``; the paper's k is
+20); the output layer is dense unless ``--k-output`` is set. ``--k 0`` is ordinary backprop,
+``--kdim`` the dense "k-dimensional" control (hidden size k), ``--mode random`` the random-k
+control. Modules: :mod:`~experiments.parsing.transitions` (oracle, host featurizer),
+:mod:`~experiments.parsing.decoder` (batched on-device decoding),
+:mod:`~experiments.parsing.model` (vocabularies, the MLP),
+:mod:`~experiments.parsing.task` (examples, batches, the loop task).
+
+Data: ``--corpus ptb-dep-sample`` (unlabelled: SHIFT, LEFT-ARC, RIGHT-ARC; gold Penn tags from
+POSTAG) or ``--corpus ud-english-lines`` (labelled: LEFT-ARC(l)/RIGHT-ARC(l) per UD relation,
+UPOS tags), files under ``--data-dir`` or ``$MEPROP_DATA_DIR``; ``--train-file``/
+``--dev-file``/``--test-file`` name CoNLL-X/CoNLL-U files directly. Training trees that
+arc-standard cannot build (non-projective or several roots) are skipped and counted
+(``skipped_nonprojective``/``skipped_multiroot`` in the log and ``results.json``); dev and
+test use every sentence. Words are lowercased with digits mapped to 0; words seen fewer than
+``--min-count`` (2) times in training are UNKNOWN.
+
+Scores: the loop's accuracy is the unlabelled attachment score (UAS) over the
+non-punctuation tokens (``dev_uas``/``test_uas`` where the loop supports task metrics); LAS
+comes as ``correct_las``. Punctuation: tokens with a Penn punctuation tag (`````, ``''``,
+``,``, ``.``, ``:``) or UPOS ``PUNCT``.
+
+Defaults, chosen on the sample's dev UAS (never test): Adam (lr 1e-3; AdaGrad takes the
+paper's 0.01), minibatches of 250 transition examples, 3 epochs (best dev epoch reported).
+Why 250: with ordinary backprop (seed 0) minibatches of 250 reach 84.44% dev UAS after one
+epoch and 86.94% after two, minibatches of 1,000 only 79.93% and 84.77%, for about the same
+time per epoch (150-160 s against 117-121 s of training on two heavily shared CPU cores). The
+paper's 10,000 was for Chen & Manning's 1.9M examples; the sample has about 164k, so 250 gives
+about 650 updates an epoch, which meProp's sparse updates need most. Why 3 epochs: one run
+then stays within about 10 minutes on such a machine. In 6-epoch runs (seed 0) dev UAS peaks
+at epoch 4 for both ordinary backprop (88.91%, against 86.94% within 3 epochs) and k = 20
+(85.79%, against 85.51%) and then drifts down as the training loss keeps falling, so
+``--epochs 4`` is the better choice where time allows. Evaluation decodes 64 sentences per batch
+(``--eval-batch-size``): larger batches were slower on the CPU.
+
+After training, the test set is parsed once more with the best epoch's parameters to
+measure the parse speed (sentences per second, compilation and the precomputed hidden tables
+excluded): ``parse`` in ``results.json`` and the last log line.
+
+Examples:
+  MEPROP_DATA_DIR=../shared/data python -m experiments.parsing --corpus ptb-dep-sample --k 20
+  python -m experiments.parsing --corpus ptb-dep-sample --k 0        # ordinary backprop
+  python -m experiments.parsing --predict in.conllu --out runs/parse-... --predict-output out.conllu
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from experiments import loop
+from experiments.common import ENV_VAR, DataError
+from experiments.corpora.treebank import TAG_COLUMNS, Tree, read_treebank, write_treebank
+from experiments.parsing.model import ACTIVATIONS, ParserMLP, Vocabularies
+from experiments.parsing.task import (
+    ParserSettings,
+    ParsingData,
+    ParsingTask,
+    make_examples,
+    parse,
+)
+
+__all__ = ["CORPORA", "DEFAULT_BATCH", "DEFAULT_EPOCHS", "VOCAB_FILE", "load_run", "main"]
+
+VOCAB_FILE = "vocab.json"
+#: Training minibatch (transition examples), measured on ptb-dep-sample: see the module
+#: docstring.
+DEFAULT_BATCH = 250
+DEFAULT_EPOCHS = 3
+DEFAULT_EVAL_BATCH = 64
+DEFAULT_TIMING_BATCHES = 20
+#: Sentences per decoding batch of --predict and the parse-speed pass, whose hidden tables are
+#: computed once: 32 parsed the sample's test set fastest (load average about 9 on 2 cores:
+#: 1,456-1,745 sentences/s, against 781-1,657 for 64 and 520-1,232 for 128).
+PARSE_BATCH = 32
+ADAGRAD_LR = 0.01  # the paper's AdaGrad learning rate for parsing
+#: ``--corpus`` name -> (folder, train, dev, test).
+CORPORA = {
+    "ptb-dep-sample": ("ptb-dep-sample", "train.conllx.gz", "dev.conllx.gz", "test.conllx.gz"),
+    "ud-english-lines": (
+        "ud-english-lines",
+        "en_lines-ud-train.conllu.gz",
+        "en_lines-ud-dev.conllu.gz",
+        "en_lines-ud-test.conllu.gz",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m experiments.parsing`` flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.parsing",
+        description="Train Chen & Manning's transition parser with meProp, or parse a file "
+        "with a trained one (--predict).",
+    )
+    m = parser.add_argument_group("model")
+    m.add_argument("--hidden", type=int, default=500, help="hidden units (default 500)")
+    m.add_argument("--embed-dim", type=int, default=50, help="embedding size (default 50)")
+    m.add_argument(
+        "--k", type=int, default=20, help="meProp k of the hidden layer (default 20); 0 = dense"
+    )
+    loop.add_mode_argument(m)
+    m.add_argument(
+        "--k-output", type=int, default=0, help="meProp k of the output layer (default 0 = dense)"
+    )
+    m.add_argument(
+        "--kdim", action="store_true", help="the dense control with hidden size k (--hidden = k)"
+    )
+    m.add_argument(
+        "--activation", choices=ACTIVATIONS, default="cube", help="hidden activation (cube)"
+    )
+    m.add_argument("--dropout", type=float, default=0.0, help="hidden dropout rate (default 0)")
+    m.add_argument(
+        "--min-count", type=int, default=2, help="rarer training words are UNKNOWN (default 2)"
+    )
+    d = parser.add_argument_group("data")
+    d.add_argument("--corpus", choices=tuple(CORPORA), default=None, help="a corpus's files")
+    d.add_argument("--data-dir", default=None, help=f"folder of the corpora (default ${ENV_VAR})")
+    d.add_argument("--train-file", type=Path, default=None, help="training file (CoNLL-X/U)")
+    d.add_argument("--dev-file", type=Path, default=None, help="dev file")
+    d.add_argument("--test-file", type=Path, default=None, help="test file")
+    d.add_argument("--format", choices=("auto", "conllx", "conllu"), default="auto")
+    d.add_argument(
+        "--tag-column",
+        choices=TAG_COLUMNS,
+        default="auto",
+        help="POS tag column: auto (UPOS for CoNLL-U, POSTAG for CoNLL-X), upos or xpos",
+    )
+    d.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"transition examples per minibatch, all devices (default {DEFAULT_BATCH})",
+    )
+    d.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help=f"sentences per decoding batch (default {DEFAULT_EVAL_BATCH})",
+    )
+    d.add_argument("--limit-train", type=int, default=None, help="first N training sentences")
+    p = parser.add_argument_group("prediction")
+    p.add_argument("--predict", type=Path, default=None, metavar="FILE", help="parse FILE")
+    p.add_argument(
+        "--predict-output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="where --predict writes (default <out>/predicted-<FILE name>)",
+    )
+    loop.add_train_arguments(parser)
+    parser.set_defaults(epochs=DEFAULT_EPOCHS, timing_batches=DEFAULT_TIMING_BATCHES)
+    helps = {
+        "epochs": f"epochs in all (default {DEFAULT_EPOCHS})",
+        "timing_batches": f"minibatches per timing probe; 0 disables (default "
+        f"{DEFAULT_TIMING_BATCHES})",
+        "lr": f"learning rate (default: adam 1e-3, adagrad {ADAGRAD_LR} as the paper's parser)",
+    }
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings:
+    """Validates the parser's flags.
+
+    Raises:
+      ConfigError: naming the offending flag.
+    """
+    check = loop.require
+    check(args.k >= 0, f"--k must be >= 0 (0 = ordinary backprop), got {args.k}")
+    check(args.k_output >= 0, f"--k-output must be >= 0, got {args.k_output}")
+    check(args.embed_dim >= 1, f"--embed-dim must be >= 1, got {args.embed_dim}")
+    check(0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}")
+    check(args.min_count >= 1, f"--min-count must be >= 1, got {args.min_count}")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(
+        args.limit_train is None or args.limit_train >= 1,
+        f"--limit-train must be >= 1, got {args.limit_train}",
+    )
+    if args.kdim:
+        check(args.k >= 1, "--kdim needs --k >= 1: the hidden size of the dense control")
+        hidden, k = args.k, 0
+    else:
+        check(args.hidden >= 1, f"--hidden must be >= 1, got {args.hidden}")
+        check(
+            args.k < args.hidden,
+            f"--k {args.k} must be smaller than --hidden {args.hidden} (--k 0: dense)",
+        )
+        hidden, k = args.hidden, args.k
+    loop.check_divisible(args.batch_size, devices, "--batch-size")
+    eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
+    return ParserSettings(
+        embed_dim=args.embed_dim,
+        hidden=hidden,
+        k=k,
+        mode=args.mode,
+        k_output=args.k_output,
+        kdim=args.kdim,
+        activation=args.activation,
+        dropout=args.dropout,
+        min_count=args.min_count,
+        batch_size=args.batch_size,
+        eval_batch_size=eval_batch,
+        limit_train=args.limit_train,
+    )
+
+
+def resolve_files(args: argparse.Namespace) -> dict[str, Any]:
+    """The train/dev/test files the flags name (checked to exist), format and tag column.
+
+    Raises:
+      ConfigError: a missing file (named with its flag), or no data named.
+    """
+    given = {split: getattr(args, f"{split}_file") for split in ("train", "dev", "test")}
+    paths: dict[str, Path] = {}
+    flags: dict[str, str] = {}
+    corpus = args.corpus
+    if corpus is not None:
+        root = args.data_dir or os.environ.get(ENV_VAR)
+        folder, *names = CORPORA[corpus]
+        loop.require(
+            root is not None or all(given.values()),
+            f"--corpus {corpus} needs the data folder: pass --data-dir or set {ENV_VAR}",
+        )
+        for split, name in zip(("train", "dev", "test"), names, strict=True):
+            if root is not None:
+                paths[split], flags[split] = Path(root) / folder / name, f"--corpus {corpus}"
+    for split, path in given.items():
+        if path is not None:
+            paths[split], flags[split] = path, f"--{split}-file"
+    for split in ("train", "dev", "test"):
+        loop.require(split in paths, f"--{split}-file is required without --corpus")
+    for split, path in paths.items():
+        loop.require(path.is_file(), f"{flags[split]}: no such file: {path}")
+    return {
+        "corpus": corpus,
+        **{f"{split}_file": str(paths[split]) for split in ("train", "dev", "test")},
+        "format": args.format,
+        "tag_column": args.tag_column,
+    }
+
+
+def load_data(files: dict[str, Any], settings: ParserSettings) -> ParsingData:
+    """Reads the three splits, builds the vocabularies and the oracle examples."""
+    read = functools.partial(read_treebank, format=files["format"], tag_column=files["tag_column"])
+    train = read(files["train_file"])
+    if settings.limit_train is not None:
+        train = train[: settings.limit_train]
+    dev, test = read(files["dev_file"]), read(files["test_file"])
+    vocab = Vocabularies.build(train, settings.min_count)
+    return ParsingData(train, dev, test, vocab, make_examples(train, vocab), files)
+
+
+def default_out(s: ParserSettings, files: dict[str, Any], args: argparse.Namespace) -> Path:
+    """``runs/parse-<corpus>-<config>``: the same flags give the same folder."""
+    data = files["corpus"] or Path(files["train_file"]).name.split(".")[0]
+    if s.kdim:
+        parts = [f"kdim{s.hidden}"]
+    else:
+        parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
+        parts.append(f"h{s.hidden}")
+    parts += [s.activation, args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
+    if args.lr is not None:
+        parts.append(f"lr{args.lr:g}")
+    if args.clip > 0:
+        parts.append(f"clip{args.clip:g}")
+    if s.k_output:
+        parts.append(f"ko{s.k_output}")
+    if s.dropout:
+        parts.append(f"drop{s.dropout:g}")
+    if s.limit_train is not None:
+        parts.append(f"n{s.limit_train}")
+    return Path("runs") / "-".join(["parse", data, *parts])
+
+
+def save_vocab(out: Path, vocab: Vocabularies, settings: ParserSettings) -> None:
+    """``out/vocab.json``: the vocabularies and the model settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**vocab.to_json(), "model": settings.model_json()}
+    (out / VOCAB_FILE).write_text(json.dumps(payload) + "\n")
+
+
+def _template(model: ParserMLP) -> Any:
+    """Parameter shapes (with a device) for restoring, without running an initialiser."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    features = jnp.zeros((1, model.num_features), jnp.int32)
+    shapes = jax.eval_shape(lambda key: model.init({"params": key}, features), jax.random.key(0))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+
+
+def _best_epoch(run: Path) -> int | None:
+    results = run / loop.RESULTS_FILE
+    if not results.is_file():
+        return None
+    return (json.loads(results.read_text()).get("best") or {}).get("epoch")
+
+
+def load_run(run: Path) -> tuple[Vocabularies, ParserMLP, Any, int]:
+    """Vocabularies, model and parameters (best-dev epoch if kept, else the latest) of a run.
+
+    Raises:
+      loop.ConfigError: no vocabulary file or no checkpoint in ``run``.
+    """
+    path = run / VOCAB_FILE
+    if not path.is_file():
+        raise loop.ConfigError(f"--out {run}: no {VOCAB_FILE} there (not a parsing run folder?)")
+    try:
+        data = json.loads(path.read_text())
+        vocab = Vocabularies.from_json(data)
+        model = ParserSettings(**data["model"]).model(vocab)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise loop.ConfigError(f"--out {run}: unreadable {VOCAB_FILE}: {exc}") from exc
+    params, epoch = loop.restore_params(run, _template(model), epoch=_best_epoch(run))
+    return vocab, model, params, epoch
+
+
+def attachment_scores(
+    trees: Sequence[Tree], heads: Sequence[Sequence[int]], labels: Sequence[Sequence[str]] | None
+) -> tuple[float, float | None]:
+    """UAS and LAS (%) over the non-punctuation tokens of trees with gold heads."""
+    correct = labelled = count = 0
+    for i, tree in enumerate(trees):
+        if tree.heads is None:
+            continue
+        for j, (gold, punct) in enumerate(zip(tree.heads, tree.punct, strict=True)):
+            if punct:
+                continue
+            count += 1
+            if heads[i][j] == gold:
+                correct += 1
+                if labels is not None and tree.labels is not None:
+                    labelled += labels[i][j] == tree.labels[j]
+    las = 100.0 * labelled / max(count, 1) if labels is not None else None
+    return 100.0 * correct / max(count, 1), las
+
+
+def _label_strings(vocab: Vocabularies, indices: Sequence[Sequence[int]]) -> list[list[str]] | None:
+    if not vocab.labelled:
+        return None
+    return [[vocab.labels[i] for i in row] for row in indices]
+
+
+def measure_parse_speed(run: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """Parses the test file with the run's best parameters; adds ``parse`` to results.json."""
+    vocab, model, params, epoch = load_run(run)
+    trees = read_treebank(files["test_file"], files["format"], files["tag_column"])
+    heads, indices, seconds = parse(model, params, vocab, trees, PARSE_BATCH)
+    uas, las = attachment_scores(trees, heads, _label_strings(vocab, indices))
+    speed = {
+        "epoch": epoch,
+        "test_sentences": len(trees),
+        "test_tokens": sum(len(t) for t in trees),
+        "seconds": seconds,
+        "parse_sents_per_s": len(trees) / seconds,
+        "test_uas": uas,
+        "test_las": las,
+    }
+    path = run / loop.RESULTS_FILE
+    results = json.loads(path.read_text())
+    results["parse"] = speed
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return speed
+
+
+def _predict_main(args: argparse.Namespace) -> int:
+    loop.require(args.out is not None, "--predict needs --out: the folder of a trained run")
+    loop.require(args.predict.is_file(), f"--predict: no such file: {args.predict}")
+    output = args.predict_output or args.out / f"predicted-{args.predict.name}"
+    vocab, model, params, epoch = load_run(args.out)
+    trees = read_treebank(args.predict, args.format, args.tag_column, heads_required=False)
+    heads, indices, seconds = parse(model, params, vocab, trees, PARSE_BATCH)
+    labels = _label_strings(vocab, indices)
+    write_treebank(output, trees, heads, labels)
+    print(
+        f"parsed {len(trees)} sentences with epoch {epoch} in {seconds:.3f}s "
+        f"({len(trees) / seconds:.0f} sentences/s) -> {output}"
+    )
+    if any(t.heads is not None for t in trees):
+        uas, las = attachment_scores(trees, heads, labels)
+        extra = "" if las is None else f", LAS {las:.2f}%"
+        print(f"against the heads in {args.predict}: UAS {uas:.2f}%{extra}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the experiment (or ``--predict``); returns the exit code.
+
+    Bad flags, missing files and malformed data end the program with exit code 2 and one
+    message line.
+    """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.predict is not None:
+            return _predict_main(args)
+        loop.setup_processes(args)  # before anything touches a device
+        devices = loop.resolve_devices(args.devices, [args.batch_size])
+        settings = settings_from_args(args, devices)
+        files = resolve_files(args)
+        if args.lr is None and args.optimizer == "adagrad":
+            args.lr = ADAGRAD_LR
+        cfg = loop.train_config_from_args(args, default_out(settings, files, args))
+
+        def make_task() -> ParsingTask:
+            task = ParsingTask(load_data(files, settings), settings)
+            ex = task.data.examples
+            print(
+                f"{len(ex.gold)} training examples from {len(task.data.train)} trees; skipped "
+                f"{ex.skipped_nonprojective} non-projective and {ex.skipped_multiroot} "
+                "multi-root trees"
+            )
+            save_vocab(cfg.out, task.data.vocab, settings)
+            return task
+
+        code = loop.run_cli(make_task, cfg, "experiments.parsing", argv)
+        if code == 0:
+            speed = measure_parse_speed(cfg.out, files)
+            print(
+                f"parse speed: {speed['parse_sents_per_s']:.0f} sentences/s "
+                f"({speed['test_sentences']} test sentences in {speed['seconds']:.3f}s, "
+                f"epoch {speed['epoch']}, test UAS {speed['test_uas']:.2f}%)"
+            )
+        return code
+    except loop.ConfigError as exc:
+        parser.error(str(exc))
+    except DataError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return 2  # not reached: parser.error and parser.exit raise SystemExit
