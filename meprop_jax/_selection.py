@@ -10,10 +10,27 @@ of the output gradient ``g = dL/dy`` survive. Three rules are available:
 * ``"random"``: every row keeps ``k`` distinct columns drawn uniformly at random, with no
   rescaling (the paper's control experiment, §4.4).
 
-Ties are broken towards the lower column index. Non-finite gradients are never dropped
-silently: ``lax.top_k`` ranks NaN above every number and ``|±inf|`` above every finite value,
-so a row or column holding a NaN or an infinity is always selected and the non-finite value
-reaches ``dx`` and ``dW`` just as it would in dense backprop.
+Ties are broken towards the lower column index. Ranking runs in float32 for float32 and
+narrower gradients (so that bfloat16 rounding does not decide it) and in the gradient's own
+dtype when it is wider (float64).
+
+Non-finite gradients are never dropped silently. Every rule ranks an entry of ``g`` that is
+NaN or ±inf above every finite one (unified: a column holding one ranks above every finite
+column sum, even one that overflows), ties among them going to the lower index. A rule keeps
+``k`` entries per row (or ``k`` columns per group), so it keeps at most ``k`` of them; the
+backward pass of :func:`meprop_jax.linear` accounts for the rest. For finite ``x`` and ``W``,
+in every mode:
+
+* ``dW``: column ``j`` of the dense weight gradient (and ``db[j]`` with ``sparse_bias``) is
+  non-finite exactly when column ``j`` of ``g`` holds a NaN or ±inf, as in dense backprop
+  (NaN where dense backprop may give ±inf, for columns past the selection). A compact
+  gradient (``CompactGrad``) has room for its ``K`` columns only: its rows are non-finite
+  exactly for those of its columns that hold a NaN or ±inf in ``g``, and whenever ``g`` holds
+  one, so does at least one of its columns.
+* ``dx``: every row whose row of ``g`` holds a NaN or ±inf is non-finite, as in dense
+  backprop. The per-row rules keep that exact (a row keeps its own non-finite entries
+  first); the unified rule too, except that when a group holds more than ``k`` non-finite
+  columns, every row of ``dx`` is NaN.
 
 ``groups`` splits the output axis into equal contiguous blocks and selects ``k`` columns in
 each block separately; LSTM cells use ``groups=4`` so that each gate keeps ``k`` columns.
@@ -21,6 +38,7 @@ each block separately; LSTM cells use ``groups=4`` so that each gate keeps ``k``
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Final
 
@@ -86,6 +104,11 @@ def is_dense(k: int, out_features: int, groups: int = 1) -> bool:
     return k <= 0 or k * groups >= out_features
 
 
+def _ranking_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 for float32 and narrower floats; the dtype itself when wider (float64)."""
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
+
+
 def _grouped_top_k(scores: jax.Array, k: int, groups: int) -> jax.Array:
     """Indices of the top ``k`` scores in each of ``groups`` blocks of the last axis."""
     out = scores.shape[-1]
@@ -104,23 +127,58 @@ def column_scores(g: jax.Array) -> jax.Array:
       g: output gradient, ``[..., out]``.
 
     Returns:
-      ``[out]`` float32 scores (float32 even for bfloat16 ``g``, so that ranking is not
-      decided by rounding).
+      ``[out]`` scores, float32 for float32 and narrower ``g`` (so that bfloat16 rounding does
+      not decide the ranking), ``g``'s own dtype when it is wider (float64).
     """
     lead = tuple(range(g.ndim - 1))
-    return jnp.sum(jnp.abs(g.astype(jnp.float32)), axis=lead)
+    return jnp.sum(jnp.abs(g.astype(_ranking_dtype(g.dtype))), axis=lead)
 
 
-def unified_columns(g: jax.Array, k: int, groups: int = 1) -> jax.Array:
+def non_finite_columns(g: jax.Array) -> jax.Array:
+    """Which columns of ``g`` hold a NaN or ±inf anywhere in the leading axes.
+
+    Args:
+      g: output gradient, ``[..., out]``.
+
+    Returns:
+      ``[out]`` bool.
+    """
+    lead = tuple(range(g.ndim - 1))
+
+    def exact() -> jax.Array:
+        return jnp.any(~jnp.isfinite(g), axis=lead)
+
+    def only_if_a_score_is_not_finite() -> jax.Array:
+        # Every NaN or inf makes its column's score non-finite (so does a finite sum that
+        # overflows), so finite scores, the common case, clear every column.
+        scores = column_scores(g)  # under jit, the ranking's own pass over g
+        no_column = functools.partial(jnp.zeros, scores.shape, jnp.bool_)
+        return lax.cond(jnp.all(jnp.isfinite(scores)), no_column, exact)
+
+    # XLA:CPU runs a second reduction over g at full cost (half again the CPU time of a
+    # unified backward at g [1024, 8192], k=8) but skips an untaken branch almost for free.
+    # Elsewhere the reduction can fuse with the scores' and a conditional may wait for its
+    # predicate on the host.
+    return lax.platform_dependent(cpu=only_if_a_score_is_not_finite, default=exact)
+
+
+def unified_columns(
+    g: jax.Array, k: int, groups: int = 1, *, non_finite: jax.Array | None = None
+) -> jax.Array:
     """One shared set of columns for the whole batch.
+
+    Columns holding a NaN or ±inf rank first (ties to the lower index, NaN or not), then the
+    largest ``column_scores``.
 
     Args:
       g: output gradient, ``[..., out]``.
       k: columns to keep per group.
       groups: number of equal blocks of the output axis, each keeping ``k`` columns.
+      non_finite: ``non_finite_columns(g)``, when the caller has it already.
 
     Returns:
-      ``[groups * k]`` int32 column indices, distinct.
+      ``[groups * k]`` int32 column indices, distinct: group by group, each group's ``k`` in
+      descending rank.
 
     Example:
       >>> import jax.numpy as jnp
@@ -128,7 +186,41 @@ def unified_columns(g: jax.Array, k: int, groups: int = 1) -> jax.Array:
       >>> unified_columns(g, 2).tolist()
       [1, 3]
     """
-    return _grouped_top_k(column_scores(g), k, groups)
+    scores = column_scores(g)
+    if non_finite is None:
+        non_finite = non_finite_columns(g)
+    # A finite column whose sum overflows to inf must not tie with (and, being at a lower
+    # index, beat) a column that holds a NaN or an infinity.
+    largest = jnp.asarray(jnp.finfo(scores.dtype).max, scores.dtype)
+    scores = jnp.where(non_finite, jnp.inf, jnp.minimum(scores, largest))
+    return _grouped_top_k(scores, k, groups)
+
+
+def flag_dropped_non_finite(
+    non_finite: jax.Array, g_cols: jax.Array, k: int, groups: int = 1
+) -> jax.Array:
+    """``g_cols`` with NaN in every row when the unified selection dropped a non-finite column.
+
+    Non-finite columns rank first, so a group drops one only when it holds more than ``k``;
+    its ``k`` kept columns are then all non-finite. The NaN goes into that group's first kept
+    column, in every row: ``dx`` turns non-finite everywhere (dense backprop would spoil only
+    the rows that hold a NaN or ±inf; telling them apart would cost a pass over ``g``) while
+    the non-finite columns of ``dW`` stay the same. Otherwise ``g_cols`` comes back unchanged,
+    bit for bit.
+
+    Args:
+      non_finite: ``[out]`` bool, from :func:`non_finite_columns`.
+      g_cols: ``[..., groups * k]``, the columns chosen by :func:`unified_columns`.
+      k: columns kept per group.
+      groups: number of equal blocks of the output axis.
+
+    Returns:
+      ``g_cols``, flagged.
+    """
+    per_group = jnp.sum(non_finite.reshape(groups, -1), axis=-1, dtype=jnp.int32)
+    first = lax.broadcasted_iota(jnp.int32, (groups, k), 1) == 0
+    flag = ((per_group > k)[:, None] & first).reshape(groups * k)
+    return jnp.where(flag, jnp.nan, g_cols)
 
 
 def top_k_mask(scores: jax.Array, k: int) -> jax.Array:
@@ -184,10 +276,18 @@ def per_example_mask(g: jax.Array, k: int, groups: int = 1) -> jax.Array:
       >>> per_example_mask(g, 1).astype(int).tolist()
       [[0, 1, 0, 0], [1, 0, 0, 0]]
     """
-    return _grouped_mask(jnp.abs(g.astype(jnp.float32)), k, groups)
+    # |±inf| = inf and top_k_mask ranks NaN as inf: non-finite entries come first.
+    return _grouped_mask(jnp.abs(g.astype(_ranking_dtype(g.dtype))), k, groups)
 
 
-def random_mask(key: jax.Array, shape: tuple[int, ...], k: int, groups: int = 1) -> jax.Array:
+def random_mask(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    k: int,
+    groups: int = 1,
+    *,
+    g: jax.Array | None = None,
+) -> jax.Array:
     """Every row keeps ``k`` distinct entries drawn uniformly at random.
 
     The top ``k`` of i.i.d. uniform noise is a uniformly random ``k``-subset.
@@ -197,8 +297,19 @@ def random_mask(key: jax.Array, shape: tuple[int, ...], k: int, groups: int = 1)
       shape: shape of the output gradient, ``[..., out]``.
       k: entries to keep per row (and per group).
       groups: number of equal blocks of the output axis.
+      g: optional output gradient of that shape; its NaN and ±inf entries rank above every
+        draw. A finite ``g`` leaves the mask exactly as without it.
 
     Returns:
       ``[..., out]`` bool mask, ``groups * k`` True entries per row.
+
+    Raises:
+      ValueError: if ``g`` does not have the shape ``shape``.
     """
-    return _grouped_mask(jax.random.uniform(key, shape), k, groups)
+    noise = jax.random.uniform(key, shape)
+    if g is not None:
+        if tuple(g.shape) != tuple(shape):
+            raise ValueError(f"g must have the shape {tuple(shape)}, got {tuple(g.shape)}")
+        # The draws lie in [0, 1): +inf puts every non-finite entry of g first.
+        noise = jnp.where(jnp.isfinite(g), noise, jnp.inf)
+    return _grouped_mask(noise, k, groups)
