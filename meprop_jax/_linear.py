@@ -12,6 +12,10 @@ stays compact instead: the backward writes the selected columns' ``[K, in]`` blo
 indices into the cotangent of a zero-valued :class:`CompactGrad` input and returns a symbolic
 zero for the kernel, so a jitted step that never reads the kernel's gradient never builds an
 ``[in, out]`` array (see :mod:`meprop_jax.optim` for the optimizers that consume it).
+
+With ``record`` the backward also counts, per output unit, how many examples selected it (the
+activity record of meSimp, see :mod:`meprop_jax.mesimp`): the counts are the cotangent of a
+zero-valued :class:`RecordTap` input, so a jitted step gets them from ``jax.grad``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from meprop_jax import _selection
+from meprop_jax import _selection, feedback
 
 Array = jax.Array
 
@@ -52,6 +56,73 @@ class CompactGrad(NamedTuple):
 
     block: Array
     cols: Array
+
+
+class RecordTap(NamedTuple):
+    """Per-unit selection counts of one backward pass, carried out as a tap's cotangent.
+
+    As an input of :func:`linear` both arrays are zeros and their values are ignored; their
+    cotangents, taken by ``jax.grad``, are the counts of that backward pass. A row (one
+    position of the input's leading axes) whose output gradient is entirely zero, such as a
+    padding position or an example the loss ignores, took no part in the step and is not
+    counted. Every other row is one example:
+
+    * ``"per_example"`` and ``"random"``: the example selects its own ``k`` columns.
+    * ``"unified"``: every example selects the batch's ``k`` shared columns.
+    * dense (``k = 0`` or ``k >= out``): every example selects every column.
+
+    With ``groups`` (an LSTM's four gates) column ``j`` of every group belongs to unit ``j``,
+    and a unit counts as selected by an example when any of its group columns is. A tap shared
+    by several calls (a ``scan`` over time steps) sums their counts, which is what a record
+    wants: each time step of each sequence is one example.
+
+    Attributes:
+      hits: ``[units]`` float32 (``units = out // groups``): examples that selected the unit.
+      examples: ``[]`` float32: examples counted.
+    """
+
+    hits: Array
+    examples: Array
+
+
+def record_tap(units: int) -> RecordTap:
+    """The zero-valued :class:`RecordTap` to pass to :func:`linear` for ``units`` units."""
+    return RecordTap(jnp.zeros((units,), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def _record_counts(g: Array, selected: Array, groups: int) -> RecordTap:
+    """Counts of one backward pass.
+
+    ``selected`` is the shared ``[K]`` column indices (unified) or a ``[..., out]`` bool mask
+    (per row).
+    """
+    if jnp.issubdtype(selected.dtype, jnp.integer):
+        selected = jnp.zeros(g.shape[-1:], bool).at[selected].set(True)
+    active = jnp.any(g != 0, axis=-1)  # [...]: rows that received any gradient
+    units = jnp.any(selected.reshape((*selected.shape[:-1], groups, -1)), axis=-2)
+    examples = jnp.sum(active.astype(jnp.float32))
+    if selected.ndim == 1:
+        return RecordTap(units.astype(jnp.float32) * examples, examples)
+    hits = units & active[..., None]
+    return RecordTap(jnp.sum(hits.astype(jnp.float32), axis=tuple(range(g.ndim - 1))), examples)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _record_dense(groups: int, y: Array, record: RecordTap) -> Array:
+    """Identity on ``y``; the backward counts every column as selected by every example."""
+    return y
+
+
+def _record_dense_fwd(groups: int, y: Array, record: RecordTap):
+    return y, None
+
+
+def _record_dense_bwd(groups: int, residuals, g: Array):
+    del residuals
+    return g, _record_counts(g, jnp.ones(g.shape[-1:], bool), groups)
+
+
+_record_dense.defvjp(_record_dense_fwd, _record_dense_bwd)
 
 
 def compact_width(
@@ -107,6 +178,7 @@ class _Config:
     precision: lax.PrecisionLike
     preferred_element_type: jnp.dtype | None
     compact: bool = False
+    record: bool = False
 
 
 def _apply_kernel(x: Array, kernel: Array, cfg: _Config) -> Array:
@@ -198,15 +270,22 @@ def _column_products(cfg: _Config, xs, kernels, g_cols: Array, cols: Array):
     return dxs, blocks
 
 
-def _scatter_columns(kernel: Array, block: Array, cols: Array) -> Array:
-    """The dense ``[in, out]`` gradient, zero outside ``cols``; padding entries are dropped."""
-    return jnp.zeros_like(kernel).at[:, cols].set(block, mode="drop", unique_indices=True)
+def _scatter_columns(kernel: Array, block: Array, cols: Array, non_finite: Array) -> Array:
+    """The dense ``[in, out]`` gradient, zero outside ``cols``; padding entries are dropped.
+
+    A column flagged in ``non_finite`` (``[out]`` bool: ``g`` holds a NaN or ±inf there) that
+    ``cols`` misses is NaN, as dense backprop would make it, rather than a healthy-looking zero.
+    """
+    base = jnp.where(non_finite, jnp.nan, jnp.zeros_like(kernel))
+    return base.at[:, cols].set(block, mode="drop", unique_indices=True)
 
 
-def _unified_backward(cfg: _Config, xs, kernels, g: Array):
+def _unified_backward(cfg: _Config, xs, kernels, g: Array, non_finite: Array):
     """Gathers the ``k`` shared columns; every product is small and dense."""
-    cols = _selection.unified_columns(g, cfg.k, cfg.groups)
+    cols = _selection.unified_columns(g, cfg.k, cfg.groups, non_finite=non_finite)
     g_cols = jnp.take(g, cols, axis=-1)
+    # Non-finite columns past the k kept must not leave dx looking healthy.
+    g_cols = _selection.flag_dropped_non_finite(non_finite, g_cols, cfg.k, cfg.groups)
     dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
     return dxs, blocks, cols, g_cols
 
@@ -220,17 +299,19 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
     what dense backprop costs, and the returned ``cols`` is None (the blocks are dense).
     """
     if cfg.mode == "random":
-        mask = _selection.random_mask(key, g.shape, cfg.k, cfg.groups)
+        mask = _selection.random_mask(key, g.shape, cfg.k, cfg.groups, g=g)
     else:
         mask = _selection.per_example_mask(g, cfg.k, cfg.groups)
-    g_sparse = jnp.where(mask, g, jnp.zeros((), g.dtype))
+    # Non-finite entries past a row's k stay too (the union of columns below comes from
+    # `mask` alone, so its static size still holds; the columns it misses are flagged later).
+    g_sparse = jnp.where(mask | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
     out = g.shape[-1]
     n_rows = g.size // out
     union_size = n_rows * cfg.k * cfg.groups
     if union_size >= out:
         dxs = tuple(_input_grad(g_sparse, w, x, cfg) for x, w in zip(xs, kernels, strict=True))
         dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-        return dxs, dws, None, g_sparse
+        return dxs, dws, None, g_sparse, mask
     used = jnp.any(mask, axis=tuple(range(g.ndim - 1)))
     (cols,) = jnp.nonzero(used, size=union_size, fill_value=0)
     # Padding slots get distinct out-of-range indices: gathers fill them with zeros, scatters
@@ -239,45 +320,49 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
     cols = jnp.where(slots < jnp.sum(used, dtype=cols.dtype), cols, out + slots)
     g_cols = jnp.take(g_sparse, cols, axis=-1, mode="fill", fill_value=0)
     dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
-    return dxs, blocks, cols, g_sparse
+    return dxs, blocks, cols, g_sparse, mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _meprop(cfg: _Config, xs, kernels, bias, key, taps):
+def _meprop(cfg: _Config, xs, kernels, bias, key, taps, record):
     return _forward(cfg, xs, kernels, bias)
 
 
-def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps):
+def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps, record):
     return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key)
 
 
 def _meprop_bwd(cfg: _Config, residuals, g: Array):
     xs, kernels, bias, key = residuals
     lead = tuple(range(g.ndim - 1))
+    non_finite = _selection.non_finite_columns(g)
     if cfg.mode == "unified":
-        dxs, blocks, cols, g_cols = _unified_backward(cfg, xs, kernels, g)
+        dxs, blocks, cols, g_cols = _unified_backward(cfg, xs, kernels, g, non_finite)
+        selected = cols  # one selection shared by every row
         if bias is not None and cfg.sparse_bias:
-            db = jnp.zeros_like(bias).at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
+            db = jnp.where(non_finite, jnp.nan, jnp.zeros_like(bias))
+            db = db.at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
     else:
-        dxs, blocks, cols, g_sparse = _rowwise_backward(cfg, xs, kernels, g, key)
+        dxs, blocks, cols, g_sparse, selected = _rowwise_backward(cfg, xs, kernels, g, key)
         if bias is not None and cfg.sparse_bias:
             db = jnp.sum(g_sparse, axis=lead).astype(bias.dtype)
     if bias is not None and not cfg.sparse_bias:
         db = jnp.sum(g, axis=lead).astype(bias.dtype)
     if bias is None:
         db = None
+    counts = _record_counts(g, selected, cfg.groups) if cfg.record else None
     if not cfg.compact:
         dws = tuple(
-            b if cols is None else _scatter_columns(w, b, cols)
+            b if cols is None else _scatter_columns(w, b, cols, non_finite)
             for w, b in zip(kernels, blocks, strict=True)
         )
-        return dxs, dws, db, None, None
+        return dxs, dws, db, None, None, counts
     # Compact: the kernels' cotangents are symbolic zeros; the blocks go to the taps.
     if cols is None:
         cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
     cols = cols.astype(jnp.float32)
     taps = tuple(CompactGrad(b, cols) for b in blocks)
-    return dxs, (None,) * len(kernels), db, None, taps
+    return dxs, (None,) * len(kernels), db, None, taps, counts
 
 
 _meprop.defvjp(_meprop_fwd, _meprop_bwd)
@@ -296,6 +381,9 @@ def multi_linear(
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
     taps: Sequence[CompactGrad] | None = None,
+    record: RecordTap | None = None,
+    memory: Array | None = None,
+    decay: float = 0.0,
 ) -> Array:
     """``sum_j xs[j] @ kernels[j] + bias`` with one shared meProp selection in the backward.
 
@@ -317,6 +405,10 @@ def multi_linear(
       preferred_element_type: accumulation type of the forward products.
       taps: one :class:`CompactGrad` tap per kernel (see :func:`linear`); every tap receives
         the same ``cols``.
+      record: optional zero :class:`RecordTap` for ``out // groups`` units (see
+        :func:`linear`); a unit's ``groups`` columns count as one.
+      memory: see :func:`linear` (``[out]``, shared by the ``groups``).
+      decay: see :func:`linear`.
 
     Returns:
       ``[..., out]``.
@@ -347,13 +439,64 @@ def multi_linear(
     compact = taps is not None
     if compact:
         taps = _check_taps(taps, xs, kernels, k=k, mode=mode, groups=groups)
-    cfg = _Config(k, mode, groups, bool(sparse_bias), precision, preferred_element_type, compact)
+    if record is not None:
+        record = _check_record(record, out // groups)
+    decay = feedback.check_decay(decay)
+    if memory is not None:
+        memory = feedback.check_memory(memory, out)
+        if mode != "unified":
+            raise ValueError(f"memory (error feedback) needs mode='unified', got mode={mode!r}")
+    elif decay:
+        raise ValueError(f"decay={decay} needs a memory: pass memory=init_memory({out})")
+    cfg = _Config(
+        k,
+        mode,
+        groups,
+        bool(sparse_bias),
+        precision,
+        preferred_element_type,
+        compact,
+        record is not None,
+    )
     if _selection.is_dense(k, out, groups):
         # Plain JAX ops: autodiff gives exactly the stock gradient, and forward mode works.
-        return _forward(cfg, xs, kernels, bias)
+        y = _forward(cfg, xs, kernels, bias)
+        return y if record is None else _record_dense(groups, y, record)
     if mode == "random" and key is None:
         raise ValueError("mode='random' needs a PRNG key: pass key=jax.random.key(...)")
-    return _meprop(cfg, xs, kernels, bias, key if mode == "random" else None, taps)
+    if memory is not None and decay:
+        return _with_feedback(cfg, xs, kernels, bias, taps, record, memory, decay)
+    return _meprop(cfg, xs, kernels, bias, key if mode == "random" else None, taps, record)
+
+
+def _with_feedback(cfg: _Config, xs, kernels, bias, taps, record, memory, decay):
+    """meProp on the fed-back gradient (see :mod:`meprop_jax.feedback`).
+
+    A dense bias gradient must stay ``sum g``: the bias is added after the feedback, outside
+    the product, so that only the product's backward pass sees the memory.
+    """
+    inner_bias = bias if cfg.sparse_bias else None
+    y = _meprop(cfg, xs, kernels, inner_bias, None, taps, record)
+    y = feedback.feed_back(decay, cfg.k, cfg.groups, y, memory)
+    if bias is None or inner_bias is not None:
+        return y
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+def _check_record(record, units: int) -> RecordTap:
+    hits, examples = record
+    if (
+        hits.shape != (units,)
+        or hits.dtype != jnp.float32
+        or examples.shape != ()
+        or examples.dtype != jnp.float32
+    ):
+        raise ValueError(
+            f"record must be RecordTap(hits float32[{units}], examples float32[]) (one entry "
+            f"per unit, out // groups); got hits {hits.dtype}{list(hits.shape)} and examples "
+            f"{examples.dtype}{list(examples.shape)}. Build it with record_tap()."
+        )
+    return RecordTap(hits, examples)
 
 
 def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[CompactGrad, ...]:
@@ -398,6 +541,9 @@ def linear(
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
     tap: CompactGrad | None = None,
+    record: RecordTap | None = None,
+    memory: Array | None = None,
+    decay: float = 0.0,
 ) -> Array:
     """``x @ kernel + bias`` whose backward pass keeps only the top-k output gradients.
 
@@ -415,8 +561,14 @@ def linear(
       rescaling (needs ``key``).
 
     The bias gradient is the dense ``sum g`` (as in the authors' code) unless ``sparse_bias``.
-    ``k = 0`` or ``k >= out`` is ordinary dense backprop. A NaN or infinity in ``g`` always
-    ranks first, so it propagates to ``dx`` and ``dkernel`` as it would in dense backprop.
+    ``k = 0`` or ``k >= out`` is ordinary dense backprop. A NaN or ±inf in ``g`` is never
+    dropped silently, in any mode: it ranks above every finite entry, and for finite ``x`` and
+    ``kernel`` the columns of ``dkernel`` (and of ``db`` with ``sparse_bias``) that it makes
+    non-finite are those dense backprop makes non-finite (NaN where it lay past the ``k``
+    kept), and so are the rows of ``dx``, except that in unified mode ``dx`` is NaN throughout
+    once more than ``k`` columns (per group) hold one. A compact gradient (``tap``) keeps
+    ``K`` columns only: those that hold a NaN or ±inf in ``g`` are non-finite, and there is at
+    least one whenever ``g`` holds any (the rule in full is in :mod:`meprop_jax._selection`).
     Forward-mode differentiation (``jax.jvp``) of a sparsified call is not defined and raises
     JAX's ``custom_vjp`` error; reverse mode, ``jit``, ``vmap``, ``scan``, ``checkpoint`` and
     higher-order reverse derivatives work.
@@ -427,6 +579,10 @@ def linear(
     kernel's gradient, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim` updates
     the kernel from it. A tap must be used by one call only: gradients of a tap shared by
     several calls (weight sharing, a ``scan`` over time steps) add up and are meaningless.
+
+    With ``record`` (a zero :class:`RecordTap` from :func:`record_tap`) the record's gradient
+    counts, per output unit, the examples whose selection contained it, and the examples
+    counted (see :class:`RecordTap` for each mode); the other gradients are unchanged.
 
     Args:
       x: ``[..., in]`` inputs.
@@ -439,6 +595,12 @@ def linear(
       precision: passed to the products.
       preferred_element_type: accumulation type of the forward product.
       tap: optional zero :class:`CompactGrad` that receives the compact weight gradient.
+      record: optional zero ``[out]`` :class:`RecordTap` that receives the selection counts.
+      memory: optional float32 ``[out]`` error-feedback memory (``mode="unified"`` only; see
+        :mod:`meprop_jax.feedback`): it is added to the output gradient before the selection,
+        and its gradient is the next memory. A dense layer ignores it (its gradient is zero).
+      decay: the memory's decay in ``[0, 1]``, a static Python float; ``0`` (the default) is
+        plain meProp, bit for bit, whatever ``memory`` holds.
 
     Returns:
       ``[..., out]``, equal to ``x @ kernel + bias``.
@@ -461,4 +623,7 @@ def linear(
         precision=precision,
         preferred_element_type=preferred_element_type,
         taps=None if tap is None else (tap,),
+        record=record,
+        memory=memory,
+        decay=decay,
     )

@@ -3,7 +3,7 @@
 ``Dense`` is a drop-in for ``flax.linen.Dense``: the same fields and defaults, the same
 parameter names and shapes (``kernel [in, out]``, ``bias [out]``), so stock checkpoints load,
 plus the meProp fields ``k``, ``mode``, ``sparse_bias``, ``rng_collection`` and
-``sparse_update``.
+``sparse_update``, and the meSimp field ``record`` (see :mod:`meprop_jax.mesimp`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from meprop_jax import _linear, _recurrent, _selection
+from meprop_jax import _linear, _recurrent, _selection, feedback
+from meprop_jax._conv import Conv  # noqa: F401  (re-exported: meprop_jax.linen.Conv)
 
 Array = jax.Array
 
@@ -22,6 +23,35 @@ RNG_COLLECTION = "meprop"
 
 #: Variable collection holding the compact-gradient taps of ``Dense(sparse_update=True)``.
 TAP_COLLECTION = "meprop_taps"
+
+#: Variable collection of meSimp's per-unit state: ``hits``, ``examples`` and ``mask``.
+MESIMP_COLLECTION = "mesimp"
+
+#: Variable collection holding the zero record taps of ``record=True`` layers.
+RECORD_TAP_COLLECTION = "mesimp_taps"
+
+
+def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _linear.RecordTap | None]:
+    """Declares a layer's meSimp variables; returns its ``[units]`` mask and its record tap.
+
+    The tap exists only when ``apply`` is given the ``"mesimp_taps"`` collection (training);
+    the ``"mesimp"`` collection, with the mask, is needed by every ``apply``.
+    """
+    mask = module.variable(MESIMP_COLLECTION, "mask", jnp.ones, (units,), jnp.float32).value
+    module.variable(MESIMP_COLLECTION, "hits", jnp.zeros, (units,), jnp.int32)
+    module.variable(MESIMP_COLLECTION, "examples", jnp.zeros, (), jnp.int32)
+    tap = None
+    if module.is_initializing() or module.has_variable(RECORD_TAP_COLLECTION, "record"):
+        tap = module.variable(RECORD_TAP_COLLECTION, "record", _linear.record_tap, units).value
+    return mask, tap
+
+
+def _memory_state(module: nn.Module) -> Array | None:
+    """The layer's error-feedback memory, or None when ``apply`` was given none (evaluation)."""
+    collection = feedback.MEMORY_COLLECTION
+    if module.is_initializing() or module.has_variable(collection, "memory"):
+        return module.variable(collection, "memory", feedback.init_memory, module.features).value
+    return None
 
 
 class Dense(nn.Dense):
@@ -46,6 +76,20 @@ class Dense(nn.Dense):
         tap's width ``min(batch * k, features)`` depends on the batch shape: ``init`` with the
         training batch shape. Apply the layer once per step (no weight sharing or ``scan``
         over a shared tap).
+      record: keep meSimp's activity record (see :mod:`meprop_jax.mesimp`). ``init`` also
+        creates ``hits`` (int32 ``[features]``), ``examples`` (int32 scalar) and ``mask``
+        (float32 ``[features]``, ones) in the ``"mesimp"`` collection and a zero
+        :class:`~meprop_jax._linear.RecordTap` ``"record"`` in ``"mesimp_taps"``. The output
+        is multiplied by ``mask``, so a unit with mask 0 (pruned, or padding after a shrink)
+        outputs exactly 0 and its weights get zero gradient; every ``apply`` needs the
+        ``"mesimp"`` collection. Differentiating with respect to ``"mesimp_taps"`` gives the
+        step's selection counts (:func:`meprop_jax.mesimp.accumulate` adds them up). Default
+        False: no extra variables, and the layer is exactly the plain one.
+      feedback: error-feedback decay in ``[0, 1]`` (see :mod:`meprop_jax.feedback`;
+        ``mode="unified"`` only). When positive and the layer is sparse, ``init`` also creates
+        a float32 ``[features]`` zero ``"memory"`` in the ``"meprop_memory"`` collection; the
+        gradient of the loss with respect to it is the next step's memory. An ``apply``
+        without that collection (evaluation) runs plain meProp. Default 0: no memory.
 
     All other fields (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
     ``kernel_init``, ``bias_init``, ``promote_dtype``) behave as in ``flax.linen.Dense``.
@@ -65,6 +109,8 @@ class Dense(nn.Dense):
     sparse_bias: bool = False
     rng_collection: str = RNG_COLLECTION
     sparse_update: bool = False
+    record: bool = False
+    feedback: float = 0.0
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -74,6 +120,8 @@ class Dense(nn.Dense):
         if self.dot_general is not None or self.dot_general_cls is not None:
             if not _selection.is_dense(k, self.features):
                 raise ValueError("meprop_jax.Dense with k > 0 does not take dot_general hooks")
+            if self.record:
+                raise ValueError("meprop_jax.Dense(record=True) takes no dot_general hooks")
             return super().__call__(inputs)
         kernel = self.param(
             "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
@@ -93,7 +141,9 @@ class Dense(nn.Dense):
                 *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
             )
             tap = self.variable(TAP_COLLECTION, "kernel", make_tap).value
-        return _linear.linear(
+        mask, record = _mesimp_state(self, self.features) if self.record else (None, None)
+        memory = _memory_state(self) if sparse and feedback.check_decay(self.feedback) else None
+        y = _linear.linear(
             inputs,
             kernel,
             bias,
@@ -103,7 +153,12 @@ class Dense(nn.Dense):
             sparse_bias=self.sparse_bias,
             precision=self.precision,
             tap=tap,
+            record=record,
+            memory=memory,
+            decay=self.feedback if memory is not None else 0.0,
         )
+        # The mask zeroes pruned and padding units: their output and their gradient.
+        return y if mask is None else y * mask.astype(y.dtype)
 
 
 # Submodule names of flax.linen.LSTMCell, in gate order i, f, g, o.
@@ -179,6 +234,14 @@ class LSTMCell(nn.LSTMCell):
       mode: ``"unified"``, ``"per_example"`` or ``"random"``; see :func:`meprop_jax.linear`.
       sparse_bias: restrict the bias gradient to the kept entries too.
       rng_collection: the RNG stream ``mode="random"`` draws one key per step from.
+      record: keep meSimp's activity record per hidden unit, as ``Dense(record=True)`` does
+        (``hits``, ``examples`` and ``mask``, ``[features]``, in ``"mesimp"``; a record tap in
+        ``"mesimp_taps"``). A hidden unit ties its four gate columns: an example selects the
+        unit when it selects any of them. ``mask`` multiplies the new cell and hidden states,
+        so a masked unit's ``c`` and ``h`` stay exactly 0 (from a zero carry) and its gate
+        weights get zero gradient. Every time step of every sequence is one example; all-zero
+        gradient rows (padding) are not counted. Inside ``nn.RNN`` broadcast both
+        collections: ``nn.RNN(cell, variable_broadcast=["params", "mesimp", "mesimp_taps"])``.
 
     ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
@@ -199,6 +262,7 @@ class LSTMCell(nn.LSTMCell):
     mode: str = "unified"
     sparse_bias: bool = False
     rng_collection: str = RNG_COLLECTION
+    record: bool = False
 
     @nn.compact
     def __call__(
@@ -217,7 +281,7 @@ class LSTMCell(nn.LSTMCell):
         mode = _selection.check_mode(self.mode)
         c, h = carry
         hidden = h.shape[-1]
-        if _selection.is_dense(k, 4 * hidden, groups=4):
+        if _selection.is_dense(k, 4 * hidden, groups=4) and not self.record:
             # Nothing is dropped: run the stock cell itself, so results match it bit for bit.
             return super().__call__(carry, inputs)
 
@@ -247,7 +311,9 @@ class LSTMCell(nn.LSTMCell):
         h_in, w_h, b = promote_dtype(h, w_h, b, dtype=self.dtype)
         dtype = jnp.promote_types(x.dtype, h_in.dtype)
         x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
-        key = self.make_rng(self.rng_collection) if mode == "random" else None
+        sparse = not _selection.is_dense(k, 4 * hidden, groups=4)
+        key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
+        mask, record = _mesimp_state(self, hidden) if self.record else (None, None)
         z = _linear.multi_linear(
             (x, h_in),
             (w_i, w_h),
@@ -257,6 +323,9 @@ class LSTMCell(nn.LSTMCell):
             key=key,
             groups=4,
             sparse_bias=self.sparse_bias,
+            record=record,
         )
         new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
+        if mask is not None:
+            new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)
         return (new_c, new_h), new_h

@@ -27,7 +27,8 @@ from flax.nnx.nn.recurrent import modified_orthogonal
 from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 from jax import lax
 
-from meprop_jax import _linear, _recurrent, _selection
+from meprop_jax import _conv, _linear, _recurrent, _selection
+from meprop_jax import feedback as _feedback
 
 Array = jax.Array
 RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
@@ -83,6 +84,15 @@ def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -
     raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(source)}")
 
 
+class FeedbackMemory(nnx.Variable):
+    """A layer's error-feedback memory, float32 ``[out]`` (see :mod:`meprop_jax.feedback`).
+
+    Differentiate with respect to it (``nnx.DiffState(0, nnx.Any(nnx.Param, FeedbackMemory))``)
+    and write its gradient back, ``nnx.update(model, nnx.filter_state(grads, FeedbackMemory))``:
+    that gradient is the next memory. Give the optimizer the ``nnx.Param`` part only.
+    """
+
+
 class Linear(nnx.Linear):
     """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
 
@@ -104,6 +114,10 @@ class Linear(nnx.Linear):
       rngs: initializes the parameters; with ``mode="random"`` a fork of
         ``rngs[rng_collection]`` is also kept as ``self.meprop_rngs``.
       rng_collection: the stream random mode forks (default ``"meprop"``).
+      feedback: error-feedback decay in ``[0, 1]`` (``mode="unified"`` only; see
+        :mod:`meprop_jax.feedback`). When positive and the layer is sparse, it keeps a
+        :class:`FeedbackMemory` ``meprop_memory``, float32 ``[out_features]`` zeros at first;
+        otherwise ``meprop_memory`` is None.
 
     Raises:
       TypeError, ValueError: for an invalid ``k`` or ``mode``.
@@ -139,11 +153,15 @@ class Linear(nnx.Linear):
         rng_collection: str = RNG_COLLECTION,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        feedback: float = 0.0,
     ):
         k = _selection.check_k(k)
         mode = _selection.check_mode(mode)
         if dot_general is not lax.dot_general and not _selection.is_dense(k, out_features):
             raise ValueError("meprop_jax.nnx.Linear with k > 0 does not take a dot_general hook")
+        decay = _feedback.check_decay(feedback)
+        if decay and mode != "unified":
+            raise ValueError(f"feedback (error feedback) needs mode='unified', got {mode!r}")
         super().__init__(
             in_features,
             out_features,
@@ -161,6 +179,11 @@ class Linear(nnx.Linear):
             bias_metadata=bias_metadata,
         )
         _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        sparse_memory = decay and not _selection.is_dense(k, out_features)
+        self.feedback = decay
+        self.meprop_memory = (
+            FeedbackMemory(_feedback.init_memory(out_features)) if sparse_memory else None
+        )
 
     def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
         """Applies the layer.
@@ -194,6 +217,8 @@ class Linear(nnx.Linear):
             sparse_bias=self.sparse_bias,
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
+            memory=None if self.meprop_memory is None else self.meprop_memory[...],
+            decay=0.0 if self.meprop_memory is None else self.feedback,
         )
         if out_sharding is not None:
             y = jax.sharding.reshard(y, out_sharding)
@@ -331,3 +356,102 @@ class LSTMCell(nnx.LSTMCell):
         )
         new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
         return (new_c, new_h), new_h
+
+
+class Conv(nnx.Conv):
+    """A convolution whose backward pass keeps only ``k`` output channels.
+
+    A drop-in for ``flax.nnx.Conv``: the same arguments, parameters (``kernel [*kernel_size,
+    in / feature_group_count, out]``, ``bias [out]``) and, for the same ``rngs``, the same
+    initial values. In the backward pass only ``k`` output channels (``k`` per group with
+    ``feature_group_count > 1``) of ``dL/dy`` are kept and the input and kernel gradients are
+    convolutions over those channels alone (see :func:`meprop_jax.conv`); the bias gradient
+    is dense. With ``k = 0`` or ``k * feature_group_count >= out_features`` the layer runs
+    exactly as ``flax.nnx.Conv``.
+
+    Args:
+      in_features, out_features, kernel_size, strides: as in ``flax.nnx.Conv``.
+      k: output channels to keep (per group); ``0`` (the default) is ordinary backprop.
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is also kept as ``self.meprop_rngs``.
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+      **kwargs: every other argument of ``flax.nnx.Conv`` (``padding``, ``feature_group_count``,
+        ``mask``, ...); a custom ``conv_general_dilated`` or a ``preferred_element_type`` is
+        refused when ``k`` drops channels.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = Conv(3, 8, (3, 3), k=2, rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape
+      (3, 3, 3, 8)
+      >>> layer(jnp.ones((2, 6, 6, 3))).shape  # NHWC
+      (2, 6, 6, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] | None = 1,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        **kwargs: Any,
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        groups = kwargs.get("feature_group_count", 1)
+        hooked = kwargs.get("conv_general_dilated", lax.conv_general_dilated)
+        custom = hooked is not lax.conv_general_dilated or kwargs.get("preferred_element_type")
+        if custom and not _selection.is_dense(k, out_features, groups):
+            raise ValueError(
+                "meprop_jax.nnx.Conv with k > 0 takes no conv_general_dilated hook and no "
+                "preferred_element_type"
+            )
+        super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
+        _set_meprop(self, k, mode, False, rngs, rng_collection)
+
+    def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
+        """Applies the layer to ``inputs``, ``[*batch, *spatial, in]``, as ``nnx.Conv`` does.
+
+        ``rngs`` overrides ``self.meprop_rngs`` for ``mode="random"``.
+        """
+        groups = self.feature_group_count
+        if self.out_features % groups or _selection.is_dense(self.k, self.out_features, groups):
+            return super().__call__(inputs, out_sharding)
+        inputs, batch_shape, conv_kwargs = _conv.layer_geometry(self, inputs)
+        if self.mask is not None and self.mask.shape != self.kernel_shape:
+            raise ValueError(
+                "Mask needs to have the same shape as weights. "
+                f"Shapes are: {self.mask.shape}, {self.kernel_shape}"
+            )
+        kernel = self.kernel[...]
+        if self.mask is not None:
+            kernel *= self.mask
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        y = _conv.conv(inputs, kernel, bias, k=self.k, mode=self.mode, key=key, **conv_kwargs)
+        if out_sharding is not None:
+            y = jax.sharding.reshard(y, out_sharding)
+        return y if batch_shape is None else jnp.reshape(y, (*batch_shape, *y.shape[1:]))
+
+
+def sparsify(model: nnx.Module, **kwargs: Any):
+    """Makes the layers of a stock NNX model meProp layers, in place.
+
+    See :func:`meprop_jax._nnx_sparsify.sparsify` for the arguments (``k``, ``mode``,
+    ``layers``, ``example_args``, ...); returns the list of candidate layers and their ``k``.
+    """
+    from meprop_jax import _nnx_sparsify  # it imports this module
+
+    return _nnx_sparsify.sparsify(model, **kwargs)

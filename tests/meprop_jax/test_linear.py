@@ -375,7 +375,9 @@ def test_vmap_selects_per_slice(mode):
     for v in range(3):
         looped = looped_fn(x[v], g[v], keys[v])
         for a, e in zip(batched, looped, strict=True):
-            np.testing.assert_allclose(a[v], e, rtol=1e-6, atol=1e-6)
+            # Batched and looped products may sum in different orders, and an entry that
+            # cancels keeps the rounding of its larger terms: tolerance from the largest entry.
+            np.testing.assert_allclose(a[v], e, rtol=1e-6, atol=1e-6 * float(np.abs(e).max()))
         if mode == "random":
             continue  # the loop is the reference (random vs NumPy is checked elsewhere)
         mask = ref_mask(g[v], k, mode, keys[v])
