@@ -10,9 +10,14 @@ Run as ``python -m experiments.bench``. Sections:
 * ``steps`` (``--steps``): whole training steps of the MNIST MLP with the training loop's
   optimizers, the bound dense / forward and the update estimates. See
   :mod:`experiments.bench.steps`.
+* ``mesimp`` (``--mesimp [--mesimp-sizes 154,154]``): the MNIST MLP pruned by meSimp, its
+  training step (padded, masked, recording) against the full network's dense and meProp steps
+  and forward pass, and decoding a test set with the full, padded and exported models. See
+  :mod:`experiments.bench.mesimp`.
 
 Modules: :mod:`~experiments.bench.harness` (interleaved timing, compilation, memory
 figures), :mod:`~experiments.bench.layer`, :mod:`~experiments.bench.steps`,
+:mod:`~experiments.bench.mesimp`,
 :mod:`~experiments.bench.report` (tables, JSON, plots) and :mod:`~experiments.bench.cli` (the
 flags, ``--reuse-memory`` and ``main``).
 
@@ -20,4 +25,5 @@ Examples:
   python -m experiments.bench --out bench_out/layer.json
   python -m experiments.bench --paper-table7 --with-update --plot bench_out/table7.png
   python -m experiments.bench --steps --plot bench_out/steps.png
+  python -m experiments.bench --mesimp --out bench_out/mesimp.json --plot bench_out/mesimp.png
 """

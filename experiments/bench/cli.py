@@ -2,8 +2,9 @@
 
 Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections: ``layer``
 (one linear layer's backward, or with ``--with-update`` its backward and Adam update; see
-:mod:`experiments.bench.layer`) and ``steps`` (whole training steps of the MNIST MLP; see
-:mod:`experiments.bench.steps`). Timing is interleaved call by call
+:mod:`experiments.bench.layer`), ``steps`` (whole training steps of the MNIST MLP; see
+:mod:`experiments.bench.steps`) and ``mesimp`` (the MLP pruned by meSimp, training and
+decoding; see :mod:`experiments.bench.mesimp`). Timing is interleaved call by call
 (:mod:`experiments.bench.harness`); tables, JSON and plots come from
 :mod:`experiments.bench.report`.
 
@@ -27,6 +28,7 @@ Sections plug in through :data:`SECTIONS`: a function ``(args) -> list[Record]``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -44,11 +46,14 @@ from experiments.bench.layer import (
     bench_layer_shape,
     bench_layer_update_shape,
 )
+from experiments.bench.mesimp import PAPER_CONFIG, QUICK_CONFIG, MeSimpConfig, bench_mesimp
 from experiments.bench.report import (
     environment,
+    format_mesimp_table,
     format_steps_table,
     format_table,
     memory_report,
+    plot_mesimp,
     plot_speedup,
     plot_steps,
     write_json,
@@ -126,10 +131,26 @@ def run_steps_section(args: argparse.Namespace) -> list[Record]:
     return records
 
 
+def mesimp_config(args: argparse.Namespace) -> MeSimpConfig:
+    cfg = QUICK_CONFIG if args.quick else PAPER_CONFIG
+    return dataclasses.replace(cfg, units=tuple(args.mesimp_sizes)) if args.mesimp_sizes else cfg
+
+
+def run_mesimp_section(args: argparse.Namespace) -> list[Record]:
+    """Section ``mesimp``: the pruned network's step and decoding against the full one's."""
+    mode = (args.modes or ["unified"])[0]
+    cfg = mesimp_config(args)
+    records = bench_mesimp(cfg, repeats=args.repeats, warmup=args.warmup, mode=mode, seed=args.seed)
+    if not args.no_progress:
+        print(format_mesimp_table(records, args.repeats), flush=True)
+    return records
+
+
 # Sections map the parsed arguments to a list of records.
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
     "layer": run_layer_section,
     "steps": run_steps_section,
+    "mesimp": run_mesimp_section,
 }
 
 
@@ -169,6 +190,19 @@ def _mlp_entry(text: str) -> tuple[tuple[int, ...], int, int, int]:
     return sizes, batch, k, steps
 
 
+def _units_entry(text: str) -> tuple[int, ...]:
+    try:
+        units = tuple(int(u) for u in text.split(","))
+    except ValueError:
+        units = ()
+    if not units or min(units) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected surviving units per hidden layer as positive ints, e.g. 154,154; got "
+            f"{text!r}"
+        )
+    return units
+
+
 def _mode(text: str) -> str:
     try:
         return meprop_jax.MODES[meprop_jax.MODES.index(text.replace("-", "_"))]
@@ -182,8 +216,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m experiments.bench",
         description="Time meProp's sparsified backward pass against dense backprop: one "
-        "layer's backward (default), its backward + Adam update (--with-update), or whole "
-        "training steps of the MNIST MLP (--steps).",
+        "layer's backward (default), its backward + Adam update (--with-update), whole "
+        "training steps of the MNIST MLP (--steps), or the MLP pruned by meSimp (--mesimp).",
         epilog="Examples: python -m experiments.bench --steps --out bench_out/steps.json "
         "--plot bench_out/steps.png;  python -m experiments.bench --paper-table7 --with-update "
         "--out bench_out/table7_steps.json --plot bench_out/table7_steps.png",
@@ -192,8 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--section",
         choices=sorted(SECTIONS),
         default="layer",
-        help="what to time: layer (one layer; see --with-update) or steps (see --steps); "
-        "default layer",
+        help="what to time: layer (one layer; see --with-update), steps (see --steps) or "
+        "mesimp (see --mesimp); default layer",
     )
     p.add_argument(
         "--steps",
@@ -203,6 +237,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "dense, meprop (masked dense gradient + optax Adam), meprop+sparse (compact gradients "
         "+ sparse_adam, as --sparse-update trains) and forward only, whose ratio to dense is "
         "the bound; with fwd+bwd rows for the update estimates and peak memory per variant",
+    )
+    p.add_argument(
+        "--mesimp",
+        action="store_true",
+        help="same as --section mesimp: the MLP 784-500-500-10 (batch 100, k 160, Adam, clip "
+        "5) pruned by meSimp to --mesimp-sizes units per hidden layer (padded to a multiple of "
+        "16, masked, with its activity record): its training step against the full network's "
+        "dense and meProp steps and forward pass, and decoding 10,000 examples (batches of "
+        "1000) with the full, the padded and the exported stock model",
+    )
+    p.add_argument(
+        "--mesimp-sizes",
+        type=_units_entry,
+        metavar="UNITS,UNITS",
+        help="surviving units of each hidden layer for --mesimp (default 154,154, the "
+        "authors' MNIST result)",
     )
     p.add_argument(
         "--mlp",
@@ -271,22 +321,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
     )
     args = p.parse_args(argv)
-    if args.steps:
-        args.section = "steps"
-    if args.section == "steps" and (args.paper_table7 or args.grid or args.with_update):
-        p.error("--steps times whole MLP steps: --paper-table7, --grid and --with-update are "
-                "options of the layer section")  # fmt: skip
+    if args.steps and args.mesimp:
+        p.error("--steps and --mesimp are separate sections: give one")
+    if args.steps or args.mesimp:
+        args.section = "steps" if args.steps else "mesimp"
+    mlp_section = args.section in ("steps", "mesimp")
+    if mlp_section and (args.paper_table7 or args.grid or args.with_update):
+        p.error(f"--{args.section} times whole MLP steps: --paper-table7, --grid and "
+                "--with-update are options of the layer section")  # fmt: skip
+    if args.section != "mesimp" and args.mesimp_sizes:
+        p.error("--mesimp-sizes configures --mesimp")
+    if args.section == "mesimp" and args.mesimp_sizes:
+        cfg = mesimp_config(args)
+        if len(cfg.units) != len(cfg.hidden) or any(
+            u > h for u, h in zip(cfg.units, cfg.hidden, strict=False)
+        ):
+            hidden = ",".join(map(str, cfg.hidden))
+            p.error(f"--mesimp-sizes: give {len(cfg.hidden)} sizes, each at most the hidden "
+                    f"size ({hidden}); got {','.join(map(str, cfg.units))}")  # fmt: skip
     if args.section != "steps" and args.mlp:
         p.error("--mlp configures --steps")
-    if args.section == "steps" and args.modes and len(args.modes) > 1:
-        p.error("--steps times one meProp mode: give a single --modes value")
-    if args.section == "steps" and args.dtype != "float32":
-        p.error("--steps times float32 models only")
+    if mlp_section and args.modes and len(args.modes) > 1:
+        p.error(f"--{args.section} times one meProp mode: give a single --modes value")
+    if mlp_section and args.dtype != "float32":
+        p.error(f"--{args.section} times float32 models only")
     if args.repeats is None:
-        steps = args.section == "steps"
-        args.repeats = 3 if args.quick or args.paper_table7 else 7 if steps else 11
+        args.repeats = 3 if args.quick or args.paper_table7 else 7 if mlp_section else 11
     if args.warmup is None:
-        args.warmup = 1 if args.quick or args.paper_table7 or args.section == "steps" else 2
+        args.warmup = 1 if args.quick or args.paper_table7 or mlp_section else 2
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -345,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
             for r in records:
                 configs.setdefault((tuple(r.extra["sizes"]), r.batch), []).append(r)
             print("\n\n".join(format_steps_table(rows, args.repeats) for rows in configs.values()))
+        elif args.section == "mesimp":
+            print(format_mesimp_table(records, args.repeats))
         else:
             print(format_table(records))
         report = memory_report(records)
@@ -356,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
     if args.plot:
         if args.section == "steps":
             plot_steps(args.plot, records)
+        elif args.section == "mesimp":
+            plot_mesimp(args.plot, records)
         else:
             plot_speedup(args.plot, records, paper=args.paper_table7)
         print(f"wrote {args.plot}")

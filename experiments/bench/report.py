@@ -23,6 +23,7 @@ import jax
 import meprop_jax
 from experiments.bench.harness import DENSE, FORWARD, Record
 from experiments.bench.layer import PAPER_TABLE7_DENSE_MS, PAPER_TABLE7_SHAPE, PAPER_TABLE7_SPEEDUP
+from experiments.bench.mesimp import DECODE_EXPORTED, MESIMP, ROWS, TRAIN_ROWS
 from experiments.bench.steps import FWD_BWD, STEP_VARIANTS
 
 
@@ -208,6 +209,80 @@ def format_steps_table(records: Sequence[Record], rounds: int | None = None) -> 
     return "\n".join(lines + [fmt(row) for row in rows])
 
 
+def mesimp_verdicts(records: Sequence[Record]) -> list[str]:
+    """One line per target of the ``mesimp`` section: the pruned step over dense, and the
+    exported model's decoding over the full model's."""
+    by_mode = {r.mode: r for r in records}
+    lines = []
+    step, decode = by_mode.get(MESIMP), by_mode.get(DECODE_EXPORTED)
+    if step is not None:
+        bound = step.extra["bound"]
+        lines.append(
+            f"meSimp step: {step.ratio_vs_dense:.2f}x dense (target >= "
+            f"{step.extra['target']:.1f}x: {'met' if step.extra['meets_target'] else 'NOT MET'}"
+            f"; meProp's bound dense / forward {bound:.2f}x: "
+            f"{'beaten' if step.ratio_vs_dense > bound else 'not beaten'})"
+        )
+    if decode is not None:
+        verdict = "met" if decode.extra["meets_target"] else "NOT MET"
+        lines.append(
+            f"decoding: exported {'-'.join(map(str, decode.extra['sizes']))} "
+            f"{decode.ratio_vs_dense:.2f}x the full model (target >= "
+            f"{decode.extra['target']:.1f}x: {verdict})"
+        )
+    return lines
+
+
+def format_mesimp_table(records: Sequence[Record], rounds: int | None = None) -> str:
+    """The ``mesimp`` records as a table: a line per row with its model, time, speedup over
+    its reference (``dense`` for training steps, ``decode:full`` for decoding) and memory;
+    then the verdicts of :func:`mesimp_verdicts`.
+
+    Raises:
+      ValueError: a record's mode is not one of the section's rows.
+    """
+    _check_modes(records, frozenset(ROWS), "mesimp")
+    first = records[0]
+    full = "-".join(map(str, first.extra["full_sizes"]))
+    units = next((r.extra["units"] for r in records if "units" in r.extra), None)
+    kept = f"; meSimp keeps {','.join(map(str, units))} units" if units else ""
+    head = (
+        f"meSimp vs MLP {full}, batch {first.batch}{kept}: median of "
+        f"{rounds or len(first.times_ms)} interleaved calls; training rows per step, "
+        f"decoding rows per pass"
+    )
+    cols = ["row", "model", "k", "per", "median ms", "min ms", "speedup", "vs", "peak MiB"]
+    rows = []
+    for r in records:
+        e = r.extra
+        model = "-".join(map(str, e["sizes"]))
+        if e.get("masked"):
+            model += " masked"
+        rows.append(
+            [
+                "forward (bound)" if r.mode == FORWARD else r.mode,
+                model,
+                str(r.k) if r.k else "-",
+                f"{e['per']} ({e.get('examples', r.batch)})",
+                f"{r.median_ms:.3f}",
+                f"{r.min_ms:.3f}",
+                f"{r.ratio_vs_dense:.2f}x",
+                e["reference"],
+                _mib((e.get("memory") or {}).get("peak")),
+            ]
+        )
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if cols[i] in ("row", "model", "per", "vs") else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    lines = [head, fmt(cols), fmt(["-" * w for w in widths])]
+    return "\n".join(lines + [fmt(row) for row in rows] + mesimp_verdicts(records))
+
+
 def environment() -> dict[str, Any]:
     """Where and when the benchmark ran."""
     device = jax.devices()[0]
@@ -358,6 +433,43 @@ def plot_steps(path: Path, records: Sequence[Record]) -> None:
     ax.set_title(f"whole training step (forward + backward + Adam), {jax.default_backend()}")
     ax.set_ylim(0, 1.15 * ax.get_ylim()[1])
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_mesimp(path: Path, records: Sequence[Record]) -> None:
+    """Two bar charts: training-step speedups over dense (with meProp's bound and the step
+    target) and decoding speedups over the full model (with the decoding target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if r.section == MESIMP]
+    if not rows:
+        raise ValueError("no mesimp records to plot")
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.4), width_ratios=(5, 3))
+    for ax, train in zip(axes, (True, False), strict=True):
+        part = [r for r in rows if (r.mode in TRAIN_ROWS) == train]
+        labels = [f"{r.mode}\n{'-'.join(map(str, r.extra['sizes'][1:-1]))}" for r in part]
+        bars = ax.bar(range(len(part)), [r.ratio_vs_dense for r in part])
+        ax.bar_label(bars, fmt="%.2fx", fontsize="small")
+        ax.set_xticks(range(len(part)), labels, fontsize="small")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        for r in part:
+            target = r.extra.get("target")
+            if target:
+                ax.axhline(target, color="r", ls=":", label=f"target {target:g}x")
+        if train and part:
+            ax.axhline(part[0].extra["bound"], color="k", ls="--", label="bound: dense / forward")
+        ax.set_ylabel("speedup over dense step" if train else "speedup over full model")
+        ax.set_title("training step" if train else "decoding")
+        ax.set_ylim(0, 1.2 * ax.get_ylim()[1])
+        ax.legend(fontsize="small", loc="upper left")
+    full = "-".join(map(str, rows[0].extra["full_sizes"]))
+    fig.suptitle(f"meSimp vs MLP {full}, {jax.default_backend()}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.bench import cli, layer, steps
+from experiments.bench import cli, layer, mesimp, steps
 
 
 def _usage_error(argv, capsys):
@@ -150,3 +150,41 @@ def test_quick_steps_run_writes_json_and_plot(tmp_path, capsys):
     assert any("memory (steps" in line for line in data["memory_report"])
     printed = capsys.readouterr().out
     assert "forward (bound)" in printed and f"k {k}" in printed and f"wrote {out}" in printed
+
+
+def test_mesimp_arguments(capsys):
+    args = cli.parse_args(["--mesimp"])
+    assert args.section == "mesimp" and args.repeats == 7 and args.warmup == 1
+    assert cli.mesimp_config(args) == mesimp.PAPER_CONFIG
+    args = cli.parse_args(["--mesimp", "--mesimp-sizes", "100,60"])
+    assert cli.mesimp_config(args).units == (100, 60)
+    assert cli.mesimp_config(args).widths == (112, 64)
+    for bad, message in (
+        (["--mesimp", "--mesimp-sizes", "154"], "give 2 sizes, each at most the hidden size"),
+        (["--mesimp", "--mesimp-sizes", "154,501"], "(500,500); got 154,501"),
+        (["--mesimp", "--mesimp-sizes", "154,x"], "argument --mesimp-sizes: expected"),
+        (["--mesimp", "--mesimp-sizes", "0,5"], "argument --mesimp-sizes: expected"),
+        (["--mesimp-sizes", "154,154"], "--mesimp-sizes configures --mesimp"),
+        (["--mesimp", "--steps"], "separate sections"),
+        (["--mesimp", "--grid", "2x3x4x1"], "options of the layer section"),
+        (["--mesimp", "--modes", "unified", "random"], "a single --modes value"),
+        (["--mesimp", "--dtype", "bfloat16"], "float32 models only"),
+    ):
+        assert message in _usage_error(bad, capsys), bad
+
+
+def test_quick_mesimp_run_writes_json_and_plot(tmp_path, capsys):
+    out, plot = tmp_path / "m.json", tmp_path / "m.png"
+    argv = ["--mesimp", "--quick", "--mesimp-sizes", "12,5", "--repeats", "2", "--no-progress"]
+    cli.main([*argv, "--out", str(out), "--plot", str(plot)])
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["records"]] == list(mesimp.ROWS)
+    sizes = {r["mode"]: r["extra"]["sizes"] for r in data["records"]}
+    assert sizes["dense"] == sizes["decode:full"] == list(mesimp.QUICK_CONFIG.sizes)
+    assert sizes["mesimp"] == sizes["decode:padded"] == [16, 16, 16, 10]
+    assert sizes["decode:exported"] == [16, 12, 5, 10]
+    for rec in data["records"]:
+        assert len(rec["times_ms"]) == 2 and rec["min_ms"] == min(rec["times_ms"]) > 0
+    printed = capsys.readouterr().out
+    assert "meSimp step: " in printed and "decoding: exported 16-12-5-10 " in printed
