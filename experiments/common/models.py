@@ -23,6 +23,12 @@ class MLP(nn.Module):
       num_classes: output size.
       sparse_update: hidden layers with compact-gradient taps (``Dense(sparse_update=True)``;
         ``init`` with the training batch shape for the per-row modes).
+      feedback: error-feedback decay of the sparse hidden layers (``Dense(feedback=...)``,
+        unified mode; 0 = none): their memories live in the ``"meprop_memory"`` collection.
+      record: keep meSimp's activity record in the hidden layers (``Dense(record=True)``:
+        ``"mesimp"`` collection with each layer's ``hits``, ``examples`` and ``mask``, and
+        zero taps in ``"mesimp_taps"``; see :mod:`experiments.common.mesimp`). Each hidden
+        size of ``hidden`` may differ, as meSimp's shrunk layers do.
 
     Every hidden layer is ``meprop_jax.Dense`` -> ReLU, so its top-k acts on ``dL/dy`` of the
     linear output ``y``, i.e. after the ReLU derivative has zeroed the inactive units.
@@ -44,6 +50,8 @@ class MLP(nn.Module):
     dropout: float = 0.0
     num_classes: int = 10
     sparse_update: bool = False
+    feedback: float = 0.0
+    record: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -54,6 +62,8 @@ class MLP(nn.Module):
                 k=self.k,
                 mode=self.mode,
                 sparse_update=self.sparse_update,
+                feedback=self.feedback,
+                record=self.record,
                 name=f"hidden_{i}",
             )(x)
             x = nn.relu(x)

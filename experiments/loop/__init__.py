@@ -6,7 +6,8 @@ Modules: :mod:`~experiments.loop.task` (the :class:`Task` interface),
 :mod:`~experiments.loop.signals` (interruption), :mod:`~experiments.loop.checkpoints`
 (orbax checkpoints, ``--resume`` checks), :mod:`~experiments.loop.results` (``results.json``,
 plots, log lines), :mod:`~experiments.loop.probes` (forward/backward/update timing),
-:mod:`~experiments.loop.programs` (the jitted programs) and :mod:`~experiments.loop.driver`
+:mod:`~experiments.loop.programs` (the jitted programs), :mod:`~experiments.loop.distributed`
+(several processes with ``jax.distributed``) and :mod:`~experiments.loop.driver`
 (:func:`train`, :func:`run_cli`).
 """
 
@@ -24,6 +25,7 @@ from experiments.loop.config import (
     resolve_eval_batch,
     train_config_from_args,
 )
+from experiments.loop.distributed import is_main_process, setup_processes
 from experiments.loop.driver import run_cli, train
 from experiments.loop.results import RESULTS_FILE, best_epoch
 from experiments.loop.signals import StopFlag, handle_signals
@@ -46,6 +48,7 @@ __all__ = [
     "check_divisible",
     "check_resume",
     "handle_signals",
+    "is_main_process",
     "make_optimizer",
     "make_sparse_optimizer",
     "require",
@@ -53,6 +56,7 @@ __all__ = [
     "resolve_eval_batch",
     "restore_params",
     "run_cli",
+    "setup_processes",
     "train",
     "train_config_from_args",
 ]

@@ -51,10 +51,15 @@ def save_checkpoint(
     history: Sequence[Mapping[str, Any]],
     config: Mapping[str, Any],
     seed: int,
+    *,
+    with_shapes: bool = False,
 ) -> None:
     """Saves ``state`` as epoch ``epoch``, with the history, config and root key as JSON.
 
     The root key is all the RNG state there is: every key derives from it and the epoch.
+    ``with_shapes`` also stores every array's shape (meta ``"shapes"``, in leaf order), for a
+    model that changes its shapes while training (meSimp's shrinking layers): the restore
+    then rebuilds its template at the saved shapes.
     """
     tree = {"params": state.params, "opt_state": state.opt_state}
     root = np.asarray(jax.random.key_data(jax.random.key(seed)))
@@ -64,6 +69,8 @@ def save_checkpoint(
         "config": dict(config),
         "rng": root.ravel().tolist(),
     }
+    if with_shapes:
+        meta["shapes"] = [list(np.shape(leaf)) for leaf in jax.tree.leaves(tree)]
     manager.save(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
@@ -77,12 +84,32 @@ def restore_checkpoint(
 ) -> tuple[TrainState, dict[str, Any]]:
     epoch = manager.latest_step()
     tree = {"params": template.params, "opt_state": template.opt_state}
+    saved = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    if "shapes" in saved["meta"]:
+        tree = _with_shapes(tree, saved["meta"]["shapes"])
     restored = manager.restore(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(tree), meta=ocp.args.JsonRestore()),
     )
     state = restored["state"]
     return TrainState(state["params"], state["opt_state"], template.taps), restored["meta"]
+
+
+def _with_shapes(tree: Any, shapes: Sequence[Sequence[int]]) -> Any:
+    """``tree`` with every leaf whose saved shape differs replaced by an abstract array of
+    that shape (same dtype and sharding), for orbax to restore into."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if len(leaves) != len(shapes):
+        raise ConfigError(
+            f"--resume: the checkpoint holds {len(shapes)} arrays, the model {len(leaves)}"
+        )
+    abstract = [
+        leaf
+        if tuple(shape) == np.shape(leaf)
+        else jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=leaf.sharding)
+        for leaf, shape in zip(leaves, shapes, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, abstract)
 
 
 def restore_params(out: Path, template: Params, epoch: int | None = None) -> tuple[Params, int]:

@@ -13,6 +13,7 @@ import jax
 import optax
 
 from experiments.common import ConfigError, require
+from experiments.loop import distributed
 from meprop_jax import optim
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adagrad", "sgd")
@@ -139,11 +140,14 @@ def make_sparse_optimizer(name: str, lr: float, clip: float = 0.0) -> optim.Spar
 
 def resolve_devices(requested: int | None, batch_sizes: Sequence[int] = ()) -> int:
     """The number of local devices to use: ``requested``, or by default the most local
-    devices that divide every one of ``batch_sizes`` (all of them when none is given).
+    devices that divide every one of ``batch_sizes`` (all of them when none is given). A run
+    on several processes uses every device of every process.
 
     Raises:
       ConfigError: ``requested`` is below 1 or above the number available.
     """
+    if jax.process_count() > 1:
+        return distributed.check_all_devices(requested)
     available = jax.local_device_count()
     if requested is None:
         return _most_devices(available, batch_sizes)
@@ -254,10 +258,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "authors' masked dense gradient and a stock optimizer. Needs a model with meProp "
         "layers (k > 0)",
     )
+    distributed.add_distributed_arguments(parser)
 
 
 def train_config_from_args(args: argparse.Namespace, default_out: Path) -> TrainConfig:
-    """Builds and validates a :class:`TrainConfig` from parsed flags."""
+    """Builds and validates a :class:`TrainConfig` from parsed flags (joining the other
+    processes first, if the task's command line has not done so)."""
+    distributed.setup_processes(args)
     cfg = TrainConfig(
         out=args.out if args.out is not None else default_out,
         epochs=args.epochs,

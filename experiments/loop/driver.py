@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.common import ConfigError
+from experiments.loop import distributed
 from experiments.loop.checkpoints import (
     CHECKPOINT_DIR,
     check_out_dir,
@@ -60,6 +61,7 @@ from experiments.loop.programs import (
     put_batches,
     put_replicated,
     root_subkey,
+    state_hooks,
 )
 from experiments.loop.results import (
     RESULTS_FILE,
@@ -134,6 +136,7 @@ def train(
         whose checkpoint was made with different settings.
     """
     validate_config(cfg)
+    log = distributed.main_process_only(log)
     # Every check comes before the first write: a refused run leaves the folder untouched.
     check_resume(cfg, task)
     host_eval = {split: task.eval_groups(split) for split in SPLITS}
@@ -141,7 +144,13 @@ def train(
     for groups in host_eval.values():
         check_group_batches(groups, n_devices)
     mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
+    hooks = state_hooks(task)
     if cfg.sparse_update:
+        if hooks is not None:
+            raise ConfigError(
+                f"--sparse-update does not combine with the model state of {task.name!r} "
+                f"(collections {', '.join(hooks.collections)})"
+            )
         check_taps(task, root_subkey(cfg.seed, KEY_INIT))
         tx = make_sparse_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
     else:
@@ -149,8 +158,9 @@ def train(
     config = run_config(task, cfg, n_devices)
     cfg.out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = cfg.out / CHECKPOINT_DIR
-    if cfg.overwrite and ckpt_dir.exists():
+    if cfg.overwrite and ckpt_dir.exists() and distributed.is_main_process():
         shutil.rmtree(ckpt_dir)
+    distributed.barrier("experiments.loop: run folder ready")
 
     with jax.set_mesh(mesh):
         eval_groups = {
@@ -167,12 +177,13 @@ def train(
             cfg=cfg,
             config=config,
             mesh=mesh,
-            programs=Programs(task.loss_fn, tx),
+            programs=Programs(task.loss_fn, tx, hooks),
             manager=manager,
             eval_groups=eval_groups,
             eval_key=put_replicated(root_subkey(cfg.seed, KEY_EVAL), mesh),
             stop=stop or StopFlag(),
-            progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
+            progress=distributed.is_main_process()
+            and (sys.stderr.isatty() if cfg.progress is None else cfg.progress),
             log=log,
             metric=getattr(task, "metric", "acc"),
         )
@@ -186,7 +197,10 @@ def train(
 
 
 def _write_results(run: _Run, history: Sequence[Mapping[str, Any]], status: str) -> None:
-    """``results.json``: config, per-epoch metrics, best epoch and the platform."""
+    """``results.json``: config, per-epoch metrics, best epoch and the platform (written by
+    process 0 alone)."""
+    if not distributed.is_main_process():
+        return
     payload = results_payload(run.config, history, status, run.mesh, run.metric)
     write_json(run.cfg.out / RESULTS_FILE, payload)
 
@@ -250,18 +264,41 @@ def _epochs(
         history.append(record)
         log_epoch(record, cfg.epochs, run.log, run.metric)
         if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            save_checkpoint(run.manager, epoch, state, history, run.config, cfg.seed)
+            _save(run, epoch, state, history)
             saved_epoch = epoch
         _write_results(run, history, "running")
     else:
         if run.stop.requested and len(history) < cfg.epochs:
             status = "interrupted"
     if history and saved_epoch != len(history):
-        save_checkpoint(run.manager, len(history), state, history, run.config, cfg.seed)
+        _save(run, len(history), state, history)
     _write_results(run, history, status)
-    plot(history, cfg.out, run.metric)
+    if distributed.is_main_process():
+        plot(history, cfg.out, run.metric)
     best = best_epoch(history, run.metric)
     return RunResult(history, best, status, run.stop.signum, cfg.out, state, run.metric)
+
+
+def _save(run: _Run, epoch: int, state: TrainState, history: Sequence[Mapping[str, Any]]) -> None:
+    # A task with a schedule may resize its model: the shapes let --resume rebuild it.
+    resizes = getattr(run.task, "schedule", None) is not None
+    save_checkpoint(
+        run.manager, epoch, state, history, run.config, run.cfg.seed, with_shapes=resizes
+    )
+
+
+def _scheduler(run: _Run, epoch: int) -> Callable[..., Any] | None:
+    """The task's ``schedule`` hook for ``epoch`` (see :class:`Task`), returning a state
+    replicated over the mesh again, or None for a task without one."""
+    schedule = getattr(run.task, "schedule", None)
+    if schedule is None:
+        return None
+
+    def hook(state: TrainState, done: int, chunks: int) -> tuple[TrainState, list[Any]]:
+        state, events = schedule(state, epoch, done, chunks, run.log)
+        return put_replicated(state, run.mesh), list(events)
+
+    return hook
 
 
 def _train_epoch(
@@ -282,9 +319,11 @@ def _train_epoch(
     ]
     plan = chunk_plan(steps, run.cfg.chunk_steps, jax.random.fold_in(key, KEY_ORDER))
     bar = _progress_bar(run.progress, sum(steps), epoch, run.cfg.epochs)
+    schedule = _scheduler(run, epoch)
+    events: list[Any] = []
     try:
         state, loss_sum, count, compile_s, done = _run_chunks(
-            run.programs, state, groups, plan, step_keys, run.stop, bar
+            run.programs, state, groups, plan, step_keys, run.stop, bar, schedule, events
         )
     finally:
         if bar is not None:
@@ -324,6 +363,8 @@ def _train_epoch(
             "compile_s": float(compile_s + eval_compile + probe_compile),
         },
     }
+    if schedule is not None:
+        record["events"] = events
     return state, record
 
 
@@ -335,17 +376,24 @@ def _run_chunks(
     step_keys: Sequence[Array],
     stop: StopFlag,
     bar: Any,
+    schedule: Callable[..., Any] | None = None,
+    events: list[Any] | None = None,
 ) -> tuple[TrainState, float, float, float, bool]:
     """Runs the planned chunks; returns state, loss sum, count, compile seconds, and whether
     every chunk ran (False: stopped early).
 
     The chunks donate their input state; the first gets a copy, so that ``state`` stays
-    valid for an epoch that is abandoned part-way.
+    valid for an epoch that is abandoned part-way. ``schedule(state, done, chunks)``, when
+    given, runs before the first chunk and after every chunk, and its events are appended
+    to ``events``.
     """
     loss_sum, count, compile_s = 0.0, 0.0, 0.0
     if plan and not stop.requested:
         state = jax.tree.map(lambda a: a.copy(), state)
-    for g, start, length in plan:
+        if schedule is not None:
+            state, new_events = schedule(state, 0, len(plan))
+            events.extend(new_events)
+    for done, (g, start, length) in enumerate(plan, start=1):
         if stop.requested:
             return state, loss_sum, count, compile_s, False
         start_arr = np.int32(start)
@@ -361,6 +409,9 @@ def _run_chunks(
         if bar is not None:
             bar.update(length)
             bar.set_postfix(loss=f"{chunk_loss / max(chunk_count, 1.0):.4f}")
+        if schedule is not None:
+            state, new_events = schedule(state, done, len(plan))
+            events.extend(new_events)
     return state, loss_sum, count, compile_s, True
 
 
@@ -405,13 +456,16 @@ def run_cli(
     """
     check_out_dir(cfg)
     task = task_factory()
-    with handle_signals(StopFlag()) as flag:
+    with handle_signals(distributed.stop_flag()) as flag:
         result = train(task, cfg, stop=flag)
-    print(summary_line(result))
-    print(f"results: {result.out / RESULTS_FILE}")
+    if distributed.is_main_process():
+        print(summary_line(result))
+        print(f"results: {result.out / RESULTS_FILE}")
     if result.status != "interrupted":
         return 0
     signum = signal.Signals(result.signum or signal.SIGINT)
+    if not distributed.is_main_process():
+        return 128 + int(signum)
     if result.history:
         command = resume_command(prog, argv, result.out)
         print(

@@ -24,6 +24,13 @@ same ``{"params", "opt_state"}`` as ever, and ``--resume`` rebuilds the taps fro
 task whose model has no tap is refused with a :class:`ConfigError` before training (no silent
 dense run). The timing probes (b) and (c) then run the compact step too, so ``update_s``
 shows the column-sparse update.
+
+Error feedback
+--------------
+When ``Task.init`` returns Flax variables with a ``"meprop_memory"`` collection (layers built
+with ``meprop_jax.Dense(..., feedback=decay)``), the memory is part of ``params`` but not of the
+optimizer: each step replaces it by its gradient, which is the next memory
+(:mod:`meprop_jax.feedback`). It is saved in checkpoints with the parameters.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.common import require
+from experiments.loop import distributed
 from experiments.loop.config import check_divisible
 from experiments.loop.task import Array, Batch, Task, TrainState
 from meprop_jax import feedback, optim
@@ -70,7 +78,10 @@ def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def put_batches(group: Batch, mesh: jax.sharding.Mesh) -> Batch:
-    """Moves a group to the devices, splitting the batch axis (axis 1) over ``data``."""
+    """Moves a group to the devices, splitting the batch axis (axis 1) over ``data`` (on
+    several processes, each sends only its own rows)."""
+    if jax.process_count() > 1:
+        return distributed.put_global_batches(group, mesh)
     return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), group)
 
 

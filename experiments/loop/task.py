@@ -44,6 +44,30 @@ class Task(Protocol):
     non-empty ``"meprop_taps"`` collection beside ``"params"`` (layers built with
     ``meprop_jax.Dense(..., sparse_update=True)``); the loop keeps the taps apart and passes
     them back inside ``params`` to :meth:`loss_fn` in training steps only.
+
+    Model state (optional; meSimp's activity record): a task whose model carries variables
+    that change every step but are not trained declares
+
+    * ``state_collections``: names of collections of :meth:`init`'s variables that are model
+      state. They stay in ``TrainState.params`` (so evaluation, checkpoints and ``--resume``
+      see them) but the optimizer never does.
+    * ``state_taps(model_state)``: zero taps (a dict of collections, e.g. meSimp's
+      ``"mesimp_taps"``) merged into the variables of every training step; the step
+      differentiates them with the parameters.
+    * ``fold_state(model_state, tap_grads)``: the next model state from the taps' cotangents
+      (pure and jittable, inside the scanned step).
+
+    :meth:`init` returns the variables without the taps. The error-feedback memory
+    (``"meprop_memory"``) is the special case whose cotangent *is* the next state; it stays
+    inside the trainable variables (:func:`meprop_jax.feedback.split_memory`).
+
+    Schedule (optional): ``schedule(state, epoch, done, chunks, log)`` runs on the host
+    before the first of the epoch's ``chunks`` scanned chunks (``done = 0``) and after each
+    (``done`` = chunks finished) and returns ``(state, events)``. The state may have new
+    shapes (a model that shrinks): the programs recompile, checkpoints store the shapes and
+    ``--resume`` rebuilds its template at them. ``events`` (JSON-serialisable) are stored in
+    the epoch's record under ``"events"``. The hook must depend only on its arguments, so
+    that a resumed run repeats a straight one.
     """
 
     name: str

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import loop
 from experiments.common import DataError
+from experiments.mnist import simplify
 from experiments.mnist.task import (
     DEFAULT_EVAL_BATCH,
     NUM_CLASSES,
@@ -22,6 +24,7 @@ __all__ = ["MAX_LAYERS", "build_parser", "default_out", "main", "settings_from_a
 MAX_LAYERS = 5
 DEFAULT_HIDDEN = 500
 DEFAULT_MODE = "unified"
+DEFAULT_FEEDBACK = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--dropout", type=float, default=0.0, help="dropout rate after each ReLU (default 0)"
     )
+    m.add_argument(
+        "--error-feedback",
+        type=float,
+        nargs="?",
+        const=DEFAULT_FEEDBACK,
+        default=None,
+        metavar="DECAY",
+        help="memorize the hidden layers' unpropagated output gradient and feed it back "
+        f"(meprop_jax.feedback), decayed by DECAY in (0, 1] (default {DEFAULT_FEEDBACK:g} when "
+        "given without a value); unified mode only",
+    )
     d = parser.add_argument_group("data")
     d.add_argument(
         "--batch-size", type=int, default=50, help="training minibatch, all devices (default 50)"
@@ -86,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="local IDX files (default) or tensorflow-datasets",
     )
+    simplify.add_mesimp_arguments(parser)
     loop.add_train_arguments(parser)
     return parser
 
@@ -144,6 +159,18 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         "--sparse-update needs meProp hidden layers: --k >= 1 without --kdim (it updates the "
         "selected columns only; with --k 0 every column is selected)",
     )
+    if args.error_feedback is not None:
+        check(
+            0.0 < args.error_feedback <= 1.0,
+            f"--error-feedback DECAY must be in (0, 1], got {args.error_feedback:g}",
+        )
+        check(k >= 1, "--error-feedback needs meProp hidden layers: --k >= 1 without --kdim")
+        check(
+            args.mode in (None, "unified"),
+            f"--error-feedback needs --mode unified (a memory per column), got --mode {args.mode}",
+        )
+        check(not args.sparse_update, "--error-feedback does not combine with --sparse-update")
+    mesimp = simplify.check_mesimp(args, k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return MnistSettings(
@@ -160,6 +187,8 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         source=args.source,
         data_dir=args.data_dir,
         sparse_update=args.sparse_update,
+        feedback=float(args.error_feedback or 0.0),
+        **mesimp,
     )
 
 
@@ -173,6 +202,10 @@ def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
         parts = [f"k{s.k}", s.mode]
     if s.sparse_update:
         parts.append("sparse")
+    if s.feedback:
+        parts.append(f"fb{s.feedback:g}")
+    if s.mesimp:
+        parts.append(f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}")
     parts += [f"h{s.hidden}x{s.layers}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     if args.lr is not None:
         parts.append(f"lr{args.lr:g}")
@@ -196,12 +229,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        loop.setup_processes(args)  # before anything touches a device
         devices = loop.resolve_devices(args.devices, [args.batch_size])
         settings = settings_from_args(args, devices)
         cfg = loop.train_config_from_args(args, default_out(settings, args))
-        return loop.run_cli(
-            lambda: MnistTask(load_data(settings), settings), cfg, "experiments.mnist", argv
+        if not settings.mesimp:
+            return loop.run_cli(
+                lambda: MnistTask(load_data(settings), settings), cfg, "experiments.mnist", argv
+            )
+        # meSimp prunes at chunk boundaries: the chunks follow from the data's size.
+        task = MnistTask(load_data(settings), settings)
+        cfg = dataclasses.replace(
+            cfg, chunk_steps=simplify.chunk_steps(len(task.data.train_x), settings)
         )
+        code = loop.run_cli(lambda: task, cfg, "experiments.mnist", argv)
+        entry = simplify.finish_run(task, cfg.out, args.export) if code == 0 else None
+        if entry is not None:
+            print(
+                f"meSimp: hidden sizes {entry['final_sizes']} (padded {entry['final_widths']}); "
+                f"exported stock MLP test {entry['export_test_acc']:.2f}%"
+                + (f", written to {args.export}" if args.export is not None else "")
+            )
+        return code
     except loop.ConfigError as exc:
         parser.error(str(exc))
     except (DataError, ImportError) as exc:

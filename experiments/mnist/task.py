@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import mesimp as mesimp_loop
 from experiments.common.models import MLP
 from experiments.mnist.data import Mnist, load_mnist, load_mnist_tfds
+from meprop_jax import mesimp as mesimp_lib
 
 __all__ = [
     "DEFAULT_EVAL_BATCH",
@@ -95,17 +97,30 @@ class MnistSettings:
     source: str = "local"
     data_dir: str | None = None
     sparse_update: bool = False
+    feedback: float = 0.0
+    mesimp: bool = False
+    mesimp_threshold: float = mesimp_lib.DEFAULT_THRESHOLD
+    mesimp_cycle: int = mesimp_loop.DEFAULT_CYCLE
+    mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
 
-    def model(self) -> MLP:
-        """The MLP these settings describe."""
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The MLP's Dense chain: ``hidden_0``, ..., ``output``."""
+        return (*(f"hidden_{i}" for i in range(self.layers)), "output")
+
+    def model(self, widths: tuple[int, ...] | None = None) -> MLP:
+        """The MLP these settings describe; ``widths`` overrides the hidden sizes (meSimp's
+        shrunk layers)."""
         return MLP(
-            hidden=(self.hidden,) * self.layers,
+            hidden=(self.hidden,) * self.layers if widths is None else widths,
             k=self.k,
             mode=self.mode.replace("-", "_"),
             k_output=self.k_output,
             dropout=self.dropout,
             num_classes=NUM_CLASSES,
             sparse_update=self.sparse_update,
+            feedback=self.feedback,
+            record=self.mesimp,
         )
 
 
@@ -117,13 +132,48 @@ class MnistTask:
     settings: MnistSettings
     name: str = "mnist"
 
+    @property
+    def mesimp(self) -> mesimp_loop.MesimpSchedule | None:
+        """The meSimp hooks, or None without ``--mesimp``."""
+        s = self.settings
+        if not s.mesimp:
+            return None
+        return mesimp_loop.MesimpSchedule(s.layer_names, s.mesimp_threshold, s.mesimp_cycle)
+
+    # The loop's model-state and schedule hooks (see experiments.loop.Task): meSimp's record.
+    @property
+    def state_collections(self) -> tuple[str, ...]:
+        return () if self.mesimp is None else self.mesimp.state_collections
+
+    @property
+    def state_taps(self) -> Any:
+        return None if self.mesimp is None else self.mesimp.state_taps
+
+    @property
+    def fold_state(self) -> Any:
+        return None if self.mesimp is None else self.mesimp.fold_state
+
+    @property
+    def schedule(self) -> Any:
+        return None if self.mesimp is None else self.mesimp.schedule
+
+    def widths(self, variables: Any) -> tuple[int, ...] | None:
+        """The hidden widths of ``variables`` (they shrink under meSimp), or None."""
+        if not self.settings.mesimp:
+            return None
+        return mesimp_loop.hidden_widths(variables["params"], self.settings.layer_names[:-1])
+
     def init(self, key: jax.Array) -> Any:
         """Flax-default initial parameters of the MLP (and, with ``sparse_update``, the zero
-        taps, whose width in the per-row modes depends on the training batch size)."""
+        taps, whose width in the per-row modes depends on the training batch size; with
+        ``mesimp``, the record, without its taps, which the loop makes each step)."""
         k_params, k_meprop = jax.random.split(key)
         rows = self.settings.batch_size if self.settings.sparse_update else 1
         x = jnp.zeros((rows, self.data.train_x.shape[1]), jnp.float32)
-        return self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
+        variables = self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
+        if self.settings.mesimp:
+            variables = {k: v for k, v in variables.items() if k != mesimp_lib.TAP_COLLECTION}
+        return variables
 
     def loss_fn(
         self, params: Any, batch: dict[str, jax.Array], key: jax.Array, train: bool
@@ -140,7 +190,7 @@ class MnistTask:
           The scalar loss and ``{"correct": [], "count": []}``.
         """
         k_dropout, k_meprop = jax.random.split(key)
-        logits = self.settings.model().apply(
+        logits = self.settings.model(self.widths(params)).apply(
             params, batch["x"], train, rngs={"dropout": k_dropout, "meprop": k_meprop}
         )
         mask = batch["mask"]

@@ -1,0 +1,253 @@
+"""meSimp in the training loop: the cycle schedule, the record as model state, real shrinking.
+
+meSimp (Sun et al., arXiv 1711.06528) trains with meProp and permanently removes the hidden
+units that top-k seldom selects (:mod:`meprop_jax.mesimp` has the record, the prune rule and
+the shrinking). This module runs it inside :func:`experiments.loop.train` for a chain of Dense
+layers (an MLP's ``hidden_0``, ``hidden_1``, ..., ``output``).
+
+Schedule (the authors' ``Mnist.cs``)
+------------------------------------
+Training runs in cycles of ``cycle`` epochs (default 5). Even cycles (0-based epochs 0-4,
+10-14, ...; the log's 1-based epochs 1-5, 11-15) *simplify*: the scanned epoch is split into
+``prunes_per_epoch`` chunks (default 8, the authors' ``IterPerEpoch``) and after every chunk
+each hidden layer is pruned. Odd cycles train plain meProp on the shrunk network. The record
+keeps counting in odd cycles (the authors' ``Record.Store`` is never paused), so the first
+prune of the next even cycle sees the whole odd cycle. The optimizer's moments (Adam's ``mu``
+and ``nu``) are zeroed at the start of every cycle, keeping the step count and so Adam's bias
+correction (the authors' ``Opt.Prepare``).
+
+The record
+----------
+Every hidden layer is ``meprop_jax.Dense(record=True)``. Its ``"mesimp"`` collection holds
+``hits`` ``[units]`` (examples whose top-k selected the unit since the last prune),
+``examples`` ``[]`` (examples counted) and ``mask`` ``[units]`` (1 for a surviving unit). The
+training step takes the cotangents of zero record taps with the gradients and adds them to
+the record (:meth:`MesimpSchedule.fold_state`), so the record lives in the training state,
+is checkpointed with the parameters and survives ``--resume``. What "selected" means depends
+on the selection mode:
+
+* ``per_example`` (the authors'): each example selects its own ``k`` units, so ``hits / examples``
+  is the fraction of examples whose top-k held the unit.
+* ``unified``: the batch shares one set of ``k`` units and every example of the batch counts
+  as selecting them, so ``hits / examples`` is the fraction of (example-weighted) batches
+  whose shared top-k held the unit.
+
+Examples whose gradient is all zero (padding) are not counted.
+
+Pruning and shrinking
+---------------------
+A prune keeps a unit if it survived before and ``hits >= floor(threshold * examples)``
+(threshold 0.1 by default), then restarts the counts. When a layer loses units, the network
+is made smaller for real: the parameters and the optimizer state are gathered to the
+survivors (:func:`meprop_jax.mesimp.shrink`), the next layer's input rows go with them and
+every width is rounded up to a multiple of ``pad_to`` (16) with masked padding units, so the
+jitted programs recompile for a bounded number of shapes. Forward, backward and update then
+run at the new widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import serialization
+
+from meprop_jax import mesimp
+
+__all__ = [
+    "DEFAULT_CYCLE",
+    "DEFAULT_PRUNES_PER_EPOCH",
+    "MesimpSchedule",
+    "StockMLP",
+    "export_stock",
+    "hidden_widths",
+    "prunes_in",
+    "resets_moments",
+    "surviving_units",
+    "write_export",
+]
+
+DEFAULT_CYCLE = 5
+DEFAULT_PRUNES_PER_EPOCH = 8
+
+
+def prunes_in(epoch: int, cycle: int) -> bool:
+    """Whether the 1-based ``epoch`` belongs to an even (simplifying) cycle.
+
+    Example:
+      >>> [e for e in range(1, 21) if prunes_in(e, 5)]
+      [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]
+    """
+    return ((epoch - 1) // cycle) % 2 == 0
+
+
+def resets_moments(epoch: int, cycle: int) -> bool:
+    """Whether the 1-based ``epoch`` starts a cycle (the optimizer's moments are zeroed).
+
+    Example:
+      >>> [e for e in range(1, 21) if resets_moments(e, 5)]
+      [1, 6, 11, 16]
+    """
+    return (epoch - 1) % cycle == 0
+
+
+def surviving_units(record: Mapping[str, Any], hidden: Sequence[str]) -> tuple[int, ...]:
+    """The units of each hidden layer whose mask is 1, in the order of ``hidden``."""
+    keep = mesimp.keep_sets(record)
+    return tuple(int(np.sum(np.asarray(keep[name]))) for name in hidden)
+
+
+def hidden_widths(params: Mapping[str, Any], hidden: Sequence[str]) -> tuple[int, ...]:
+    """The current (padded) widths of the hidden layers: their bias sizes in ``params``."""
+    return tuple(int(np.shape(params[name]["bias"])[0]) for name in hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class MesimpSchedule:
+    """The model state and schedule hooks of :class:`experiments.loop.Task` for meSimp.
+
+    Attributes:
+      layers: the Dense chain's names in ``params``, hidden layers first, output last.
+      threshold: the prune threshold (fraction of the examples), in (0, 1).
+      cycle: epochs per cycle.
+      pad_to: widths are rounded up to a multiple of this.
+    """
+
+    layers: tuple[str, ...]
+    threshold: float = mesimp.DEFAULT_THRESHOLD
+    cycle: int = DEFAULT_CYCLE
+    pad_to: int = mesimp.DEFAULT_PAD_TO
+
+    state_collections: tuple[str, ...] = (mesimp.COLLECTION,)
+
+    @property
+    def hidden(self) -> tuple[str, ...]:
+        return self.layers[:-1]
+
+    def state_taps(self, model_state: Mapping[str, Any]) -> dict[str, Any]:
+        """Zero record taps of the record's current widths."""
+        return {mesimp.TAP_COLLECTION: mesimp.zero_taps(model_state[mesimp.COLLECTION])}
+
+    def fold_state(self, model_state: Mapping[str, Any], tap_grads: Mapping[str, Any]):
+        """The record plus one step's selection counts."""
+        record = mesimp.accumulate(model_state[mesimp.COLLECTION], tap_grads[mesimp.TAP_COLLECTION])
+        return {**model_state, mesimp.COLLECTION: record}
+
+    def schedule(
+        self, state: Any, epoch: int, done: int, chunks: int, log: Callable[[str], None]
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Zeroes the moments at a cycle's start (``done = 0``); prunes and shrinks after
+        every chunk of a simplifying epoch. Returns the state and the prune's event
+        ``{"epoch", "prune", "sizes", "widths"}`` (sizes: surviving units per hidden layer;
+        widths: the padded widths)."""
+        del chunks
+        if done == 0:
+            if resets_moments(epoch, self.cycle):
+                state = state._replace(opt_state=mesimp.reset_moments(state.opt_state))
+            return state, []
+        if not prunes_in(epoch, self.cycle):
+            return state, []
+        variables = state.params
+        before = surviving_units(variables[mesimp.COLLECTION], self.hidden)
+        record = mesimp.prune(variables[mesimp.COLLECTION], self.threshold)
+        after = surviving_units(record, self.hidden)
+        params, opt_state = variables["params"], state.opt_state
+        if after != before:
+            old_widths = hidden_widths(params, self.hidden)
+            shrunk = mesimp.shrink(
+                params,
+                opt_state,
+                mesimp.keep_sets(record),
+                self.layers,
+                pad_to=self.pad_to,
+                record=record,
+            )
+            params, opt_state, record = shrunk.params, shrunk.opt_state, shrunk.record
+            log(
+                f"epoch {epoch} prune {done}: hidden sizes {_join(before)} -> {_join(after)} "
+                f"(padded {_join(shrunk.widths)}"
+                + ("" if shrunk.widths != old_widths else ", same shapes")
+                + ")"
+            )
+        new = {**variables, "params": params, mesimp.COLLECTION: record}
+        event = {
+            "epoch": epoch,
+            "prune": done,
+            "sizes": list(after),
+            "widths": list(hidden_widths(params, self.hidden)),
+        }
+        return state._replace(params=new, opt_state=opt_state), [event]
+
+
+def _join(sizes: Sequence[int]) -> str:
+    return ",".join(str(s) for s in sizes)
+
+
+class StockMLP(nn.Module):
+    """The exported model: a stock ``flax.linen`` ReLU MLP of ``nn.Dense`` layers.
+
+    Attributes:
+      hidden: the hidden sizes (meSimp's surviving units).
+      num_classes: output size.
+
+    Its layers are named ``hidden_0``, ``hidden_1``, ..., ``output``, like
+    :class:`experiments.common.models.MLP`'s, so ``mesimp.export``'s parameters load into it.
+    """
+
+    hidden: Sequence[int]
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``[batch, num_classes]`` of ``x`` ``[batch, features]``."""
+        for i, size in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(size, name=f"hidden_{i}")(x))
+        return nn.Dense(self.num_classes, name="output")(x)
+
+
+def export_stock(
+    variables: Mapping[str, Any], layers: Sequence[str]
+) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The :class:`StockMLP` variables of the surviving units, and their hidden sizes.
+
+    Args:
+      variables: the trained model's variables (``"params"`` and ``"mesimp"``).
+      layers: the Dense chain, output last.
+
+    Returns:
+      ``({"params": stock parameters}, hidden sizes)``, on the host.
+    """
+    stock, sizes = mesimp.export(
+        variables["params"], mesimp.keep_sets(variables[mesimp.COLLECTION]), layers
+    )
+    stock = {"params": jax.device_get({name: stock[name] for name in layers})}
+    return stock, tuple(int(s) for s in sizes)
+
+
+def write_export(
+    directory: Path,
+    stock: Mapping[str, Any],
+    sizes: Sequence[int],
+    layers: Sequence[str],
+    input_dim: int,
+    num_classes: int,
+) -> None:
+    """Writes ``directory/params.msgpack`` (``flax.serialization.to_bytes`` of ``stock``, from
+    :func:`export_stock`) and ``directory/config.json`` (sizes, activation, layer names)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.msgpack").write_bytes(serialization.to_bytes(dict(stock)))
+    config = {
+        "model": "flax.linen MLP of nn.Dense layers, ReLU after every hidden layer",
+        "input_dim": int(input_dim),
+        "hidden_sizes": [int(s) for s in sizes],
+        "num_classes": int(num_classes),
+        "activation": "relu",
+        "layers": list(layers),
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
