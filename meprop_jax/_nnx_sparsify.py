@@ -159,4 +159,6 @@ def sparsify(
             node.__class__ = ours
             sparse_bias = opts.sparse_bias and ours is not mnnx.Conv  # conv bias: dense
             mnnx._set_meprop(node, row.k, opts.mode, sparse_bias, rngs, rng_collection)
+            if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
+                node.feedback, node.meprop_memory = 0.0, None
     return plan
