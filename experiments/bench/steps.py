@@ -1,7 +1,7 @@
 """Section ``steps``: whole training steps of the MNIST MLP.
 
-Times whole training steps of :class:`experiments.common.models.MLP` (the model
-``python -m experiments.mnist`` trains) with the training loop's optimizers: ``dense`` (k = 0,
+Times whole training steps of :class:`experiments.common.models.MLP` (the model the MNIST
+experiment trains) with the training loop's optimizers: ``dense`` (k = 0,
 optax Adam), ``meprop`` (masked dense gradient, optax Adam), ``meprop+sparse``
 (``--sparse-update``: compact gradients, lazy ``sparse_adam``) and ``forward`` (loss only).
 Each call runs ``steps`` minibatches in one ``lax.scan`` on a donated state, like a chunk of the
