@@ -1,0 +1,11 @@
+"""Examples of meSimp's shrinking module (its behaviour is tested through ``mesimp``)."""
+
+import doctest
+
+from meprop_jax import _mesimp_shrink
+
+
+def test_doctests():
+    result = doctest.testmod(_mesimp_shrink, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
