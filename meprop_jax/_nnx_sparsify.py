@@ -15,13 +15,13 @@ from typing import Any
 
 from flax import nnx
 
-from meprop_jax import _sparsify
+from meprop_jax import _sparsify_paths as _paths
 from meprop_jax import nnx as mnnx
 
-SparsifiedLayer = _sparsify.SparsifiedLayer
+SparsifiedLayer = _paths.SparsifiedLayer
 
 
-def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _sparsify._Seen]]:
+def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _paths._Seen]]:
     """Every stock supported layer of ``model`` by ``"/"``-joined path (cells' gates excluded)."""
     stock_to_ours = {nnx.Linear: mnnx.Linear, nnx.Conv: mnnx.Conv, nnx.LSTMCell: mnnx.LSTMCell}
     found = {}
@@ -33,7 +33,7 @@ def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _sparsif
         kind = type(node).__name__
         if kind == "Linear":
             hooked = node.dot_general is not nnx.Linear.__init__.__kwdefaults__["dot_general"]
-            seen = _sparsify._Seen(name, kind, node.out_features, 1, hooked and "dot_general hook")
+            seen = _paths._Seen(name, kind, node.out_features, 1, hooked and "dot_general hook")
         elif kind == "Conv":
             groups = node.feature_group_count
             hooked = (
@@ -44,9 +44,9 @@ def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _sparsif
             issue = "conv_general_dilated hook or preferred_element_type" if hooked else None
             if node.out_features % groups:
                 issue = "features not divisible by feature_group_count"
-            seen = _sparsify._Seen(name, kind, node.out_features // groups, groups, issue)
+            seen = _paths._Seen(name, kind, node.out_features // groups, groups, issue)
         else:
-            seen = _sparsify._Seen(name, kind, node.hidden_features, 4, None)
+            seen = _paths._Seen(name, kind, node.hidden_features, 4, None)
         found[name] = (node, ours, seen._replace(issue=seen.issue or None))
     cells = [n for n, (_, _, s) in found.items() if s.kind == "LSTMCell"]
     return {n: c for n, c in found.items() if not any(n.startswith(cell + "/") for cell in cells)}
@@ -85,7 +85,8 @@ def sparsify(
     example_args: Sequence[Any] | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     rngs: nnx.Rngs | None = None,
-    rng_collection: str = _sparsify.RNG_COLLECTION,
+    rng_collection: str = _paths.RNG_COLLECTION,
+    sparse_update: bool = False,
 ) -> list[SparsifiedLayer]:
     """Makes the layers of an NNX model meProp layers, **in place**.
 
@@ -110,6 +111,9 @@ def sparsify(
       rngs: needed for ``mode="random"``: every layer keeps a fork of
         ``rngs[rng_collection]`` and draws one key per call from it.
       rng_collection: the stream random mode forks.
+      sparse_update: sparsified ``nnx.Linear`` layers keep their kernel gradient compact, as
+        ``meprop_jax.nnx.Linear(sparse_update=True)`` does: :class:`meprop_jax.nnx.Optimizer`
+        then takes compact, column-sparse steps (convolutions and cells are unaffected).
 
     Returns:
       One :class:`~meprop_jax.SparsifiedLayer` per supported layer, in call order (with
@@ -138,7 +142,7 @@ def sparsify(
       >>> isinstance(model.hidden, meprop_jax.nnx.Linear)
       True
     """
-    opts = _sparsify._check_options(k, mode, layers, sparse_bias, rng_collection)
+    opts = _paths._check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update)
     if opts.mode == "random" and rngs is None:
         raise ValueError("sparsify: mode='random' needs rngs=nnx.Rngs(meprop=...)")
     candidates = _candidates(model)
@@ -152,7 +156,7 @@ def sparsify(
         )
     else:
         seen = [c[2] for c in candidates.values()]
-    plan = _sparsify._plan(opts, seen)
+    plan = _paths._plan(opts, seen)
     for row in plan:
         if row.k:
             node, ours, _ = candidates[row.path]
@@ -161,4 +165,5 @@ def sparsify(
             mnnx._set_meprop(node, row.k, opts.mode, sparse_bias, rngs, rng_collection)
             if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
                 node.feedback, node.meprop_memory = 0.0, None
+                node.sparse_update = opts.sparse_update
     return plan

@@ -47,11 +47,10 @@ Example: a stock MLP, meProp in one line (the default spares the output layer).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,37 +58,20 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
-from meprop_jax import _conv, _linear, _recurrent, _selection
+from meprop_jax import _conv, _linear, _recurrent
+from meprop_jax._sparsify_paths import (
+    RNG_COLLECTION,
+    SparsifiedLayer,
+    _check_options,
+    _Options,
+    _plan,
+    _Seen,
+)
 from meprop_jax.linen import TAP_COLLECTION
 
 Array = jax.Array
 
-#: Name of the Linen RNG stream that ``mode="random"`` draws its keys from.
-RNG_COLLECTION = "meprop"
-
 __all__ = ["RNG_COLLECTION", "SparsifiedLayer", "sparsify", "sparsify_report"]
-
-
-class SparsifiedLayer(NamedTuple):
-    """One candidate layer of a sparsified model, in order of first use.
-
-    Attributes:
-      path: module path, ``"/"``-joined.
-      kind: the Flax class name (``"Dense"``, ``"DenseGeneral"``, ``"Conv"``, ``"LSTMCell"``,
-        ``"OptimizedLSTMCell"``).
-      features: output width the selection ranks (per gate for LSTM cells, per group for a
-        grouped convolution).
-      k: the ``k`` its backward pass uses; ``0`` means ordinary dense backprop.
-      reason: why: ``"sparsified"``, ``"output layer"``, ``"not selected"``,
-        ``"features <= k"`` or the unsupported configuration.
-    """
-
-    path: str
-    kind: str
-    features: int
-    k: int
-    reason: str
-
 
 # --------------------------------------------------------------------------- layer kinds
 
@@ -136,24 +118,6 @@ def _width_and_issue(module: nn.Module, kind: str, inputs: Any) -> tuple[int, in
 # --------------------------------------------------------------------------- planning
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    k: int | tuple[tuple[str, int], ...]
-    mode: str
-    layers: Callable[[str], bool] | tuple[str, ...] | None
-    sparse_bias: bool
-    rng_collection: str
-    sparse_update: bool = False
-
-
-class _Seen(NamedTuple):
-    path: str
-    kind: str
-    features: int
-    groups: int
-    issue: str | None
-
-
 def _path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
@@ -185,61 +149,6 @@ def _record_layers(apply_fn: Callable, args, kwargs) -> list[_Seen]:
     with nn.intercept_methods(recorder):
         jax.eval_shape(lambda: apply_fn(*args, **kwargs))
     return seen
-
-
-def _plan(opts: _Options, seen: Sequence[_Seen]) -> list[SparsifiedLayer]:
-    """Decides every candidate layer's ``k``; raises for a pattern that matches no layer."""
-    first: dict[str, _Seen] = {}
-    for s in seen:
-        first.setdefault(s.path, s)
-    paths = list(first)
-    output_path = seen[-1].path if seen else None
-
-    def unmatched(kind_of_pattern: str, pattern: str):
-        return ValueError(
-            f"sparsify: {kind_of_pattern} pattern {pattern!r} matches no layer; the model's "
-            f"sparsifiable layers are {paths or 'none'}"
-        )
-
-    if opts.layers is None:
-        chosen = {p for p in paths if p != output_path}
-    elif callable(opts.layers):
-        chosen = {p for p in paths if opts.layers(p)}
-    else:
-        chosen = set()
-        for pattern in opts.layers:
-            hits = {p for p in paths if fnmatch.fnmatchcase(p, pattern)}
-            if not hits:
-                raise unmatched("layers", pattern)
-            chosen |= hits
-    k_of: dict[str, int] = {}
-    if isinstance(opts.k, int):
-        k_of = dict.fromkeys(paths, opts.k)
-    else:
-        for pattern, k in opts.k:
-            hits = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
-            if not hits:
-                raise unmatched("k", pattern)
-            for p in hits:
-                k_of.setdefault(p, k)
-    report = []
-    for path, s in first.items():
-        k = k_of.get(path, 0)
-        if s.issue:
-            reason = s.issue
-        elif path not in chosen:
-            is_output = opts.layers is None and path == output_path
-            reason = "output layer" if is_output else "not selected"
-        elif path not in k_of:
-            reason = "no k pattern matches"
-        elif _selection.is_dense(k, s.features * s.groups, s.groups):
-            reason = "features <= k" if k else "k = 0"
-        else:
-            reason = "sparsified"
-        report.append(
-            SparsifiedLayer(path, s.kind, s.features, k if reason == "sparsified" else 0, reason)
-        )
-    return report
 
 
 def _cache_key(args, kwargs):
@@ -428,35 +337,6 @@ _SPARSE_CALLS = {
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def _check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update=False) -> _Options:
-    mode = _selection.check_mode(mode)
-    if isinstance(k, Mapping):
-        if not k:
-            raise ValueError("sparsify: k={} names no layer; give an int or patterns to k")
-        items = []
-        for pattern, value in k.items():
-            if not isinstance(pattern, str):
-                raise TypeError(f"sparsify: k's keys must be path patterns, got {pattern!r}")
-            items.append((pattern, _selection.check_k(value)))
-        k = tuple(items)
-    else:
-        k = _selection.check_k(k)
-    if isinstance(layers, str):
-        layers = (layers,)
-    elif layers is not None and not callable(layers):
-        if not isinstance(layers, Sequence) or not all(isinstance(p, str) for p in layers):
-            raise TypeError(
-                "sparsify: layers must be None, a glob pattern, a sequence of patterns or a "
-                f"predicate on the module path, got {layers!r}"
-            )
-        if not layers:
-            raise ValueError("sparsify: layers=[] selects no layer")
-        layers = tuple(layers)
-    if not isinstance(rng_collection, str):
-        raise TypeError(f"sparsify: rng_collection must be a str, got {rng_collection!r}")
-    return _Options(k, mode, layers, bool(sparse_bias), rng_collection, bool(sparse_update))
 
 
 def sparsify(

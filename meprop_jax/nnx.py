@@ -11,6 +11,10 @@ parameters are drawn, the module forks the stream ``rngs[rng_collection]`` (defa
 ``nnx.Dropout``) and keeps the fork as ``module.meprop_rngs``; every call draws one key from
 it. A ``rngs=`` call argument (``nnx.Rngs``, ``nnx.RngStream`` or a key) takes precedence.
 Inside ``nnx.RNN`` the stream is carried through the scan, so every step gets a new key.
+
+Compact updates: ``Linear(..., sparse_update=True)`` layers and :class:`Optimizer`, the NNX
+counterpart of :class:`meprop_jax.TrainState`, take column-sparse steps with the optimizers of
+:mod:`meprop_jax.optim`; the user writes the loss only.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from flax.nnx.nn.recurrent import modified_orthogonal
 from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
 from jax import lax
 
-from meprop_jax import _conv, _linear, _recurrent, _selection
+from meprop_jax import _conv, _linear, _nnx_optimizer, _recurrent, _selection
 from meprop_jax import feedback as _feedback
+from meprop_jax._nnx_optimizer import CompactGrads, Optimizer
+
+# Documented, and doctested, as part of this module.
+CompactGrads.__module__ = Optimizer.__module__ = __name__
 
 Array = jax.Array
 RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
@@ -118,6 +126,11 @@ class Linear(nnx.Linear):
         :mod:`meprop_jax.feedback`). When positive and the layer is sparse, it keeps a
         :class:`FeedbackMemory` ``meprop_memory``, float32 ``[out_features]`` zeros at first;
         otherwise ``meprop_memory`` is None.
+      sparse_update: keep the kernel's gradient compact inside
+        :meth:`Optimizer.value_and_grad`: the selected columns' ``[K, in]`` block and their
+        indices instead of an ``[in, out]`` array, which :meth:`Optimizer.update` applies
+        column by column (see :mod:`meprop_jax.optim`). Anywhere else (evaluation, a plain
+        ``nnx.grad``) the layer is plain meProp. No effect on a dense layer.
 
     Raises:
       TypeError, ValueError: for an invalid ``k`` or ``mode``.
@@ -154,6 +167,7 @@ class Linear(nnx.Linear):
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         feedback: float = 0.0,
+        sparse_update: bool = False,
     ):
         k = _selection.check_k(k)
         mode = _selection.check_mode(mode)
@@ -181,6 +195,7 @@ class Linear(nnx.Linear):
         _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         sparse_memory = decay and not _selection.is_dense(k, out_features)
         self.feedback = decay
+        self.sparse_update = bool(sparse_update)
         self.meprop_memory = (
             FeedbackMemory(_feedback.init_memory(out_features)) if sparse_memory else None
         )
@@ -207,6 +222,7 @@ class Linear(nnx.Linear):
             if self.mode == "random"
             else None
         )
+        tap = _nnx_optimizer.layer_tap(self, inputs, kernel) if self.sparse_update else None
         y = _linear.linear(
             inputs,
             kernel,
@@ -217,6 +233,7 @@ class Linear(nnx.Linear):
             sparse_bias=self.sparse_bias,
             precision=self.precision,
             preferred_element_type=self.preferred_element_type,
+            tap=tap,
             memory=None if self.meprop_memory is None else self.meprop_memory[...],
             decay=0.0 if self.meprop_memory is None else self.feedback,
         )
@@ -450,7 +467,8 @@ def sparsify(model: nnx.Module, **kwargs: Any):
     """Makes the layers of a stock NNX model meProp layers, in place.
 
     See :func:`meprop_jax._nnx_sparsify.sparsify` for the arguments (``k``, ``mode``,
-    ``layers``, ``example_args``, ...); returns the list of candidate layers and their ``k``.
+    ``layers``, ``example_args``, ``sparse_update``, ...); returns the list of candidate layers
+    and their ``k``.
     """
     from meprop_jax import _nnx_sparsify  # it imports this module
 
