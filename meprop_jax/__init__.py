@@ -6,6 +6,7 @@ weight and input gradients come from products ``k / out`` of the dense size.
 """
 
 from meprop_jax import feedback, linen, mesimp, nnx, optim, train_state
+from meprop_jax._adaptive import AdaptiveK, AdaptiveTap, adaptive_tap
 from meprop_jax._conv import Conv, conv
 from meprop_jax._linear import (
     CompactGrad,
@@ -31,6 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
+    "AdaptiveK",
+    "AdaptiveTap",
     "CompactGrad",
     "Conv",
     "Dense",
@@ -38,6 +41,7 @@ __all__ = [
     "RecordTap",
     "SparsifiedLayer",
     "TrainState",
+    "adaptive_tap",
     "column_scores",
     "compact_tap",
     "conv",

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from meprop_jax import _selection, feedback
+from meprop_jax import _adaptive, _selection, feedback
+from meprop_jax._adaptive import AdaptiveK, AdaptiveTap
 from meprop_jax._taps import (  # noqa: F401  (re-exported: the public names live here too)
     _MAX_COLUMNS,
     CompactGrad,
@@ -55,6 +56,9 @@ class _Config:
     preferred_element_type: jnp.dtype | None
     compact: bool = False
     record: bool = False
+    adaptive: AdaptiveK | None = None
+    adaptive_tap: bool = False
+    feedback_steps: int = 1
 
 
 def _apply_kernel(x: Array, kernel: Array, cfg: _Config) -> Array:
@@ -157,13 +161,26 @@ def _scatter_columns(kernel: Array, block: Array, cols: Array, non_finite: Array
 
 
 def _unified_backward(cfg: _Config, xs, kernels, g: Array, non_finite: Array):
-    """Gathers the ``k`` shared columns; every product is small and dense."""
-    cols = _selection.unified_columns(g, cfg.k, cfg.groups, non_finite=non_finite)
+    """Gathers the ``k`` shared columns; every product is small and dense.
+
+    With adaptive k, ``keep`` (``[groups * k]`` bool) marks the columns kept and the others'
+    gradient columns are zero; otherwise ``keep`` is None.
+    """
+    keep = None
+    if cfg.adaptive is None:
+        cols = _selection.unified_columns(g, cfg.k, cfg.groups, non_finite=non_finite)
+    else:
+        cols, keep = _selection.adaptive_columns(
+            g, cfg.k, cfg.adaptive, cfg.groups, non_finite=non_finite
+        )
     g_cols = jnp.take(g, cols, axis=-1)
     # Non-finite columns past the k kept must not leave dx looking healthy.
     g_cols = _selection.flag_dropped_non_finite(non_finite, g_cols, cfg.k, cfg.groups)
+    if keep is not None:
+        # The products keep their static width k; the columns past the adaptive k are zero.
+        g_cols = jnp.where(keep, g_cols, jnp.zeros((), g_cols.dtype))
     dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
-    return dxs, blocks, cols, g_cols
+    return dxs, blocks, cols, g_cols, keep
 
 
 def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
@@ -200,11 +217,11 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _meprop(cfg: _Config, xs, kernels, bias, key, taps, record):
+def _meprop(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
     return _forward(cfg, xs, kernels, bias)
 
 
-def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps, record):
+def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
     return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key)
 
 
@@ -212,9 +229,14 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     xs, kernels, bias, key = residuals
     lead = tuple(range(g.ndim - 1))
     non_finite = _selection.non_finite_columns(g)
+    chosen = None
     if cfg.mode == "unified":
-        dxs, blocks, cols, g_cols = _unified_backward(cfg, xs, kernels, g, non_finite)
+        dxs, blocks, cols, g_cols, keep = _unified_backward(cfg, xs, kernels, g, non_finite)
         selected = cols  # one selection shared by every row
+        if keep is not None:
+            selected = jnp.zeros(g.shape[-1:], bool).at[cols].set(keep, unique_indices=True)
+            kept = _adaptive.mean_kept(keep.reshape(cfg.groups, cfg.k))
+            chosen = AdaptiveTap(kept, jnp.ones((), jnp.float32)) if cfg.adaptive_tap else None
         if bias is not None and cfg.sparse_bias:
             db = jnp.where(non_finite, jnp.nan, jnp.zeros_like(bias))
             db = db.at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
@@ -232,13 +254,13 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
             b if cols is None else _scatter_columns(w, b, cols, non_finite)
             for w, b in zip(kernels, blocks, strict=True)
         )
-        return dxs, dws, db, None, None, counts
+        return dxs, dws, db, None, None, counts, chosen
     # Compact: the kernels' cotangents are symbolic zeros; the blocks go to the taps.
     if cols is None:
         cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
     cols = cols.astype(jnp.float32)
     taps = tuple(CompactGrad(b, cols) for b in blocks)
-    return dxs, (None,) * len(kernels), db, None, taps, counts
+    return dxs, (None,) * len(kernels), db, None, taps, counts, chosen
 
 
 _meprop.defvjp(_meprop_fwd, _meprop_bwd)
@@ -260,6 +282,9 @@ def multi_linear(
     record: RecordTap | None = None,
     memory: Array | None = None,
     decay: float = 0.0,
+    adaptive: AdaptiveK | None = None,
+    adaptive_tap: AdaptiveTap | None = None,
+    feedback_steps: int = 1,
 ) -> Array:
     """``sum_j xs[j] @ kernels[j] + bias`` with one shared meProp selection in the backward.
 
@@ -285,6 +310,10 @@ def multi_linear(
         :func:`linear`); a unit's ``groups`` columns count as one.
       memory: see :func:`linear` (``[out]``, shared by the ``groups``).
       decay: see :func:`linear`.
+      adaptive: see :func:`linear`; ``k`` is then ``k_max`` per group.
+      adaptive_tap: see :func:`linear`; ``kept`` is the mean over the groups.
+      feedback_steps: calls that share ``memory`` (the time steps of a scanned cell): each
+        re-enters ``memory / (N * feedback_steps)`` per row (see :mod:`meprop_jax.feedback`).
 
     Returns:
       ``[..., out]``.
@@ -318,6 +347,7 @@ def multi_linear(
     if record is not None:
         record = _check_record(record, out // groups)
     decay = feedback.check_decay(decay)
+    adaptive_tap = _adaptive.check_options(adaptive, adaptive_tap, mode, k)
     if memory is not None:
         memory = feedback.check_memory(memory, out)
         if mode != "unified":
@@ -333,6 +363,9 @@ def multi_linear(
         preferred_element_type,
         compact,
         record is not None,
+        adaptive,
+        adaptive_tap is not None,
+        feedback.check_steps(feedback_steps),
     )
     if _selection.is_dense(k, out, groups):
         # Plain JAX ops: autodiff gives exactly the stock gradient, and forward mode works.
@@ -341,19 +374,20 @@ def multi_linear(
     if mode == "random" and key is None:
         raise ValueError("mode='random' needs a PRNG key: pass key=jax.random.key(...)")
     if memory is not None and decay:
-        return _with_feedback(cfg, xs, kernels, bias, taps, record, memory, decay)
-    return _meprop(cfg, xs, kernels, bias, key if mode == "random" else None, taps, record)
+        return _with_feedback(cfg, xs, kernels, bias, taps, record, adaptive_tap, memory, decay)
+    key = key if mode == "random" else None
+    return _meprop(cfg, xs, kernels, bias, key, taps, record, adaptive_tap)
 
 
-def _with_feedback(cfg: _Config, xs, kernels, bias, taps, record, memory, decay):
+def _with_feedback(cfg: _Config, xs, kernels, bias, taps, record, a_tap, memory, decay):
     """meProp on the fed-back gradient (see :mod:`meprop_jax.feedback`).
 
     A dense bias gradient must stay ``sum g``: the bias is added after the feedback, outside
     the product, so that only the product's backward pass sees the memory.
     """
     inner_bias = bias if cfg.sparse_bias else None
-    y = _meprop(cfg, xs, kernels, inner_bias, None, taps, record)
-    y = feedback.feed_back(decay, cfg.k, cfg.groups, y, memory)
+    y = _meprop(cfg, xs, kernels, inner_bias, None, taps, record, a_tap)
+    y = feedback.feed_back(decay, cfg.k, cfg.groups, cfg.feedback_steps, cfg.adaptive, y, memory)
     if bias is None or inner_bias is not None:
         return y
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
@@ -374,6 +408,8 @@ def linear(
     record: RecordTap | None = None,
     memory: Array | None = None,
     decay: float = 0.0,
+    adaptive: AdaptiveK | None = None,
+    adaptive_tap: AdaptiveTap | None = None,
 ) -> Array:
     """``x @ kernel + bias`` whose backward pass keeps only the top-k output gradients.
 
@@ -431,6 +467,11 @@ def linear(
         and its gradient is the next memory. A dense layer ignores it (its gradient is zero).
       decay: the memory's decay in ``[0, 1]``, a static Python float; ``0`` (the default) is
         plain meProp, bit for bit, whatever ``memory`` holds.
+      adaptive: optional ``AdaptiveK`` (unified only; see :mod:`meprop_jax._adaptive`): ``k``
+        is the upper bound ``k_max``; each step keeps the fewest top columns (at least
+        ``k_min``) that hold ``mass`` of the total ``sum |g|``, the products still at width
+        ``k``. The dense bias gradient stays ``sum g``; a dense layer ignores it.
+      adaptive_tap: optional zero ``AdaptiveTap`` whose gradient is the chosen ``k`` and 1.
 
     Returns:
       ``[..., out]``, equal to ``x @ kernel + bias``.
@@ -456,4 +497,6 @@ def linear(
         record=record,
         memory=memory,
         decay=decay,
+        adaptive=adaptive,
+        adaptive_tap=adaptive_tap,
     )

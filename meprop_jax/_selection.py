@@ -34,6 +34,10 @@ in every mode:
 
 ``groups`` splits the output axis into equal contiguous blocks and selects ``k`` columns in
 each block separately; LSTM cells use ``groups=4`` so that each gate keeps ``k`` columns.
+
+Adaptive k (:func:`adaptive_columns`, the rule in :mod:`meprop_jax._adaptive`) refines the
+unified rule: of its ``k`` columns per group it keeps the fewest top-ranked that hold a given
+share of the group's total score (and every non-finite one).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from typing import Final
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from meprop_jax import _adaptive
 
 MODES: Final = ("unified", "per_example", "random")
 
@@ -109,15 +115,17 @@ def _ranking_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.dtype(dtype) if jnp.finfo(dtype).bits > 32 else jnp.dtype(jnp.float32)
 
 
-def _grouped_top_k(scores: jax.Array, k: int, groups: int) -> jax.Array:
-    """Indices of the top ``k`` scores in each of ``groups`` blocks of the last axis."""
+def _grouped_top_k(scores: jax.Array, k: int, groups: int) -> tuple[jax.Array, jax.Array]:
+    """The top ``k`` of each of ``groups`` blocks of ``scores`` ``[out]``: their values,
+    ``[groups, k]``, and their indices into ``scores``, ``[groups * k]``."""
     out = scores.shape[-1]
     if groups == 1:
-        return lax.top_k(scores, k)[1]
+        values, idx = lax.top_k(scores, k)
+        return values[None], idx
     width = out // groups
-    blocks = scores.reshape((*scores.shape[:-1], groups, width))
-    idx = lax.top_k(blocks, k)[1] + (jnp.arange(groups, dtype=jnp.int32) * width)[:, None]
-    return idx.reshape((*scores.shape[:-1], groups * k))
+    values, idx = lax.top_k(scores.reshape(groups, width), k)
+    idx = idx + (jnp.arange(groups, dtype=jnp.int32) * width)[:, None]
+    return values, idx.reshape(groups * k)
 
 
 def column_scores(g: jax.Array) -> jax.Array:
@@ -186,14 +194,57 @@ def unified_columns(
       >>> unified_columns(g, 2).tolist()
       [1, 3]
     """
+    return _grouped_top_k(_ranking_scores(g, non_finite), k, groups)[1]
+
+
+def _ranking_scores(g: jax.Array, non_finite: jax.Array | None) -> jax.Array:
+    """``column_scores(g)`` with every non-finite column at ``+inf``, ``[out]``."""
     scores = column_scores(g)
     if non_finite is None:
         non_finite = non_finite_columns(g)
     # A finite column whose sum overflows to inf must not tie with (and, being at a lower
     # index, beat) a column that holds a NaN or an infinity.
     largest = jnp.asarray(jnp.finfo(scores.dtype).max, scores.dtype)
-    scores = jnp.where(non_finite, jnp.inf, jnp.minimum(scores, largest))
-    return _grouped_top_k(scores, k, groups)
+    return jnp.where(non_finite, jnp.inf, jnp.minimum(scores, largest))
+
+
+def adaptive_columns(
+    g: jax.Array,
+    k_max: int,
+    rule: _adaptive.AdaptiveK,
+    groups: int = 1,
+    *,
+    non_finite: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The unified columns at the width ``k_max`` and which of them adaptive k keeps.
+
+    See :mod:`meprop_jax._adaptive` for the rule: in each group, the fewest top-ranked columns
+    (at least ``rule.k_min``, at most ``k_max``) whose scores hold ``rule.mass`` of the group's
+    total score, plus every column that holds a NaN or ±inf.
+
+    Args:
+      g: output gradient, ``[..., out]``.
+      k_max: columns selected per group (the layer's ``k``).
+      rule: the adaptive-k rule.
+      groups: number of equal blocks of the output axis.
+      non_finite: ``non_finite_columns(g)``, when the caller has it already.
+
+    Returns:
+      ``cols``, exactly ``unified_columns(g, k_max, groups)``, and ``keep``, ``[groups *
+      k_max]`` bool: a prefix of each group's ``k_max`` columns.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from meprop_jax._adaptive import AdaptiveK
+      >>> g = jnp.array([[8.0, 1.0, 0.0, 1.0]])
+      >>> cols, keep = adaptive_columns(g, 3, AdaptiveK(mass=0.8))
+      >>> cols.tolist(), keep.tolist()
+      ([0, 1, 3], [True, False, False])
+    """
+    scores = _ranking_scores(g, non_finite)
+    ranked, cols = _grouped_top_k(scores, k_max, groups)
+    total = jnp.sum(scores.reshape(groups, -1), axis=-1, keepdims=True)
+    return cols, _adaptive.kept_ranks(ranked, total, rule).reshape(groups * k_max)
 
 
 def flag_dropped_non_finite(

@@ -50,12 +50,20 @@ global batch, as does the unified ranking, so the memory is global and replicate
 
 Adaptive k
 ----------
-:func:`adaptive_k` (TinyProp-style, lower in this module) keeps, per layer and per step, as
-few of a static ``k_max`` columns as hold a given share of the gradient's column mass.
+With adaptive k (``adaptive=``, see :mod:`meprop_jax._adaptive`) the selection ``S`` is the
+adaptive one, the columns the layer actually propagates: the columns of its ``k_max`` that the
+rule drops are memorized like every other unselected column.
+
+Scans
+-----
+An LSTM cell scanned over ``T`` time steps shares one memory: every step re-enters
+``m / (N * T)`` per row (``feedback_steps=T`` of :func:`meprop_jax.multi_linear`), so the
+whole sequence re-enters ``m`` once, and the memory's cotangents, summed over the steps, make
+the next memory: ``decay`` times what the steps left out, together.
 
 Only ``mode="unified"`` has a memory (a per-example selection has nothing that outlives the
-batch). A memory must be used by one call per step: the cotangents of a memory shared by
-several calls (weight sharing, a ``scan`` over time steps) add up.
+batch). Otherwise a memory must be used by one call per step: the cotangents of a memory shared by
+several calls (weight sharing) add up.
 """
 
 from __future__ import annotations
@@ -67,14 +75,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from meprop_jax import _selection
+from meprop_jax import _adaptive, _selection
 
 Array = jax.Array
 
 __all__ = [
     "MEMORY_COLLECTION",
-    "adaptive_columns",
-    "adaptive_k",
     "check_decay",
     "feed_back",
     "init_memory",
@@ -95,6 +101,13 @@ def check_decay(decay: object) -> float:
     return float(decay)
 
 
+def check_steps(steps: object) -> int:
+    """Validates the number of calls that share a memory: a static Python int >= 1."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"feedback_steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
 def init_memory(out_features: int) -> Array:
     """The empty memory of a layer with ``out_features`` outputs: float32 zeros ``[out]``."""
     return jnp.zeros((out_features,), jnp.float32)
@@ -110,29 +123,43 @@ def check_memory(memory: Array, out_features: int) -> Array:
     return memory
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def feed_back(decay: float, k: int, groups: int, y: Array, memory: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def feed_back(
+    decay: float,
+    k: int,
+    groups: int,
+    steps: int,
+    adaptive: _adaptive.AdaptiveK | None,
+    y: Array,
+    memory: Array,
+) -> Array:
     """Identity on ``y`` ``[..., out]``; its backward pass feeds ``memory`` back (see module).
 
-    Place it on the output of a unified meProp product with the same ``k`` and ``groups``: the
-    cotangent of ``y`` becomes ``g' = g + memory / N`` and the cotangent of ``memory`` is the
-    next memory, ``decay`` times the column sums of ``g'`` outside its top-``k`` columns.
+    Place it on the output of a unified meProp product with the same ``k``, ``groups`` and
+    ``adaptive``: the cotangent of ``y`` becomes ``g' = g + memory / (N * steps)`` and the
+    cotangent of ``memory`` is the next memory, ``decay`` times the column sums of ``g'``
+    outside the columns the product propagates. ``steps`` is the number of calls (time steps
+    of a scan) that share the memory, 1 otherwise.
     """
-    del decay, k, groups, memory
+    del decay, k, groups, steps, adaptive, memory
     return y
 
 
-def _feed_back_fwd(decay, k, groups, y, memory):
+def _feed_back_fwd(decay, k, groups, steps, adaptive, y, memory):
     return y, memory
 
 
-def _feed_back_bwd(decay, k, groups, memory, g):
+def _feed_back_bwd(decay, k, groups, steps, adaptive, memory, g):
     out = g.shape[-1]
-    rows = max(g.size // out, 1)
+    rows = max(g.size // out, 1) * steps
     g_fed = g + (memory / rows).astype(g.dtype)
-    cols = _selection.unified_columns(g_fed, k, groups)
+    if adaptive is None:
+        cols = _selection.unified_columns(g_fed, k, groups)
+    else:
+        cols, keep = _selection.adaptive_columns(g_fed, k, adaptive, groups)
+        cols = jnp.where(keep, cols, out)  # out of range: dropped by the scatter below
     sums = jnp.sum(g_fed.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))
-    left_out = sums.at[cols].set(0.0, unique_indices=True)
+    left_out = sums.at[cols].set(0.0, mode="drop", unique_indices=adaptive is None)
     return g_fed, jnp.asarray(decay, jnp.float32) * left_out
 
 
@@ -157,72 +184,3 @@ def merge_memory(variables: Any, memory: Any) -> Any:
         return variables
     rest, _ = split_memory(variables)
     return {**rest, MEMORY_COLLECTION: memory}
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def adaptive_k(k_max: int, k_min: int, mass: float, groups: int, y: Array) -> Array:
-    """Identity on ``y`` ``[..., out]`` whose backward keeps an adaptive number of columns.
-
-    TinyProp-style adaptive k: at every step, in each of ``groups`` blocks, the columns are
-    ranked by ``sum |g|`` over the leading axes (as the unified selection ranks them) and the
-    smallest ``k`` in ``[k_min, k_max]`` whose top-``k`` columns hold at least ``mass`` of the
-    block's total ``sum |g|`` is kept; the gradient of every other column is zeroed. Put it on
-    the output of a unified meProp layer with ``k = k_max``::
-
-        y = adaptive_k(k_max, k_min, 0.9, 1, meprop_jax.linear(x, w, b, k=k_max))
-
-    That layer then selects the same top columns (the zeroed ones rank last) and runs its
-    products at the static width ``k_max``; the columns past the adaptive ``k`` are zero.
-
-    What it saves: the update (fewer non-zero weight-gradient columns; with a column-sparse
-    optimizer, fewer columns that move) and the gradient passed down is built from fewer
-    columns. What it does not: the products still cost ``k_max`` (shapes are static under
-    ``jit``), and the ranking adds an ``O(N * out)`` pass and a top-``k_max``. The bias
-    gradient, unless ``sparse_bias``, is the sum of the masked gradient.
-
-    Args:
-      k_max: static upper bound (the layer's ``k``), per group.
-      k_min: static lower bound, ``1 <= k_min <= k_max``.
-      mass: fraction in ``(0, 1]`` of the column-score mass to keep.
-      groups: equal blocks of the output axis (4 for an LSTM's gates).
-      y: the layer's output.
-    """
-    _check_adaptive(k_max, k_min, mass, groups, y)
-    return y
-
-
-def _check_adaptive(k_max, k_min, mass, groups, y) -> None:
-    out = y.shape[-1]
-    if not (isinstance(k_min, int) and isinstance(k_max, int) and 1 <= k_min <= k_max):
-        raise ValueError(f"need static ints 1 <= k_min <= k_max, got {k_min} and {k_max}")
-    if groups < 1 or out % groups or k_max > out // groups:
-        raise ValueError(f"k_max={k_max} per group must fit {groups} groups of {out} columns")
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass must be in (0, 1], got {mass}")
-
-
-def adaptive_columns(g: Array, k_max: int, k_min: int, mass: float, groups: int = 1) -> Array:
-    """``[out]`` bool: the columns :func:`adaptive_k` keeps for the output gradient ``g``."""
-    out = g.shape[-1]
-    scores = _selection.column_scores(g).reshape(groups, out // groups)
-    top, idx = jax.lax.top_k(scores, k_max)  # [groups, k_max], descending
-    before = jnp.cumsum(top, axis=-1) - top  # mass of the columns ranked above each one
-    needed = before < mass * jnp.sum(scores, axis=-1, keepdims=True)
-    needed = needed | (jnp.arange(k_max) < k_min)
-    keep = jnp.zeros_like(scores, dtype=bool)
-    keep = keep.at[jnp.arange(groups)[:, None], idx].set(needed)
-    return keep.reshape(out)
-
-
-def _adaptive_fwd(k_max, k_min, mass, groups, y):
-    _check_adaptive(k_max, k_min, mass, groups, y)
-    return y, None
-
-
-def _adaptive_bwd(k_max, k_min, mass, groups, residuals, g):
-    del residuals
-    keep = adaptive_columns(g, k_max, k_min, mass, groups)
-    return (jnp.where(keep, g, jnp.zeros((), g.dtype)),)
-
-
-adaptive_k.defvjp(_adaptive_fwd, _adaptive_bwd)

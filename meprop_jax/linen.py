@@ -3,7 +3,9 @@
 ``Dense`` is a drop-in for ``flax.linen.Dense``: the same fields and defaults, the same
 parameter names and shapes (``kernel [in, out]``, ``bias [out]``), so stock checkpoints load,
 plus the meProp fields ``k``, ``mode``, ``sparse_bias``, ``rng_collection`` and
-``sparse_update``, and the meSimp field ``record`` (see :mod:`meprop_jax.mesimp`).
+``sparse_update``, the meSimp field ``record`` (see :mod:`meprop_jax.mesimp`), error feedback
+(``feedback``, :mod:`meprop_jax.feedback`) and adaptive k (``adaptive``,
+:mod:`meprop_jax._adaptive`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from meprop_jax import _linear, _recurrent, _selection, feedback
+from meprop_jax import _adaptive, _linear, _recurrent, _selection, feedback
+from meprop_jax._adaptive import AdaptiveK
 from meprop_jax._conv import Conv  # noqa: F401  (re-exported: meprop_jax.linen.Conv)
 
 Array = jax.Array
@@ -29,6 +32,9 @@ MESIMP_COLLECTION = "mesimp"
 
 #: Variable collection holding the zero record taps of ``record=True`` layers.
 RECORD_TAP_COLLECTION = "mesimp_taps"
+
+#: Variable collection holding the zero chosen-k taps ``"k"`` of adaptive-k layers.
+ADAPTIVE_TAP_COLLECTION = "meprop_adaptive"
 
 
 def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _linear.RecordTap | None]:
@@ -46,11 +52,19 @@ def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _linear.RecordT
     return mask, tap
 
 
-def _memory_state(module: nn.Module) -> Array | None:
+def _memory_state(module: nn.Module, columns: int) -> Array | None:
     """The layer's error-feedback memory, or None when ``apply`` was given none (evaluation)."""
     collection = feedback.MEMORY_COLLECTION
     if module.is_initializing() or module.has_variable(collection, "memory"):
-        return module.variable(collection, "memory", feedback.init_memory, module.features).value
+        return module.variable(collection, "memory", feedback.init_memory, columns).value
+    return None
+
+
+def _adaptive_state(module: nn.Module) -> _adaptive.AdaptiveTap | None:
+    """The layer's zero chosen-k tap, or None when ``apply`` was given none (evaluation)."""
+    collection = ADAPTIVE_TAP_COLLECTION
+    if module.is_initializing() or module.has_variable(collection, "k"):
+        return module.variable(collection, "k", _adaptive.adaptive_tap).value
     return None
 
 
@@ -90,6 +104,12 @@ class Dense(nn.Dense):
         a float32 ``[features]`` zero ``"memory"`` in the ``"meprop_memory"`` collection; the
         gradient of the loss with respect to it is the next step's memory. An ``apply``
         without that collection (evaluation) runs plain meProp. Default 0: no memory.
+      adaptive: adaptive k (:class:`~meprop_jax._adaptive.AdaptiveK`, TinyProp-style;
+        ``mode="unified"`` only): ``k`` is the upper bound ``k_max`` and every step keeps the
+        fewest top columns, at least ``k_min``, that hold ``mass`` of the gradient's column
+        mass. When the layer is sparse, ``init`` also creates a zero
+        :class:`~meprop_jax._adaptive.AdaptiveTap` ``"k"`` in the ``"meprop_adaptive"``
+        collection; the gradient with respect to it is ``(chosen k, 1)``. Default None.
 
     All other fields (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
     ``kernel_init``, ``bias_init``, ``promote_dtype``) behave as in ``flax.linen.Dense``.
@@ -111,6 +131,7 @@ class Dense(nn.Dense):
     sparse_update: bool = False
     record: bool = False
     feedback: float = 0.0
+    adaptive: AdaptiveK | None = None
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -142,7 +163,9 @@ class Dense(nn.Dense):
             )
             tap = self.variable(TAP_COLLECTION, "kernel", make_tap).value
         mask, record = _mesimp_state(self, self.features) if self.record else (None, None)
-        memory = _memory_state(self) if sparse and feedback.check_decay(self.feedback) else None
+        decay = feedback.check_decay(self.feedback)
+        memory = _memory_state(self, self.features) if sparse and decay else None
+        a_tap = _adaptive_state(self) if sparse and self.adaptive is not None else None
         y = _linear.linear(
             inputs,
             kernel,
@@ -155,7 +178,9 @@ class Dense(nn.Dense):
             tap=tap,
             record=record,
             memory=memory,
-            decay=self.feedback if memory is not None else 0.0,
+            decay=decay if memory is not None else 0.0,
+            adaptive=self.adaptive,
+            adaptive_tap=a_tap,
         )
         # The mask zeroes pruned and padding units: their output and their gradient.
         return y if mask is None else y * mask.astype(y.dtype)
@@ -242,6 +267,14 @@ class LSTMCell(nn.LSTMCell):
         weights get zero gradient. Every time step of every sequence is one example; all-zero
         gradient rows (padding) are not counted. Inside ``nn.RNN`` broadcast both
         collections: ``nn.RNN(cell, variable_broadcast=["params", "mesimp", "mesimp_taps"])``.
+      feedback: error-feedback decay of the gate pre-activations (as ``Dense(feedback=...)``,
+        a float32 ``[4 * features]`` ``"memory"`` in ``"meprop_memory"``; unified only).
+      feedback_steps: the time steps that share the memory (the scan's length): each step
+        re-enters ``memory / (batch * feedback_steps)`` (see :mod:`meprop_jax.feedback`).
+      adaptive: adaptive k per gate (as ``Dense(adaptive=...)``; ``k`` is ``k_max`` per
+        gate); the chosen-k tap ``"k"`` in ``"meprop_adaptive"`` sums over the time steps.
+        Inside ``nn.RNN`` broadcast ``"meprop_memory"`` and ``"meprop_adaptive"`` with
+        ``"params"`` (``variable_broadcast``).
 
     ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
@@ -263,6 +296,9 @@ class LSTMCell(nn.LSTMCell):
     sparse_bias: bool = False
     rng_collection: str = RNG_COLLECTION
     record: bool = False
+    feedback: float = 0.0
+    feedback_steps: int = 1
+    adaptive: AdaptiveK | None = None
 
     @nn.compact
     def __call__(
@@ -314,6 +350,9 @@ class LSTMCell(nn.LSTMCell):
         sparse = not _selection.is_dense(k, 4 * hidden, groups=4)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
         mask, record = _mesimp_state(self, hidden) if self.record else (None, None)
+        decay = feedback.check_decay(self.feedback)
+        memory = _memory_state(self, 4 * hidden) if sparse and decay else None
+        a_tap = _adaptive_state(self) if sparse and self.adaptive is not None else None
         z = _linear.multi_linear(
             (x, h_in),
             (w_i, w_h),
@@ -324,6 +363,11 @@ class LSTMCell(nn.LSTMCell):
             groups=4,
             sparse_bias=self.sparse_bias,
             record=record,
+            memory=memory,
+            decay=decay if memory is not None else 0.0,
+            adaptive=self.adaptive,
+            adaptive_tap=a_tap,
+            feedback_steps=self.feedback_steps,
         )
         new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
         if mask is not None:

@@ -200,49 +200,6 @@ def test_bad_arguments_are_refused(kwargs, message):
         meprop_jax.linear(jnp.ones((2, IN)), jnp.ones((IN, OUT)), k=K, **kwargs)
 
 
-def _reference_adaptive(g, k_max, k_min, mass):
-    scores = np.abs(g).sum(axis=0)
-    order = np.argsort(-scores, kind="stable")[:k_max]
-    cum = np.cumsum(scores[order])
-    count = max(k_min, int(np.searchsorted(cum, mass * scores.sum()) + 1))
-    keep = np.zeros(g.shape[-1], bool)
-    keep[order[: min(count, k_max)]] = True
-    return keep
-
-
-@pytest.mark.parametrize(("k_min", "mass"), [(1, 0.3), (2, 0.05), (1, 1.0)])
-def test_adaptive_k_keeps_the_columns_numpy_picks(k_min, mass):
-    xs, cs, w, b = _problem(steps=1)
-    k_max = 12
-    c = cs[0] * np.linspace(0.1, 3.0, OUT, dtype=np.float32)  # a spread of column masses
-    keep = _reference_adaptive(c, k_max, k_min, mass)
-    assert k_min <= keep.sum() <= k_max
-    np.testing.assert_array_equal(
-        feedback.adaptive_columns(jnp.asarray(c), k_max, k_min, mass), keep
-    )
-
-    def loss(w, x):
-        y = meprop_jax.linear(x, w, b, k=k_max, sparse_bias=True)
-        return jnp.sum(feedback.adaptive_k(k_max, k_min, mass, 1, y) * c)
-
-    dw, dx = jax.grad(loss, argnums=(0, 1))(w, xs[0])
-    kept = np.where(keep, c, 0.0)
-    np.testing.assert_allclose(dw, xs[0].T @ kept, rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(dx, kept @ w.T, rtol=2e-5, atol=2e-5)
-    # The products keep their static k_max width.
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(w, xs[0]).jaxpr
-    backward = [s for s in _dot_shapes(jaxpr) if s != ((N, IN), (IN, OUT), (N, OUT))]
-    assert len(backward) == 2 and all(any(k_max in sh for sh in s[:2]) for s in backward)
-
-
-def test_adaptive_k_refuses_bad_bounds():
-    y = jnp.ones((2, OUT))
-    with pytest.raises(ValueError, match="k_min <= k_max"):
-        feedback.adaptive_k(3, 4, 0.5, 1, y)
-    with pytest.raises(ValueError, match="mass"):
-        feedback.adaptive_k(4, 1, 0.0, 1, y)
-
-
 def test_nnx_linear_memory_is_a_variable_updated_by_its_gradient():
     from flax import nnx
 
