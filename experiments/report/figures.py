@@ -1,0 +1,152 @@
+"""The report's PNG figures (matplotlib, Agg): Figure 4's three panels, test accuracy
+against k, and learning curves of dense and meProp."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from experiments.report import paper
+from experiments.report.tables import CellResult, finder
+
+FIGURE4_FILE = "figure4.png"
+ACCURACY_VS_K_FILE = "accuracy_vs_k.png"
+LEARNING_CURVES_FILE = "learning_curves.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _series(
+    results: Sequence[CellResult], model: str
+) -> tuple[list[int], list[float], list[float]]:
+    """``(ks, mean test, std test)`` of the cells of ``model`` that have a finished run."""
+    points = []
+    for r in results:
+        if r.cell.key.get("model") != model or "k" not in r.cell.key:
+            continue
+        s = r.stat("test")
+        if s.mean is not None:
+            points.append((int(r.cell.key["k"]), s.mean, s.std or 0.0))
+    points.sort()
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+
+def _log2_axis(ax) -> None:
+    """A log-2 k axis labelled with plain numbers."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
+def _paper(ax, values: Mapping[int, float | None], label: str, color: str) -> None:
+    ks = [k for k, v in sorted(values.items()) if v is not None]
+    ax.plot(ks, [values[k] for k in ks], "--", marker="x", color=color, alpha=0.6, label=label)
+
+
+def _ours(ax, results: Sequence[CellResult], model: str, label: str, color: str) -> None:
+    ks, mean, std = _series(results, model)
+    if ks:
+        ax.errorbar(ks, mean, yerr=std, marker="o", color=color, capsize=3, label=label)
+
+
+def figure4(results: Sequence[CellResult], path: Path) -> bool:
+    """The paper's Figure 4 with our runs: meProp against dense, top-k against random-k,
+    meProp(k) against MLP(h=k). Returns False (and writes nothing) without a finished run."""
+    if not any(r.finished for r in results):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    dense = finder(results)(model="dense")
+    panels = (
+        ("reduce overfitting", None, paper.FIGURE4_TOPK),
+        ("top-k vs random-k", ("random", "random-k", paper.FIGURE4_RANDOM), None),
+        ("meProp(k) vs MLP(h=k)", ("kdim", "MLP(h=k)", paper.FIGURE4_KDIM), None),
+    )
+    for ax, (title, other, _) in zip(axes, panels, strict=True):
+        _ours(ax, results, "meprop", "meProp top-k (ours)", "C0")
+        _paper(ax, paper.FIGURE4_TOPK, "meProp top-k (paper ≈)", "C0")
+        if other is None:
+            s = dense.stat("test") if dense is not None else None
+            if s is not None and s.mean is not None:
+                ax.axhline(s.mean, color="k", label="dense MLP h=500 (ours)")
+            ax.axhline(paper.FIGURE4_DENSE, color="k", ls="--", alpha=0.6, label="dense (paper)")
+        else:
+            model, label, values = other
+            _ours(ax, results, model, f"{label} (ours)", "C3")
+            _paper(ax, values, f"{label} (paper ≈)", "C3")
+        _log2_axis(ax)
+        ax.set(title=title, xlabel="k (of h = 500)", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def accuracy_vs_k(series: Mapping[str, tuple[Sequence[CellResult], str]], path: Path) -> bool:
+    """Test accuracy against k for each named ``(results, model)`` series with data."""
+    lines = [(name, _series(results, model)) for name, (results, model) in series.items()]
+    lines = [(name, s) for name, s in lines if s[0]]
+    if not lines:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (ks, mean, std) in lines:
+        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=name)
+    _log2_axis(ax)
+    ax.set(xlabel="k", ylabel="test accuracy (%)", title="MNIST test accuracy against k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _curve(result: CellResult) -> tuple[np.ndarray, np.ndarray] | None:
+    """Epochs and the dev metric per epoch, averaged over the seeds that reached it."""
+    histories = [r.results.get("epochs") or [] for r in result.finished]
+    n = min((len(h) for h in histories), default=0)
+    if n == 0:
+        return None
+    key = f"dev_{result.metric}"
+    values = np.array([[h[i][key] for i in range(n)] for h in histories])
+    return np.arange(1, n + 1), values.mean(axis=0)
+
+
+def learning_curves(
+    panels: Sequence[tuple[str, CellResult | None, CellResult | None]], path: Path
+) -> bool:
+    """Dev metric per epoch, dense against meProp, one panel per ``(title, dense, meprop)``."""
+    panels = [p for p in panels if any(c is not None and c.finished for c in p[1:])]
+    if not panels:
+        return False
+    plt = _pyplot()
+    from matplotlib import ticker
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, dense, meprop) in zip(axes[0], panels, strict=True):
+        for result, label in ((dense, "dense"), (meprop, "meProp")):
+            curve = None if result is None else _curve(result)
+            if curve is not None:
+                ax.plot(*curve, marker="o", label=label)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        metric = "UAS" if "Parsing" in title else "accuracy"
+        ax.set(title=title, xlabel="epoch", ylabel=f"dev {metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,335 @@
+"""The report's grids of runs: which commands, with which seeds, make each table and figure.
+
+A run is a :class:`RunSpec` (task, flags, seed); a :class:`Cell` is one setting run over the
+seeds; a :class:`Grid` is one table or figure. Full-size settings follow the paper where the
+command lines allow (per-example top-k and minibatches of 10 for the CPU MNIST tables); the
+differences are listed in :data:`SETTINGS_NOTES`. ``quick`` grids are tiny, for tests and a
+smoke run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from experiments.common import ConfigError
+from experiments.report import paper
+
+TRAIN_TASKS: tuple[str, ...] = ("mnist", "tagging", "parsing")
+TASKS: tuple[str, ...] = (*TRAIN_TASKS, "bench")
+GRID_NAMES: tuple[str, ...] = (
+    "table1",
+    "figure4",
+    "table4",
+    "table5",
+    "table6",
+    "mesimp",
+    "feedback",
+    "speed",
+)
+#: The selection metric each task writes to ``results.json`` (``dev_<metric>``).
+METRICS: Mapping[str, str] = {"mnist": "acc", "tagging": "acc", "parsing": "uas"}
+TAGGING_CORPORA: tuple[str, ...] = ("conll2000", "ptb-dep-sample")
+FIGURE4_KS: tuple[int, ...] = (5, 10, 20, 40, 80, 160)
+FEEDBACK_KS: tuple[int, ...] = (5, 10, 20, 40)
+FEEDBACK_DECAY = 0.1
+EPOCHS: Mapping[str, int] = {"mnist": 20, "tagging": 10, "parsing": 15}
+QUICK_EPOCHS = 2
+
+#: Nominal seconds per full-size epoch on a two-core CPU (the estimate before any run has
+#: finished; MNIST scales with the minibatch) and per bench section.
+EPOCH_SECONDS: Mapping[str, float] = {"mnist": 6.0, "tagging": 80.0, "parsing": 50.0}
+MNIST_SECONDS_PER_STEP_SIZE = 240.0  # MNIST: + this / batch size (steps dominate at batch 10)
+QUICK_EPOCH_SECONDS: Mapping[str, float] = {"mnist": 2.0, "tagging": 5.0, "parsing": 3.0}
+BENCH_SECONDS: Mapping[str, float] = {"layer": 150.0, "steps": 300.0, "mesimp": 200.0}
+QUICK_BENCH_SECONDS = 40.0
+
+SETTINGS_NOTES: tuple[str, ...] = (
+    "MNIST tables 1, 4, 5 and Figure 4 use the paper's CPU setting: per-example top-k, "
+    "minibatches of 10, 2 hidden layers of 500, 20 epochs; Table 6 and error feedback use "
+    "unified top-k with minibatches of 50.",
+    "POS tagging runs on CoNLL-2000 (Brill-tagger tags, WSJ sections 15-18/20) and on the "
+    "10% Penn Treebank sample (gold tags, about 3,400 training sentences), not on the full "
+    "WSJ sections 0-18/22-24; minibatches of 8 sentences (the paper: 1), 10 epochs, "
+    "per-example top-k per LSTM gate.",
+    "Parsing runs on the 10% Penn Treebank sample (about 82,000 tokens), not Chen & "
+    "Manning's full WSJ setup; minibatches of 250 transitions (the paper: 10,000), 15 "
+    "epochs, per-example top-k, cube activation.",
+    "Times are from a shared two-core CPU and include JAX's scanned epochs; the paper's are "
+    "from its authors' C# framework on a 3.0 GHz Xeon. Compare ratios, not seconds.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One subprocess: ``python -m experiments.<task> *args [--seed seed] --out DIR``.
+
+    Attributes:
+      task: ``mnist``, ``tagging``, ``parsing`` or ``bench``.
+      args: the task's flags, without ``--seed`` and ``--out``.
+      seed: the ``--seed``; None for a bench section.
+      epochs: epochs the run trains (0 for bench), for the estimate.
+      nominal_s: estimated seconds for the whole run before any run has been measured.
+    """
+
+    task: str
+    args: tuple[str, ...]
+    seed: int | None
+    epochs: int = 0
+    nominal_s: float = 60.0
+
+    def command(self) -> list[str]:
+        seed = [] if self.seed is None else ["--seed", str(self.seed)]
+        return ["python", "-m", f"experiments.{self.task}", *self.args, *seed]
+
+    def flags(self) -> list[str]:
+        return [a.split("=", 1)[0] for a in self.args if a.startswith("--")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One setting, run once per seed. ``key`` names it for the tables and figures (for
+    example ``{"task": "mnist", "optimizer": "adam", "model": "meprop", "k": 20}``)."""
+
+    key: Mapping[str, Any]
+    specs: tuple[RunSpec, ...]
+
+    def matches(self, **want: Any) -> bool:
+        return all(self.key.get(name) == value for name, value in want.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """One table or figure of the report; ``skipped`` says why it was not run."""
+
+    name: str
+    title: str
+    cells: tuple[Cell, ...]
+    skipped: str | None = None
+
+    def find(self, **want: Any) -> Cell | None:
+        return next((c for c in self.cells if c.matches(**want)), None)
+
+    def specs(self) -> list[RunSpec]:
+        return [s for c in self.cells for s in c.specs]
+
+
+def _nominal(task: str, args: Sequence[str], epochs: int, quick: bool) -> float:
+    if quick:
+        return 20.0 + epochs * QUICK_EPOCH_SECONDS[task]
+    per_epoch = EPOCH_SECONDS[task]
+    if task == "mnist":
+        batch = int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 50
+        per_epoch += MNIST_SECONDS_PER_STEP_SIZE / batch
+    return 30.0 + epochs * per_epoch
+
+
+class _Builder:
+    """Makes the cells of one grid size (full or quick) over ``seeds``."""
+
+    def __init__(self, seeds: int, quick: bool):
+        self.seeds = tuple(range(seeds))
+        self.quick = quick
+
+    def base(self, task: str) -> tuple[str, ...]:
+        if task == "mnist":
+            if self.quick:
+                return ("--limit-train", "500", "--timing-batches", "2")
+            return ()
+        if task == "tagging":
+            return ("--limit-train", "40", "--hidden", "64") if self.quick else ()
+        extra = ("--limit-train", "40", "--hidden", "64", "--timing-batches", "2")
+        return ("--corpus", "ptb-dep-sample", *(extra if self.quick else ()))
+
+    def cell(self, task: str, flags: Sequence[str], **key: Any) -> Cell:
+        epochs = QUICK_EPOCHS if self.quick else EPOCHS[task]
+        if "--mesimp" in flags and not self.quick:
+            epochs = 20
+        args = (*self.base(task), *flags, "--epochs", str(epochs))
+        nominal = _nominal(task, args, epochs, self.quick)
+        specs = tuple(RunSpec(task, args, s, epochs, nominal) for s in self.seeds)
+        return Cell({"task": task, **key}, specs)
+
+    def mnist_cpu(self, k: int, *extra: str, **key: Any) -> Cell:
+        """MNIST as the paper's CPU runs: per-example top-k, minibatches of 10."""
+        mode = ("--mode", "per-example") if k else ()
+        model = "meprop" if k else "dense"
+        flags = ("--k", str(k), *mode, "--batch-size", "10", *extra)
+        return self.cell("mnist", flags, model=key.pop("model", model), k=k, **key)
+
+
+def table1(b: _Builder) -> Grid:
+    cells = []
+    for optimizer in ("adam", "adagrad"):
+        # Adam is every task's default: no flag, so the cells match Figure 4's.
+        opt = ("--optimizer", optimizer) if optimizer != "adam" else ()
+        k = int(paper.TABLE1[("mnist", optimizer)]["meprop"]["k"])
+        cells += [b.mnist_cpu(kk, *opt, optimizer=optimizer) for kk in (0, k)]
+        if b.quick and optimizer == "adagrad":
+            continue  # the smoke run: AdaGrad on MNIST only, one tagging corpus
+        k = int(paper.TABLE1[("pos", optimizer)]["meprop"]["k"])
+        for corpus in TAGGING_CORPORA[1:] if b.quick else TAGGING_CORPORA:
+            for kk in (0, k):
+                mode = ("--mode", "per-example") if kk else ()
+                flags = ("--corpus", corpus, "--k", str(kk), *mode, *opt)
+                model = "meprop" if kk else "dense"
+                cells.append(
+                    b.cell("tagging", flags, corpus=corpus, optimizer=optimizer, model=model, k=kk)
+                )
+        k = int(paper.TABLE1[("parsing", optimizer)]["meprop"]["k"])
+        for kk in (0, k):
+            mode = ("--mode", "per-example") if kk else ()
+            model = "meprop" if kk else "dense"
+            flags = ("--k", str(kk), *mode, *opt)
+            cells.append(b.cell("parsing", flags, optimizer=optimizer, model=model, k=kk))
+    return Grid("table1", "Table 1: dense vs meProp at the paper's k", tuple(cells))
+
+
+def figure4(b: _Builder) -> Grid:
+    ks = (20,) if b.quick else FIGURE4_KS
+    cells = [b.mnist_cpu(0, optimizer="adam")]
+    for k in ks:
+        cells.append(b.mnist_cpu(k, optimizer="adam"))
+        random = ("--k", str(k), "--mode", "random", "--batch-size", "10")
+        cells.append(b.cell("mnist", random, model="random", k=k, optimizer="adam"))
+        kdim = ("--kdim", "--k", str(k), "--batch-size", "10")
+        cells.append(b.cell("mnist", kdim, model="kdim", k=k, optimizer="adam"))
+    return Grid("figure4", "Figure 4: k, top-k vs random-k, meProp vs the k-wide MLP", tuple(cells))
+
+
+def table4(b: _Builder) -> Grid:
+    cells = []
+    for task, (k, rate, _, _) in paper.TABLE4.items():
+        drop = ("--dropout", f"{rate:g}")
+        for kk in (0, k):
+            model = "meprop" if kk else "dense"
+            if task == "mnist":
+                cells.append(b.mnist_cpu(kk, *drop, paper_task=task, dropout=rate))
+                continue
+            if b.quick:
+                continue
+            mode = ("--mode", "per-example") if kk else ()
+            flags = ("--k", str(kk), *mode, *drop)
+            run_task = "parsing" if task == "parsing" else "tagging"
+            if run_task == "tagging":
+                flags = ("--corpus", "ptb-dep-sample", *flags)
+            key = {"paper_task": task, "model": model, "k": kk, "dropout": rate}
+            cells.append(b.cell(run_task, flags, **key))
+    return Grid("table4", "Table 4: meProp with dropout", tuple(cells))
+
+
+def table5(b: _Builder) -> Grid:
+    layers = (3,) if b.quick else tuple(paper.TABLE5)
+    drop = ("--dropout", f"{paper.TABLE5_DROPOUT:g}")
+    cells = [
+        b.mnist_cpu(k, "--layers", str(n), *drop, layers=n)
+        for n in layers
+        for k in (0, paper.TABLE5_K)
+    ]
+    return Grid("table5", "Table 5: deeper MLPs (dropout 0.1, k = 25)", tuple(cells))
+
+
+def table6(b: _Builder) -> Grid:
+    cells = []
+    for n, (k, _, _) in paper.TABLE6.items():
+        if b.quick and n != 2:
+            continue
+        for kk in (0, k):
+            flags = ("--k", str(kk), "--mode", "unified", "--batch-size", str(paper.TABLE6_BATCH))
+            flags = (*flags, "--layers", str(n))
+            model = "meprop" if kk else "dense"
+            cells.append(b.cell("mnist", flags, layers=n, model=model, k=kk))
+    return Grid("table6", "Table 6: unified top-k, minibatch 50", tuple(cells))
+
+
+def mesimp(b: _Builder) -> Grid:
+    k = str(paper.MESIMP_MNIST["k"])
+    common = ("--batch-size", "100", "--clip", "5")
+    quick = ("--mesimp-cycle", "1", "--mesimp-prunes-per-epoch", "2") if b.quick else ()
+    flags = ("--k", k, "--mesimp", *quick, *common)
+    cells = [b.cell("mnist", flags, model="mesimp", mode="unified")]
+    if not b.quick:
+        flags = ("--k", k, "--mode", "per-example", "--mesimp", *common)
+        cells.append(b.cell("mnist", flags, model="mesimp", mode="per-example"))
+        cells.append(b.cell("mnist", ("--k", "0", *common), model="dense", k=0))
+    return Grid("mesimp", "meSimp: final sizes and accuracy (MNIST)", tuple(cells))
+
+
+def feedback(b: _Builder) -> Grid:
+    ks = (20,) if b.quick else FEEDBACK_KS
+    cells = []
+    for k in ks:
+        flags = ("--k", str(k), "--mode", "unified", "--batch-size", "50")
+        cells.append(b.cell("mnist", flags, model="plain", k=k))
+        fb = ("--error-feedback", f"{FEEDBACK_DECAY:g}")
+        cells.append(b.cell("mnist", (*flags, *fb), model="feedback", k=k))
+    return Grid("feedback", "Error feedback vs plain meProp (MNIST, unified)", tuple(cells))
+
+
+def speed(b: _Builder) -> Grid:
+    cells = []
+    for section in ("layer", "steps", "mesimp"):
+        args = ("--section", section, "--no-progress", *(("--quick",) if b.quick else ()))
+        nominal = QUICK_BENCH_SECONDS if b.quick else BENCH_SECONDS[section]
+        spec = RunSpec("bench", args, None, 0, nominal)
+        cells.append(Cell({"task": "bench", "section": section}, (spec,)))
+    return Grid("speed", "Speed: python -m experiments.bench", tuple(cells))
+
+
+BUILDERS = {
+    "table1": table1,
+    "figure4": figure4,
+    "table4": table4,
+    "table5": table5,
+    "table6": table6,
+    "mesimp": mesimp,
+    "feedback": feedback,
+    "speed": speed,
+}
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    """The grid names of ``--only NAME[,NAME]`` (all of them when None).
+
+    Raises:
+      ConfigError: naming ``--only`` and the known names.
+    """
+    if text is None:
+        return GRID_NAMES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in GRID_NAMES]
+    if unknown or not names:
+        raise ConfigError(
+            f"--only: unknown grid {', '.join(unknown) or repr(text)}; choose from "
+            + ", ".join(GRID_NAMES)
+        )
+    return tuple(n for n in GRID_NAMES if n in names)
+
+
+def build(names: Sequence[str], seeds: int, quick: bool) -> list[Grid]:
+    """The grids ``names`` with ``seeds`` seeds each (0..seeds-1)."""
+    b = _Builder(seeds, quick)
+    return [BUILDERS[name](b) for name in names]
+
+
+def parse_help_flags(help_text: str) -> frozenset[str]:
+    """The long options an argparse ``--help`` text lists."""
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", help_text))
+
+
+def check_flags(grid: Grid, flags: Mapping[str, frozenset[str]]) -> Grid:
+    """``grid``, marked skipped (with the reason) when one of its runs uses a flag that its
+    task's command line lacks, or when the task could not be asked."""
+    missing: list[str] = []
+    for spec in grid.specs():
+        known = flags.get(spec.task)
+        if known is None:
+            reason = f"`python -m experiments.{spec.task} --help` failed"
+            return dataclasses.replace(grid, skipped=reason)
+        missing += [f"experiments.{spec.task} {f}" for f in spec.flags() if f not in known]
+    if missing:
+        names = ", ".join(dict.fromkeys(missing))
+        return dataclasses.replace(grid, skipped=f"flags not available: {names}")
+    return grid

@@ -1,0 +1,114 @@
+"""The command line end to end with a stub runner: reuse, resumption, --only, --dry-run,
+skipped grids and the written report."""
+
+import re
+
+import pytest
+
+from experiments.report import cli, grids
+from tests.experiments.report.stub import StubRunner, all_flags
+
+
+def _main(tmp_path, *argv, runner=None, flags=None):
+    argv = ["--quick", "--out", str(tmp_path / "report"), "--cache", str(tmp_path / "cache"), *argv]
+    return cli.main(argv, runner=runner, flags=flags or all_flags())
+
+
+def _quick_specs(names=grids.GRID_NAMES):
+    return list(dict.fromkeys(s for g in grids.build(names, 1, True) for s in g.specs()))
+
+
+def test_quick_report_end_to_end(tmp_path):
+    """The slowest test here (about 3 s of CPU): it draws the three figures, twice."""
+    runner = StubRunner()
+    assert _main(tmp_path, runner=runner) == 0
+    specs = _quick_specs()
+    # One call per distinct configuration: Table 1's Adam cells serve Figure 4 too.
+    assert sorted(map(repr, (s for s, _ in runner.calls))) == sorted(map(repr, specs))
+    assert len(specs) < sum(len(g.specs()) for g in grids.build(grids.GRID_NAMES, 1, True))
+    report = tmp_path / "report"
+    text = (report / "README.md").read_text()
+    for name in ("figure4.png", "accuracy_vs_k.png", "learning_curves.png"):
+        assert (report / name).stat().st_size > 1000
+        assert f"({name})" in text
+    # The paper's numbers sit beside ours, with the verdicts.
+    assert "97.82" in text and "98.01" in text and "Quick run" in text
+    assert re.search(r"\| (holds|within seed spread|does not hold) \|", text)
+    links = re.findall(r"\]\(([^)]+results\.json)\)", text)
+    assert len(links) > 20
+    assert all((report / link).resolve().is_file() for link in links)
+    # Run again: everything is reused.
+    again = StubRunner()
+    assert _main(tmp_path, runner=again) == 0
+    assert again.calls == []
+
+
+def test_an_interrupted_grid_resumes_where_it_stopped(tmp_path, capsys):
+    first = StubRunner(interrupt_at=2)
+    assert _main(tmp_path, "--only", "table5,table6", runner=first) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert len(first.calls) == 3
+    second = StubRunner()
+    assert _main(tmp_path, "--only", "table5,table6", runner=second) == 0
+    specs = _quick_specs(["table5", "table6"])
+    assert second.calls[0] == (first.calls[2][0], "resume")
+    assert [s for s, _ in second.calls] == specs[2:]
+    assert all(mode == "fresh" for _, mode in second.calls[1:])
+
+
+def test_only_runs_the_named_grids(tmp_path):
+    runner = StubRunner()
+    assert _main(tmp_path, "--only", "speed,table6", runner=runner) == 0
+    assert {s.task for s, _ in runner.calls} == {"bench", "mnist"}
+    assert [s for s, _ in runner.calls] == _quick_specs(["table6", "speed"])
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "Table 6" in text and "Table 5" not in text and "Speed" in text
+
+
+def test_only_rejects_an_unknown_grid(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _main(tmp_path, "--only", "table1,table9", runner=StubRunner())
+    assert exc.value.code == 2
+    assert "--only: unknown grid table9" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_grid_and_estimate_and_runs_nothing(tmp_path, capsys):
+    runner = StubRunner()
+    assert _main(tmp_path, "--dry-run", "--seeds", "2", "--only", "table6", runner=runner) == 0
+    out = capsys.readouterr().out
+    assert runner.calls == []
+    assert out.count("[to run] python -m experiments.mnist") == 4
+    assert "--seed 1" in out
+    assert re.search(r"4 runs: 0 done, 4 to run; estimated \d+ (s|min)", out)
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_grid_whose_flags_are_missing_is_skipped_with_the_reason(tmp_path):
+    flags = all_flags()
+    flags["mnist"] = flags["mnist"] - {"--error-feedback"}
+    runner = StubRunner()
+    assert _main(tmp_path, "--only", "feedback,table6", runner=runner, flags=flags) == 0
+    assert all("--error-feedback" not in s.args for s, _ in runner.calls)
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "Skipped: flags not available: experiments.mnist --error-feedback." in text
+
+
+def test_parse_help_flags():
+    text = "usage: x [-h] [--k K] [--error-feedback [DECAY]]\n  --mesimp-cycle N  (default 5)"
+    assert grids.parse_help_flags(text) == {"--k", "--error-feedback", "--mesimp-cycle"}
+
+
+@pytest.mark.parametrize("task", grids.TASKS)
+def test_the_tasks_command_lines_have_every_flag_the_grids_use(task, capsys):
+    """Each task's real ``--help``, printed in-process (a subprocess costs a JAX import)."""
+    import importlib
+
+    module, entry = {"parsing": ("main", "main"), "bench": ("cli", "parse_args")}.get(
+        task, ("cli", "main")
+    )
+    with pytest.raises(SystemExit):
+        getattr(importlib.import_module(f"experiments.{task}.{module}"), entry)(["--help"])
+    known = grids.parse_help_flags(capsys.readouterr().out)
+    assert "--seed" in known or task == "bench"
+    assert all_flags(quick=True)[task] <= known
+    assert all_flags(quick=False)[task] <= known
