@@ -396,12 +396,10 @@ def _run_chunks(
     for done, (g, start, length) in enumerate(plan, start=1):
         if stop.requested:
             return state, loss_sum, count, compile_s, False
-        start_arr = np.int32(start)
-        fn, seconds = programs.compiled(
-            "train_chunk", state, groups[g], step_keys[g], start_arr, length=length
-        )
+        args = (state, groups[g], step_keys[g], np.int32(start), np.int32(length))
+        fn, seconds = programs.compiled("train_chunk", *args)
         compile_s += seconds
-        state, chunk_loss, chunk_count = fn(state, groups[g], step_keys[g], start_arr)
+        state, chunk_loss, chunk_count = fn(*args)
         # float() waits for the chunk, so the bar (and a stop request) act on finished work.
         chunk_loss, chunk_count = float(chunk_loss), float(chunk_count)
         loss_sum += chunk_loss

@@ -12,8 +12,8 @@ Compact (column-sparse) updates: ``--sparse-update``
 By default a step is the authors' semantics: autodiff hands the optimizer a dense ``[in, out]``
 weight gradient that is zero outside the selected columns, and a stock optax optimizer
 (:func:`experiments.loop.config.make_optimizer`) updates every weight. With ``sparse_update``
-the step instead takes the meProp kernels' gradients compact
-(:func:`meprop_jax.optim.value_and_compact_grad`) and updates only their selected columns with
+the step instead takes the meProp kernels' gradients compact and updates only their selected
+columns through :class:`meprop_jax.TrainState` (``value_and_grad``, ``apply_gradients``), with
 the column-sparse twin of ``--optimizer`` (:func:`experiments.loop.config.make_sparse_optimizer`:
 lazy Adam, AdaGrad, SGD; ``--clip`` applies), so the update costs O(k) rather than O(out) per
 kernel. The task must then build its meProp layers with ``meprop_jax.Dense(...,
@@ -53,7 +53,7 @@ from experiments.common import require
 from experiments.loop import distributed
 from experiments.loop.config import check_divisible
 from experiments.loop.task import Array, Batch, Task, TrainState
-from meprop_jax import feedback, optim
+from meprop_jax import feedback, optim, train_state
 
 _AUTO_CHUNKS = 10  # chunks per epoch when chunk_steps is 0: enough for a progress bar
 KEY_INIT, KEY_EVAL, KEY_EPOCH = 0, 1, 2  # fold_in tags of the root key
@@ -126,12 +126,10 @@ def chunk_plan(
     return plan
 
 
-def _optimizer_update(tx: Any, grads, opt_state, params, tap_grads=None):
+def _optimizer_update(tx: Any, grads, opt_state, params):
     # optax mixes Python floats and int32 step counts (Adam's bias correction), which strict
     # dtype promotion rejects; the update is computed in float32 either way.
     with jax.numpy_dtype_promotion("standard"):
-        if isinstance(tx, optim.SparseOptimizer):
-            return tx.update(grads, opt_state, params, tap_grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -169,12 +167,22 @@ class Programs:
         if not self.compact:
             return jax.value_and_grad(self.loss_fn, has_aux=True)(params, batch, key, True)
 
-        def loss(params, taps):
-            variables = {**params, optim.TAP_COLLECTION: taps["params"]}
-            return self.loss_fn(variables, batch, key, True)
+        def loss(variables):
+            # The state's "params" are the task's variables, its taps {"params": collection}.
+            taps = variables[optim.TAP_COLLECTION]["params"]
+            tapped = {**variables["params"], optim.TAP_COLLECTION: taps}
+            return self.loss_fn(tapped, batch, key, True)
 
-        value, grads = optim.value_and_compact_grad(loss, has_aux=True)(params, taps)
-        return value, grads
+        return self._compact_state(params, taps).value_and_grad(loss, has_aux=True)
+
+    def _compact_state(self, params, taps, opt_state=None) -> train_state.TrainState:
+        """A :class:`meprop_jax.TrainState` over the loop's compact state: its ``params`` are
+        the task's variables without the taps and its ``taps`` ``{"params": <the
+        "meprop_taps" collection>}``, the layout of :class:`TrainState`, so that the optimizer
+        state (and the checkpoints) keep theirs."""
+        return train_state.TrainState(
+            step=0, apply_fn=self.loss_fn, params=params, taps=taps, tx=self.tx, opt_state=opt_state
+        )
 
     def _stateful_grad(self, variables, batch, key):
         """Differentiates the trainable variables and the task's zero taps, and folds the
@@ -201,23 +209,34 @@ class Programs:
         # Error feedback: the memory's gradient is the next memory, not something to descend.
         grads, memory = feedback.split_memory(grads)
         params, _ = feedback.split_memory(params)
-        params, opt_state = _optimizer_update(self.tx, grads, state.opt_state, params, tap_grads)
+        if self.compact:
+            # Strict dtype promotion rejects optax's mixed step counts, as in _optimizer_update.
+            with jax.numpy_dtype_promotion("standard"):
+                compact = self._compact_state(params, state.taps, state.opt_state)
+                compact = compact.apply_gradients(grads=(grads, tap_grads))
+            params, opt_state = compact.params, compact.opt_state
+        else:
+            params, opt_state = _optimizer_update(self.tx, grads, state.opt_state, params)
         params = feedback.merge_memory(params, memory)
         if model_state is not None:
             params = {**params, **model_state}
         return TrainState(params, opt_state, state.taps), (loss, _aux_value(aux, "count"))
 
-    def train_chunk(self, state, group, key, start, *, length: int):
-        """``length`` training steps from ``start``; returns the state and loss sums."""
-        batches = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, length), group)
-        steps = start + jnp.arange(length, dtype=jnp.int32)
+    def train_chunk(self, state, group, key, start, length):
+        """``length`` training steps from ``start``; returns the state and loss sums.
 
-        def body(state, xs):
-            batch, i = xs
-            return self._step(state, batch, jax.random.fold_in(key, i))
+        ``start`` and ``length`` are int32 arrays, not static: one compiled program serves
+        every chunk of a group's shape (a remainder chunk costs no compilation of its own).
+        """
 
-        state, (losses, counts) = lax.scan(body, state, (batches, steps))
-        return state, jnp.sum(losses * counts), jnp.sum(counts)
+        def body(i, carry):
+            state, loss_sum, count = carry
+            batch = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), group)
+            state, (loss, n) = self._step(state, batch, jax.random.fold_in(key, i))
+            return state, loss_sum + loss * n, count + n
+
+        zero = jnp.zeros((), jnp.float32)
+        return lax.fori_loop(start, start + length, body, (state, zero, zero))
 
     def evaluate(self, params, group, key):
         """Sums over a group, in evaluation mode: ``{"loss": loss x count, "correct",
