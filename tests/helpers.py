@@ -10,7 +10,14 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 
 @contextlib.contextmanager
 def persistent_compilation_cache(path: Path) -> Iterator[None]:
-    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores."""
+    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores.
+
+    Under the test suite's own cache (``tests/conftest.py``) it keeps that one, which every
+    test shares.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
     names = (
         "jax_compilation_cache_dir",
         "jax_persistent_cache_min_compile_time_secs",
