@@ -14,10 +14,13 @@ Run as ``python -m experiments.bench``. Sections:
   training step (padded, masked, recording) against the full network's dense and meProp steps
   and forward pass, and decoding a test set with the full, padded and exported models. See
   :mod:`experiments.bench.mesimp`.
+* ``conv`` (``--conv [--conv-grid BxSIZExINxOUTxK]``): one 3x3 convolution's backward pass,
+  dense and meProp over ``k`` output channels, with the forward pass. See
+  :mod:`experiments.bench.conv`.
 
 Modules: :mod:`~experiments.bench.harness` (interleaved timing, compilation, memory
 figures), :mod:`~experiments.bench.layer`, :mod:`~experiments.bench.steps`,
-:mod:`~experiments.bench.mesimp`,
+:mod:`~experiments.bench.mesimp`, :mod:`~experiments.bench.conv`,
 :mod:`~experiments.bench.report` (tables, JSON, plots) and :mod:`~experiments.bench.cli` (the
 flags, ``--reuse-memory`` and ``main``).
 
@@ -26,4 +29,5 @@ Examples:
   python -m experiments.bench --paper-table7 --with-update --plot bench_out/table7.png
   python -m experiments.bench --steps --plot bench_out/steps.png
   python -m experiments.bench --mesimp --out bench_out/mesimp.json --plot bench_out/mesimp.png
+  python -m experiments.bench --conv --out bench_out/conv.json --plot bench_out/conv.png
 """

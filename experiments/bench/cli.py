@@ -3,8 +3,9 @@
 Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections: ``layer``
 (one linear layer's backward, or with ``--with-update`` its backward and Adam update; see
 :mod:`experiments.bench.layer`), ``steps`` (whole training steps of the MNIST MLP; see
-:mod:`experiments.bench.steps`) and ``mesimp`` (the MLP pruned by meSimp, training and
-decoding; see :mod:`experiments.bench.mesimp`). Timing is interleaved call by call
+:mod:`experiments.bench.steps`), ``mesimp`` (the MLP pruned by meSimp, training and
+decoding; see :mod:`experiments.bench.mesimp`) and ``conv`` (one 3x3 convolution's backward;
+see :mod:`experiments.bench.conv`). Timing is interleaved call by call
 (:mod:`experiments.bench.harness`); tables, JSON and plots come from
 :mod:`experiments.bench.report`.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import meprop_jax
+from experiments.bench.conv import bench_conv_shape, conv_configs, conv_entry
 from experiments.bench.harness import Record
 from experiments.bench.layer import (
     DEFAULT_GRID,
@@ -146,11 +148,35 @@ def run_mesimp_section(args: argparse.Namespace) -> list[Record]:
     return records
 
 
+def run_conv_section(args: argparse.Namespace) -> list[Record]:
+    """Section ``conv``: one convolution's backward per shape, dense and meProp."""
+    modes = args.modes or DEFAULT_MODES
+    records: list[Record] = []
+    for i, (batch, size, c_in, c_out, ks) in enumerate(conv_configs(args.conv_grid, args.quick)):
+        rows = bench_conv_shape(
+            batch,
+            size,
+            c_in,
+            c_out,
+            ks,
+            modes,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            seed=args.seed + i,
+        )
+        records.extend(rows)
+        if not args.no_progress:
+            print(format_table(rows, header=i == 0), flush=True)
+    return records
+
+
 # Sections map the parsed arguments to a list of records.
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
     "layer": run_layer_section,
     "steps": run_steps_section,
     "mesimp": run_mesimp_section,
+    "conv": run_conv_section,
 }
 
 
@@ -226,8 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--section",
         choices=sorted(SECTIONS),
         default="layer",
-        help="what to time: layer (one layer; see --with-update), steps (see --steps) or "
-        "mesimp (see --mesimp); default layer",
+        help="what to time: layer (one layer; see --with-update), steps (see --steps), "
+        "mesimp (see --mesimp) or conv (see --conv); default layer",
     )
     p.add_argument(
         "--steps",
@@ -246,6 +272,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "16, masked, with its activity record): its training step against the full network's "
         "dense and meProp steps and forward pass, and decoding 10,000 examples (batches of "
         "1000) with the full, the padded and the exported stock model",
+    )
+    p.add_argument(
+        "--conv",
+        action="store_true",
+        help="same as --section conv: one 3x3 convolution's backward (NHWC, SAME), dense and "
+        "meProp over k output channels, on 28x28 32->64 and 14x14 64->128 channels (batch 64, "
+        "k up to out/4), with the forward pass",
+    )
+    p.add_argument(
+        "--conv-grid",
+        type=conv_entry,
+        action="append",
+        metavar="BxSIZExINxOUTxK",
+        help="a --conv configuration (SIZE x SIZE images), e.g. 64x28x32x64x8; repeatable",
     )
     p.add_argument(
         "--mesimp-sizes",
@@ -321,10 +361,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
     )
     args = p.parse_args(argv)
-    if args.steps and args.mesimp:
-        p.error("--steps and --mesimp are separate sections: give one")
-    if args.steps or args.mesimp:
-        args.section = "steps" if args.steps else "mesimp"
+    chosen = [name for name in ("steps", "mesimp", "conv") if getattr(args, name)]
+    if len(chosen) > 1:
+        p.error(f"{' and '.join('--' + c for c in chosen)} are separate sections: give one")
+    if chosen:
+        args.section = chosen[0]
+    if args.section == "conv" and (args.paper_table7 or args.grid or args.with_update):
+        p.error("--conv times one convolution: --paper-table7, --grid and --with-update are "
+                "options of the layer section (--conv-grid gives its shapes)")  # fmt: skip
+    if args.section != "conv" and args.conv_grid:
+        p.error("--conv-grid configures --conv")
     mlp_section = args.section in ("steps", "mesimp")
     if mlp_section and (args.paper_table7 or args.grid or args.with_update):
         p.error(f"--{args.section} times whole MLP steps: --paper-table7, --grid and "

@@ -113,7 +113,10 @@ def format_table(records: Sequence[Record], header: bool = True) -> str:
     _check_modes(records, layer_table_modes(), "layer")
     show_paper = any("paper_speedup" in r.extra for r in records)
     show_memory = any(r.extra.get("memory") for r in records)
-    cols = ["batch", "in", "out", "k", "mode", "dtype", "median ms", "min ms", "GFLOP"]
+    # Convolution rows (section conv) also name their image size.
+    show_spatial = any("spatial" in r.extra for r in records)
+    cols = ["batch", *(["size"] if show_spatial else []), "in", "out", "k", "mode", "dtype"]
+    cols += ["median ms", "min ms", "GFLOP"]
     cols += ["speedup", "ideal"] + (["paper"] if show_paper else [])
     cols += ["peak MiB", "temp MiB"] if show_memory else []
     rows = []
@@ -121,6 +124,7 @@ def format_table(records: Sequence[Record], header: bool = True) -> str:
         ideal = r.extra.get("ideal_speedup")
         row = [
             str(r.batch),
+            *(["x".join(map(str, r.extra.get("spatial", ())))] if show_spatial else []),
             str(r.d_in),
             str(r.d_out),
             str(r.k) if r.k else "-",
@@ -387,7 +391,12 @@ def plot_speedup(path: Path, records: Sequence[Record], paper: bool = False) -> 
     what = "backward + Adam update" if update else "backward"
     ax.set_ylabel(f"{what} speedup over dense")
     backend = jax.default_backend()
-    ax.set_title(f"one layer {what}\nbatch {batch}, {d_in}x{d_out}, {dtype}, {backend}")
+    if rows[0].section == "conv":
+        size = "x".join(map(str, rows[0].extra["spatial"]))
+        where = f"one 3x3 convolution {what}\nbatch {batch}, {size}, {d_in}->{d_out} channels"
+    else:
+        where = f"one layer {what}\nbatch {batch}, {d_in}x{d_out}"
+    ax.set_title(f"{where}, {dtype}, {backend}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -3,7 +3,9 @@
 Times whole training steps of :class:`experiments.common.models.MLP` (the model the MNIST
 experiment trains) with the training loop's optimizers: ``dense`` (k = 0,
 optax Adam), ``meprop`` (masked dense gradient, optax Adam), ``meprop+sparse``
-(``--sparse-update``: compact gradients, lazy ``sparse_adam``) and ``forward`` (loss only).
+(``--sparse-update``: compact gradients, lazy ``sparse_adam``, a ``meprop_jax.TrainState``),
+``meprop+feedback`` (``--error-feedback``: the hidden layers' memories fed back, optax Adam)
+and ``forward`` (loss only).
 Each call runs ``steps`` minibatches in one ``lax.scan`` on a donated state, like a chunk of the
 loop; times are per step. The dense step time over the forward time is the bound on any
 backward-side saving (``bound``); ``of bound`` is a variant's speedup divided by it.
@@ -38,7 +40,7 @@ from experiments.bench.harness import (
     time_fns,
 )
 from experiments.common.models import MLP
-from meprop_jax import optim
+from meprop_jax import feedback, optim, train_state
 
 # (layer sizes, batch, k, minibatches per timed call). The first is the paper's MNIST MLP,
 # the second the large acceptance case.
@@ -49,7 +51,14 @@ STEP_CONFIGS: tuple[tuple[tuple[int, ...], int, int, int], ...] = (
 QUICK_STEP_CONFIGS: tuple[tuple[tuple[int, ...], int, int, int], ...] = (
     ((16, 32, 32, 10), 8, 4, 3),
 )
-STEP_VARIANTS: tuple[str, ...] = ("dense", "meprop", "meprop+sparse")
+STEP_VARIANTS: tuple[str, ...] = ("dense", "meprop", "meprop+sparse", "meprop+feedback")
+FEEDBACK_DECAY = 1.0  # pure error feedback: the costliest memory, never a no-op
+_UPDATES = {
+    "dense": "adam",
+    "meprop": "adam",
+    "meprop+sparse": "sparse_adam",
+    "meprop+feedback": "adam",
+}
 FWD_BWD = ":fwd+bwd"
 
 
@@ -79,6 +88,30 @@ def _train_scan(model: Any, tx: optax.GradientTransformation) -> Callable[..., A
     return run
 
 
+def _feedback_train_scan(model: Any, tx: optax.GradientTransformation) -> Callable[..., Any]:
+    """``((params, opt_state, memory), xs, ys) -> (state, loss sum)``: the steps of
+    :func:`_train_scan` with error feedback; the memory's gradient is the next memory, as in
+    the loop's ``--error-feedback`` step."""
+
+    def loss_fn(params, memory, x, y):
+        variables = {"params": params, feedback.MEMORY_COLLECTION: memory}
+        return _cross_entropy(model.apply(variables, x, True), y)
+
+    def body(carry, xy):
+        params, opt_state, memory = carry
+        loss, (grads, memory) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, memory, *xy)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return (params, opt_state, memory), loss
+
+    def run(carry, xs, ys):
+        carry, losses = lax.scan(body, carry, (xs, ys))
+        return carry, jnp.sum(losses)
+
+    return run
+
+
 def _compact_loss(model: Any) -> Callable[..., jax.Array]:
     def loss_fn(params, taps, x, y):
         logits = model.apply({"params": params, optim.TAP_COLLECTION: taps}, x, True)
@@ -87,21 +120,21 @@ def _compact_loss(model: Any) -> Callable[..., jax.Array]:
     return loss_fn
 
 
-def _compact_train_scan(model: Any, opt: optim.SparseOptimizer) -> Callable[..., Any]:
-    """``((params, sparse_state), xs, ys, taps) -> (state, loss sum)``: compact gradients and
-    the column-sparse update, as ``--sparse-update`` trains."""
-    grad_fn = optim.value_and_compact_grad(_compact_loss(model))
+def _compact_train_scan() -> Callable[..., Any]:
+    """``(state, xs, ys) -> (state, loss sum)`` for a :class:`meprop_jax.TrainState`: compact
+    gradients and the column-sparse update, as ``--sparse-update`` trains."""
 
-    def run(carry, xs, ys, taps):
-        def body(carry, xy):
-            params, state = carry
-            loss, (grads, tap_grads) = grad_fn(params, taps, *xy)
+    def run(state, xs, ys):
+        def body(state, xy):
+            x, y = xy
+            loss, grads = state.value_and_grad(
+                lambda variables: _cross_entropy(state.apply_fn(variables, x, True), y)
+            )
             with jax.numpy_dtype_promotion("standard"):
-                params, state = opt.update(grads, state, params, tap_grads)
-            return (params, state), loss
+                return state.apply_gradients(grads=grads), loss
 
-        carry, losses = lax.scan(body, carry, (xs, ys))
-        return carry, jnp.sum(losses)
+        state, losses = lax.scan(body, state, (xs, ys))
+        return state, jnp.sum(losses)
 
     return run
 
@@ -172,8 +205,11 @@ def bench_steps_config(
     tx = loop.make_optimizer("adam", ADAM_LR)
     sparse_opt = loop.make_sparse_optimizer("adam", ADAM_LR)
     dense_box = Carry((params, tx.init(params)))
-    sparse_params = _copy(params)
-    sparse_box = Carry((sparse_params, sparse_opt.init(sparse_params, taps)))
+    sparse_box = Carry(
+        train_state.TrainState.create(
+            apply_fn=model(k, True).apply, params=_copy(params), taps=_copy(taps), tx=sparse_opt
+        )
+    )
     _block((dense_box.value, sparse_box.value))
 
     fns: dict[str, tuple[Callable[..., Any], Sequence[Any]]] = {}
@@ -188,7 +224,12 @@ def bench_steps_config(
 
     add("dense", _train_scan(model(0), tx), dense_box, xs, ys)
     add("meprop", _train_scan(model(k), tx), dense_box, xs, ys)
-    add("meprop+sparse", _compact_train_scan(model(k, True), sparse_opt), sparse_box, xs, ys, taps)
+    add("meprop+sparse", _compact_train_scan(), sparse_box, xs, ys)
+    if mode == "unified":  # error feedback keeps a memory per column: unified only
+        fb_model = MLP(hidden=hidden, k=k, num_classes=sizes[-1], feedback=FEEDBACK_DECAY)
+        fb_vars = jax.jit(fb_model.init, static_argnums=2)(jax.random.key(seed), xs[0], False)
+        fb_box = Carry((_copy(params), tx.init(params), fb_vars[feedback.MEMORY_COLLECTION]))
+        add("meprop+feedback", _feedback_train_scan(fb_model, tx), fb_box, xs, ys)
     if breakdown:
         dense_params = Live(lambda: dense_box.value[0])
         for name, m in (("dense", model(0)), ("meprop", model(k))):
@@ -202,8 +243,28 @@ def bench_steps_config(
         compact_grad = optim.value_and_compact_grad(_compact_loss(model(k, True)))
         shapes = jax.eval_shape(compact_grad, params, taps, xs[0], ys[0])[1]
         acc = Carry(_zeros_like_shapes(shapes))
-        sparse_params = Live(lambda: sparse_box.value[0])
+        sparse_params = Live(lambda: sparse_box.value.params)
         add("meprop+sparse" + FWD_BWD, _grad_scan(compact_grad), acc, xs, ys, sparse_params, taps)
+        if "meprop+feedback" in fns:
+
+            def feedback_grad(params, memory, x, y):
+                def loss(p, m):
+                    variables = {"params": p, feedback.MEMORY_COLLECTION: m}
+                    return _cross_entropy(fb_model.apply(variables, x, True), y)
+
+                return jax.value_and_grad(loss, argnums=(0, 1))(params, memory)
+
+            acc = Carry(jax.tree.map(jnp.zeros_like, (params, fb_box.value[2])))
+            fb_params, fb_memory = Live(lambda: fb_box.value[0]), Live(lambda: fb_box.value[2])
+            add(
+                "meprop+feedback" + FWD_BWD,
+                _grad_scan(feedback_grad),
+                acc,
+                xs,
+                ys,
+                fb_params,
+                fb_memory,
+            )
     fwd = jax.jit(_forward_scan(model(0))).lower(params, xs, ys).compile()
     fns[FORWARD] = (lambda: fwd(dense_box.value[0], xs, ys), ())
     memory[FORWARD] = memory_stats(fwd, data)
@@ -224,9 +285,7 @@ def bench_steps_config(
             "steps_per_call": steps,
             "memory": memory[name],
             "bound": bound,
-            "update": {"dense": "adam", "meprop": "adam", "meprop+sparse": "sparse_adam"}.get(
-                variant
-            ),
+            "update": _UPDATES.get(variant),
         }
         if name in STEP_VARIANTS:
             extra["fraction_of_bound"] = speedup / bound
@@ -241,5 +300,6 @@ def bench_steps_config(
             "steps", batch, sizes[0], sizes[1], row_k, name, "float32", s, dense_ms, extra
         )
 
-    names = [*STEP_VARIANTS, *(v + FWD_BWD for v in STEP_VARIANTS if v + FWD_BWD in fns)]
+    names = [v for v in STEP_VARIANTS if v in fns]
+    names += [v + FWD_BWD for v in STEP_VARIANTS if v + FWD_BWD in fns]
     return [record(n) for n in (*names, FORWARD)]

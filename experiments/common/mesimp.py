@@ -42,13 +42,22 @@ is made smaller for real: the parameters and the optimizer state are gathered to
 survivors (:func:`meprop_jax.mesimp.shrink`), the next layer's input rows go with them and
 every width is rounded up to a multiple of ``pad_to`` (16) with masked padding units, so the
 jitted programs recompile for a bounded number of shapes. Forward, backward and update then
-run at the new widths.
+run at the new widths. With ``lstm=True`` the first layer is a ``meprop_jax.LSTMCell(record=
+True)`` whose hidden unit ties its four gates (:func:`meprop_jax.mesimp.shrink_lstm`) and the
+other layers read its hidden state (the tagger's output layer).
+
+The flags (``--mesimp``, ``--mesimp-threshold``, ``--mesimp-cycle``,
+``--mesimp-prunes-per-epoch``, ``--export``) are shared by the experiments:
+:func:`add_mesimp_arguments` and :func:`mesimp_options`; :func:`prune_events` and
+:func:`widths_at` read the resizes back from ``results.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +67,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization
 
+from experiments.common.errors import require
 from meprop_jax import mesimp
 
 __all__ = [
@@ -65,11 +75,18 @@ __all__ = [
     "DEFAULT_PRUNES_PER_EPOCH",
     "MesimpSchedule",
     "StockMLP",
+    "add_mesimp_arguments",
+    "chunk_steps",
     "export_stock",
     "hidden_widths",
+    "mesimp_options",
+    "prune_events",
     "prunes_in",
+    "record_widths",
     "resets_moments",
+    "saved_widths",
     "surviving_units",
+    "widths_at",
     "write_export",
 ]
 
@@ -108,27 +125,38 @@ def hidden_widths(params: Mapping[str, Any], hidden: Sequence[str]) -> tuple[int
     return tuple(int(np.shape(params[name]["bias"])[0]) for name in hidden)
 
 
+def record_widths(record: Mapping[str, Any], hidden: Sequence[str]) -> tuple[int, ...]:
+    """The current (padded) widths of the recorded layers: their mask sizes in the record
+    (Dense layers and LSTM cells alike)."""
+    return tuple(int(np.shape(record[name]["mask"])[0]) for name in hidden)
+
+
 @dataclasses.dataclass(frozen=True)
 class MesimpSchedule:
     """The model state and schedule hooks of :class:`experiments.loop.Task` for meSimp.
 
     Attributes:
-      layers: the Dense chain's names in ``params``, hidden layers first, output last.
+      layers: the Dense chain's names in ``params``, hidden layers first, output last; with
+        ``lstm``, the LSTM cell first, then the Dense layers that read its hidden state.
       threshold: the prune threshold (fraction of the examples), in (0, 1).
       cycle: epochs per cycle.
       pad_to: widths are rounded up to a multiple of this.
+      lstm: ``layers[0]`` is an LSTM cell (its only recorded layer), shrunk with
+        :func:`meprop_jax.mesimp.shrink_lstm`.
     """
 
     layers: tuple[str, ...]
     threshold: float = mesimp.DEFAULT_THRESHOLD
     cycle: int = DEFAULT_CYCLE
     pad_to: int = mesimp.DEFAULT_PAD_TO
+    lstm: bool = False
 
     state_collections: tuple[str, ...] = (mesimp.COLLECTION,)
 
     @property
     def hidden(self) -> tuple[str, ...]:
-        return self.layers[:-1]
+        """The recorded (shrinking) layers."""
+        return self.layers[:1] if self.lstm else self.layers[:-1]
 
     def state_taps(self, model_state: Mapping[str, Any]) -> dict[str, Any]:
         """Zero record taps of the record's current widths."""
@@ -159,15 +187,8 @@ class MesimpSchedule:
         after = surviving_units(record, self.hidden)
         params, opt_state = variables["params"], state.opt_state
         if after != before:
-            old_widths = hidden_widths(params, self.hidden)
-            shrunk = mesimp.shrink(
-                params,
-                opt_state,
-                mesimp.keep_sets(record),
-                self.layers,
-                pad_to=self.pad_to,
-                record=record,
-            )
+            old_widths = record_widths(variables[mesimp.COLLECTION], self.hidden)
+            shrunk = self._shrink(params, opt_state, record)
             params, opt_state, record = shrunk.params, shrunk.opt_state, shrunk.record
             log(
                 f"epoch {epoch} prune {done}: hidden sizes {_join(before)} -> {_join(after)} "
@@ -180,9 +201,20 @@ class MesimpSchedule:
             "epoch": epoch,
             "prune": done,
             "sizes": list(after),
-            "widths": list(hidden_widths(params, self.hidden)),
+            "widths": list(record_widths(record, self.hidden)),
         }
         return state._replace(params=new, opt_state=opt_state), [event]
+
+    def _shrink(self, params: Any, opt_state: Any, record: Any) -> mesimp.Shrunk:
+        keep = mesimp.keep_sets(record)
+        if self.lstm:
+            cell, *readers = self.layers
+            return mesimp.shrink_lstm(
+                params, opt_state, keep[cell], cell, readers, pad_to=self.pad_to, record=record
+            )
+        return mesimp.shrink(
+            params, opt_state, keep, self.layers, pad_to=self.pad_to, record=record
+        )
 
 
 def _join(sizes: Sequence[int]) -> str:
@@ -251,3 +283,137 @@ def write_export(
         "layers": list(layers),
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------ flags and results
+
+_SCHEDULE_HELP = (
+    "meSimp (Sun et al. 2017): train with meProp and permanently remove the hidden units that "
+    "top-k seldom selects; the layers shrink for real (forward included), padded to multiples "
+    "of 16 with masked units. Training runs in cycles of --mesimp-cycle epochs: even cycles "
+    "(epochs 1-5, 11-15, ... with the default 5) prune about --mesimp-prunes-per-epoch times "
+    "per epoch, odd cycles train the shrunk net with plain meProp. A prune keeps a unit "
+    "selected by at least --mesimp-threshold of the examples counted since the last prune (the "
+    "count goes on through odd cycles). With --mode per-example each example selects its own "
+    "k units; with unified every example of a batch counts as selecting the batch's k. The "
+    "optimizer's moments are zeroed at every cycle start (the step count is kept)."
+)
+
+
+def add_mesimp_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
+    """Adds the ``meSimp`` flag group; ``export_help`` says what ``--export DIR`` writes."""
+    g = parser.add_argument_group("meSimp", _SCHEDULE_HELP)
+    g.add_argument("--mesimp", action="store_true", help="train with meSimp (needs --k >= 1)")
+    g.add_argument(
+        "--mesimp-threshold",
+        type=float,
+        default=None,
+        help=f"prune threshold in (0, 1) (default {mesimp.DEFAULT_THRESHOLD:g})",
+    )
+    g.add_argument(
+        "--mesimp-cycle", type=int, default=None, help=f"epochs per cycle (default {DEFAULT_CYCLE})"
+    )
+    g.add_argument(
+        "--mesimp-prunes-per-epoch",
+        type=int,
+        default=None,
+        help=f"prunes per epoch of an even cycle, at chunk boundaries (default "
+        f"{DEFAULT_PRUNES_PER_EPOCH}; sets the chunks, so not with --chunk-steps)",
+    )
+    g.add_argument("--export", type=Path, default=None, metavar="DIR", help=export_help)
+
+
+def mesimp_options(args: argparse.Namespace, k: int) -> dict[str, Any]:
+    """Validates the shared meSimp flags (and ``--k``, ``--chunk-steps`` against them).
+
+    Returns:
+      ``{}`` without ``--mesimp``; else ``{"mesimp": True, "mesimp_threshold",
+      "mesimp_cycle", "mesimp_prunes_per_epoch"}`` with the defaults filled in.
+
+    Raises:
+      ConfigError: naming the offending flag.
+    """
+    given = [
+        flag
+        for flag, value in (
+            ("--mesimp-threshold", args.mesimp_threshold),
+            ("--mesimp-cycle", args.mesimp_cycle),
+            ("--mesimp-prunes-per-epoch", args.mesimp_prunes_per_epoch),
+            ("--export", args.export),
+        )
+        if value is not None
+    ]
+    if not args.mesimp:
+        require(not given, f"{given[0] if given else ''} needs --mesimp")
+        return {}
+    threshold = mesimp.DEFAULT_THRESHOLD if args.mesimp_threshold is None else args.mesimp_threshold
+    cycle = DEFAULT_CYCLE if args.mesimp_cycle is None else args.mesimp_cycle
+    prunes = (
+        DEFAULT_PRUNES_PER_EPOCH
+        if args.mesimp_prunes_per_epoch is None
+        else args.mesimp_prunes_per_epoch
+    )
+    require(0.0 < threshold < 1.0, f"--mesimp-threshold must be in (0, 1), got {threshold:g}")
+    require(cycle >= 1, f"--mesimp-cycle must be >= 1, got {cycle}")
+    require(prunes >= 1, f"--mesimp-prunes-per-epoch must be >= 1, got {prunes}")
+    require(k >= 1, "--mesimp needs meProp hidden layers: --k >= 1 (its top-k drives the pruning)")
+    require(
+        not getattr(args, "chunk_steps", 0),
+        "--mesimp sets the chunks from --mesimp-prunes-per-epoch: drop --chunk-steps",
+    )
+    return {
+        "mesimp": True,
+        "mesimp_threshold": float(threshold),
+        "mesimp_cycle": int(cycle),
+        "mesimp_prunes_per_epoch": int(prunes),
+    }
+
+
+def chunk_steps(total_steps: int, prunes_per_epoch: int) -> int:
+    """Minibatches per scanned chunk so that an epoch of ``total_steps`` minibatches has about
+    ``prunes_per_epoch`` chunks (with several batch groups, each group's last chunk may be
+    shorter, so a few more).
+
+    Example:
+      >>> chunk_steps(550, 8), chunk_steps(5, 8)
+      (69, 1)
+    """
+    return max(1, math.ceil(total_steps / prunes_per_epoch))
+
+
+def prune_events(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every prune's event (``{"epoch", "prune", "sizes", "widths"}``) of ``results.json``."""
+    return [e for r in results.get("epochs", []) for e in r.get("events", []) if "sizes" in e]
+
+
+def widths_at(results: Mapping[str, Any], epoch: int, initial: Sequence[int]) -> tuple[int, ...]:
+    """The padded widths of the model saved after ``epoch``: those of the last prune up to
+    it, ``initial`` before any."""
+    widths = tuple(initial)
+    for event in prune_events(results):
+        if event["epoch"] <= epoch:
+            widths = tuple(event["widths"])
+    return widths
+
+
+def saved_widths(
+    run: Path, epoch: int | None, initial: Sequence[int], results_file: str, checkpoint_dir: str
+) -> tuple[tuple[int, ...], int | None]:
+    """The padded widths of the checkpoint that a restore of ``epoch`` reads from ``run``.
+
+    That is ``epoch``'s checkpoint when it is still kept, otherwise the latest epoch's; the
+    widths come from the resizes logged in ``run/results_file``.
+
+    Returns:
+      ``(widths, epoch)``: ``initial`` and ``epoch`` unchanged when there are no results.
+    """
+    path = run / results_file
+    if not path.is_file():
+        return tuple(initial), epoch
+    results = json.loads(path.read_text())
+    if epoch is None or not (run / checkpoint_dir / str(epoch)).is_dir():
+        epochs = [r["epoch"] for r in results.get("epochs", [])]
+        epoch = max(epochs) if epochs else epoch
+    if epoch is None:
+        return tuple(initial), None
+    return widths_at(results, epoch, initial), epoch

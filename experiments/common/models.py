@@ -25,6 +25,8 @@ class MLP(nn.Module):
         ``init`` with the training batch shape for the per-row modes).
       feedback: error-feedback decay of the sparse hidden layers (``Dense(feedback=...)``,
         unified mode; 0 = none): their memories live in the ``"meprop_memory"`` collection.
+      adaptive: adaptive k of the sparse hidden layers (``Dense(adaptive=...)``, unified
+        mode; ``k`` is the upper bound): their chosen-k taps live in ``"meprop_adaptive"``.
       record: keep meSimp's activity record in the hidden layers (``Dense(record=True)``:
         ``"mesimp"`` collection with each layer's ``hits``, ``examples`` and ``mask``, and
         zero taps in ``"mesimp_taps"``; see :mod:`experiments.common.mesimp`). Each hidden
@@ -51,6 +53,7 @@ class MLP(nn.Module):
     num_classes: int = 10
     sparse_update: bool = False
     feedback: float = 0.0
+    adaptive: meprop_jax.AdaptiveK | None = None
     record: bool = False
 
     @nn.compact
@@ -63,6 +66,7 @@ class MLP(nn.Module):
                 mode=self.mode,
                 sparse_update=self.sparse_update,
                 feedback=self.feedback,
+                adaptive=self.adaptive,
                 record=self.record,
                 name=f"hidden_{i}",
             )(x)

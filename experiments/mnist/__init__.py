@@ -1,8 +1,9 @@
 """MNIST with meProp: an MLP trained by the shared loop (``python -m experiments.mnist``).
 
 Modules: :mod:`~experiments.mnist.data` (the IDX reader and verified download),
-:mod:`~experiments.mnist.task` (settings, minibatches, the loss) and
-:mod:`~experiments.mnist.cli` (the flags and ``main``).
+:mod:`~experiments.mnist.task` (settings, minibatches, the loss),
+:mod:`~experiments.mnist.cnn` (``--model cnn``) and :mod:`~experiments.mnist.cli` (the flags
+and ``main``).
 
 The model is the paper's MLP, 784-500-500-10 by default: ``--layers`` hidden layers of
 ``--hidden`` units, each ``meprop_jax.Dense`` -> ReLU -> optional inverted dropout, then a
@@ -20,6 +21,12 @@ refused). The output layer stays dense unless ``--k-output`` is set.
 column-sparse ``--optimizer`` updates only the selected columns (Adam becomes lazy Adam). The
 output layer (and ``--k-output``) keeps the masked dense gradient. It needs ``--k >= 1``.
 
+``--model cnn`` trains :class:`~experiments.mnist.cnn.CNN` instead: two 3x3
+``meprop_jax.Conv`` layers (``--channels``, default 32,64), each -> ReLU -> 2x2 max pooling,
+then the MLP above as its head. Each convolution keeps ``--k-conv`` output channels (default
+``--k``) in the backward pass; ``--kdim``, ``--sparse-update``, ``--error-feedback`` and
+``--mesimp`` are refused with it.
+
 Initialisation is Flax's default for ``Dense`` (LeCun-normal kernels, zero biases); the
 authors' C# code drew kernels from N(0, sqrt(6 / (fan_in + fan_out))). The data split is the
 paper's: the first 5,000 training images are dev, the remaining 55,000 train, plus the
@@ -30,4 +37,5 @@ Examples:
   python -m experiments.mnist --k 0                      # the dense baseline
   python -m experiments.mnist --optimizer adagrad        # lr 0.1, as in the paper
   python -m experiments.mnist --sparse-update            # column-sparse (lazy) Adam
+  python -m experiments.mnist --model cnn --k 30 --k-conv 8
 """

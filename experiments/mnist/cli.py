@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import loop
-from experiments.common import DataError
-from experiments.mnist import simplify
+from experiments.common import feedback_flags
+from experiments.common.cli import run_name_tail, user_errors
+from experiments.mnist import cnn, simplify
 from experiments.mnist.task import (
     DEFAULT_EVAL_BATCH,
     NUM_CLASSES,
@@ -35,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="python -m experiments.mnist",
-        description="Train the paper's MNIST MLP with meProp.",
+        description="Train the paper's MNIST MLP (or, with --model cnn, a small CNN) with meProp.",
     )
     m = parser.add_argument_group("model")
+    cnn.add_cnn_arguments(m)
     m.add_argument(
         "--hidden", type=int, default=None, help=f"hidden layer size (default {DEFAULT_HIDDEN})"
     )
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(meprop_jax.feedback), decayed by DECAY in (0, 1] (default {DEFAULT_FEEDBACK:g} when "
         "given without a value); unified mode only",
     )
+    feedback_flags.add_adaptive_arguments(m)
     d = parser.add_argument_group("data")
     d.add_argument(
         "--batch-size", type=int, default=50, help="training minibatch, all devices (default 50)"
@@ -153,6 +156,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         args.limit_train is None or args.limit_train >= 1,
         f"--limit-train must be >= 1, got {args.limit_train}",
     )
+    network = cnn.check_cnn(args)
     hidden, k = _hidden_and_k(args)
     check(
         not args.sparse_update or k >= 1,
@@ -170,6 +174,11 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
             f"--error-feedback needs --mode unified (a memory per column), got --mode {args.mode}",
         )
         check(not args.sparse_update, "--error-feedback does not combine with --sparse-update")
+    adaptive = feedback_flags.check_adaptive(args, k)
+    check(
+        adaptive is None or getattr(args, "model", "mlp") == "mlp",
+        "--adaptive-k needs the MLP (drop --model cnn)",
+    )
     mesimp = simplify.check_mesimp(args, k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
@@ -188,7 +197,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         data_dir=args.data_dir,
         sparse_update=args.sparse_update,
         feedback=float(args.error_feedback or 0.0),
+        adaptive=adaptive,
         **mesimp,
+        **network,
     )
 
 
@@ -200,23 +211,17 @@ def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
         parts = ["dense"]
     else:
         parts = [f"k{s.k}", s.mode]
+    if s.network == "cnn":
+        parts.insert(0, cnn.out_tag(s.channels, s.k_conv))
     if s.sparse_update:
         parts.append("sparse")
     if s.feedback:
         parts.append(f"fb{s.feedback:g}")
+    parts += feedback_flags.out_parts(0.0, s.adaptive)
     if s.mesimp:
         parts.append(f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}")
     parts += [f"h{s.hidden}x{s.layers}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
-    if args.lr is not None:
-        parts.append(f"lr{args.lr:g}")
-    if args.clip > 0:
-        parts.append(f"clip{args.clip:g}")
-    if s.k_output:
-        parts.append(f"ko{s.k_output}")
-    if s.dropout:
-        parts.append(f"drop{s.dropout:g}")
-    if s.limit_train is not None:
-        parts.append(f"n{s.limit_train}")
+    parts += run_name_tail(args, k_output=s.k_output, dropout=s.dropout, limit_train=s.limit_train)
     return Path("runs") / "-".join(["mnist", *parts])
 
 
@@ -228,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser, ImportError):
         loop.setup_processes(args)  # before anything touches a device
         devices = loop.resolve_devices(args.devices, [args.batch_size])
         settings = settings_from_args(args, devices)
@@ -251,8 +256,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f", written to {args.export}" if args.export is not None else "")
             )
         return code
-    except loop.ConfigError as exc:
-        parser.error(str(exc))
-    except (DataError, ImportError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return 2  # not reached: parser.error and parser.exit raise SystemExit
+    return 2  # not reached: user_errors ends the program with exit code 2

@@ -35,50 +35,15 @@ __all__ = [
     "load_export",
 ]
 
-_SCHEDULE_HELP = (
-    "meSimp (Sun et al. 2017): train with meProp and permanently remove the hidden units that "
-    "top-k seldom selects; the layers shrink for real (forward included), padded to multiples "
-    "of 16 with masked units. Training runs in cycles of --mesimp-cycle epochs: even cycles "
-    "(epochs 1-5, 11-15, ... with the default 5) prune --mesimp-prunes-per-epoch times per "
-    "epoch, odd cycles train the shrunk net with plain meProp. A prune keeps a unit selected "
-    "by at least --mesimp-threshold of the examples counted since the last prune (the count "
-    "goes on through odd cycles). With --mode per-example each example selects its own k "
-    "units; with unified every example of a batch counts as selecting the batch's k. The "
-    "optimizer's moments are zeroed at every cycle start (the step count is kept)."
+_EXPORT_HELP = (
+    "after the run, write the shrunk model as a stock Flax MLP: DIR/params.msgpack and "
+    "DIR/config.json"
 )
 
 
 def add_mesimp_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``meSimp`` flag group."""
-    g = parser.add_argument_group("meSimp", _SCHEDULE_HELP)
-    g.add_argument("--mesimp", action="store_true", help="train with meSimp (needs --k >= 1)")
-    g.add_argument(
-        "--mesimp-threshold",
-        type=float,
-        default=None,
-        help=f"prune threshold in (0, 1) (default {mesimp_lib.DEFAULT_THRESHOLD:g})",
-    )
-    g.add_argument(
-        "--mesimp-cycle",
-        type=int,
-        default=None,
-        help=f"epochs per cycle (default {mesimp_loop.DEFAULT_CYCLE})",
-    )
-    g.add_argument(
-        "--mesimp-prunes-per-epoch",
-        type=int,
-        default=None,
-        help=f"prunes per epoch of an even cycle, at chunk boundaries (default "
-        f"{mesimp_loop.DEFAULT_PRUNES_PER_EPOCH}; sets the chunks, so not with --chunk-steps)",
-    )
-    g.add_argument(
-        "--export",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="after the run, write the shrunk model as a stock Flax MLP: DIR/params.msgpack "
-        "and DIR/config.json",
-    )
+    """Adds the ``meSimp`` flag group shared by the experiments."""
+    mesimp_loop.add_mesimp_arguments(parser, _EXPORT_HELP)
 
 
 def check_mesimp(args: argparse.Namespace, k: int) -> dict[str, Any]:
@@ -87,46 +52,14 @@ def check_mesimp(args: argparse.Namespace, k: int) -> dict[str, Any]:
     Raises:
       ConfigError: naming the offending flag.
     """
-    check = loop.require
-    given = [
-        flag
-        for flag, value in (
-            ("--mesimp-threshold", args.mesimp_threshold),
-            ("--mesimp-cycle", args.mesimp_cycle),
-            ("--mesimp-prunes-per-epoch", args.mesimp_prunes_per_epoch),
-            ("--export", args.export),
-        )
-        if value is not None
-    ]
-    if not args.mesimp:
-        check(not given, f"{given[0] if given else ''} needs --mesimp")
-        return {}
-    threshold = (
-        mesimp_lib.DEFAULT_THRESHOLD if args.mesimp_threshold is None else args.mesimp_threshold
-    )
-    cycle = mesimp_loop.DEFAULT_CYCLE if args.mesimp_cycle is None else args.mesimp_cycle
-    prunes = (
-        mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
-        if args.mesimp_prunes_per_epoch is None
-        else args.mesimp_prunes_per_epoch
-    )
-    check(0.0 < threshold < 1.0, f"--mesimp-threshold must be in (0, 1), got {threshold:g}")
-    check(cycle >= 1, f"--mesimp-cycle must be >= 1, got {cycle}")
-    check(prunes >= 1, f"--mesimp-prunes-per-epoch must be >= 1, got {prunes}")
-    check(not args.kdim, "--mesimp needs meProp hidden layers: drop --kdim")
-    check(k >= 1, "--mesimp needs meProp hidden layers: --k >= 1 (its top-k drives the pruning)")
-    check(not args.sparse_update, "--mesimp does not combine with --sparse-update")
-    check(not args.error_feedback, "--mesimp does not combine with --error-feedback")
-    check(
-        not args.chunk_steps,
-        "--mesimp sets the chunks from --mesimp-prunes-per-epoch: drop --chunk-steps",
-    )
-    return {
-        "mesimp": True,
-        "mesimp_threshold": float(threshold),
-        "mesimp_cycle": int(cycle),
-        "mesimp_prunes_per_epoch": int(prunes),
-    }
+    if args.mesimp:
+        loop.require(not args.kdim, "--mesimp needs meProp hidden layers: drop --kdim")
+    options = mesimp_loop.mesimp_options(args, k)
+    if options:
+        check = loop.require
+        check(not args.sparse_update, "--mesimp does not combine with --sparse-update")
+        check(not args.error_feedback, "--mesimp does not combine with --error-feedback")
+    return options
 
 
 def chunk_steps(train_size: int, s: MnistSettings) -> int:

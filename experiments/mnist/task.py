@@ -1,7 +1,8 @@
 """The MNIST task of the shared loop: settings, minibatches, loss and data loading.
 
 :class:`MnistTask` is what :func:`experiments.loop.train` trains: the MLP of
-:class:`experiments.common.models.MLP` on the paper's split (the first 5,000 training images
+:class:`experiments.common.models.MLP` (or, with ``--model cnn``, the
+:class:`experiments.mnist.cnn.CNN`) on the paper's split (the first 5,000 training images
 are dev, the remaining 55,000 train, plus the 10,000 test images; pixels in [0, 1]).
 """
 
@@ -16,9 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
 from experiments.common.models import MLP
+from experiments.common.state_hooks import StateHooks
+from experiments.mnist.cnn import CNN, DEFAULT_CHANNELS
 from experiments.mnist.data import Mnist, load_mnist, load_mnist_tfds
+from meprop_jax import AdaptiveK
 from meprop_jax import mesimp as mesimp_lib
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
 
 NUM_CLASSES = 10
 DEFAULT_EVAL_BATCH = 1000
+_CNN_FIELDS = ("network", "channels", "k_conv")
 
 
 def batchify(
@@ -98,19 +104,34 @@ class MnistSettings:
     data_dir: str | None = None
     sparse_update: bool = False
     feedback: float = 0.0
+    adaptive: AdaptiveK | None = None
     mesimp: bool = False
     mesimp_threshold: float = mesimp_lib.DEFAULT_THRESHOLD
     mesimp_cycle: int = mesimp_loop.DEFAULT_CYCLE
     mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
+    network: str = "mlp"
+    channels: tuple[int, ...] = DEFAULT_CHANNELS
+    k_conv: int = 0
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         """The MLP's Dense chain: ``hidden_0``, ..., ``output``."""
         return (*(f"hidden_{i}" for i in range(self.layers)), "output")
 
-    def model(self, widths: tuple[int, ...] | None = None) -> MLP:
-        """The MLP these settings describe; ``widths`` overrides the hidden sizes (meSimp's
-        shrunk layers)."""
+    def model(self, widths: tuple[int, ...] | None = None) -> MLP | CNN:
+        """The MLP (or CNN) these settings describe; ``widths`` overrides the hidden sizes
+        (meSimp's shrunk layers)."""
+        if self.network == "cnn":
+            return CNN(
+                channels=self.channels,
+                k_conv=self.k_conv,
+                hidden=(self.hidden,) * self.layers,
+                k=self.k,
+                mode=self.mode.replace("-", "_"),
+                k_output=self.k_output,
+                dropout=self.dropout,
+                num_classes=NUM_CLASSES,
+            )
         return MLP(
             hidden=(self.hidden,) * self.layers if widths is None else widths,
             k=self.k,
@@ -120,12 +141,13 @@ class MnistSettings:
             num_classes=NUM_CLASSES,
             sparse_update=self.sparse_update,
             feedback=self.feedback,
+            adaptive=self.adaptive,
             record=self.mesimp,
         )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MnistTask:
+class MnistTask(StateHooks):
     """MNIST classification as an :class:`experiments.loop.Task`."""
 
     data: Mnist
@@ -139,23 +161,6 @@ class MnistTask:
         if not s.mesimp:
             return None
         return mesimp_loop.MesimpSchedule(s.layer_names, s.mesimp_threshold, s.mesimp_cycle)
-
-    # The loop's model-state and schedule hooks (see experiments.loop.Task): meSimp's record.
-    @property
-    def state_collections(self) -> tuple[str, ...]:
-        return () if self.mesimp is None else self.mesimp.state_collections
-
-    @property
-    def state_taps(self) -> Any:
-        return None if self.mesimp is None else self.mesimp.state_taps
-
-    @property
-    def fold_state(self) -> Any:
-        return None if self.mesimp is None else self.mesimp.fold_state
-
-    @property
-    def schedule(self) -> Any:
-        return None if self.mesimp is None else self.mesimp.schedule
 
     def widths(self, variables: Any) -> tuple[int, ...] | None:
         """The hidden widths of ``variables`` (they shrink under meSimp), or None."""
@@ -173,6 +178,8 @@ class MnistTask:
         variables = self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
         if self.settings.mesimp:
             variables = {k: v for k, v in variables.items() if k != mesimp_lib.TAP_COLLECTION}
+        if self.settings.adaptive is not None:
+            variables = feedback_flags.stats_from_init(variables)
         return variables
 
     def loss_fn(
@@ -216,9 +223,15 @@ class MnistTask:
         return [batchify(x, y, self.settings.eval_batch_size)]
 
     def config(self) -> dict[str, Any]:
-        """The settings plus the data sizes."""
+        """The settings plus the data sizes (the CNN's fields only for ``--model cnn``, so
+        that an MLP run's configuration, which ``--resume`` compares, is as before)."""
+        settings = dataclasses.asdict(self.settings)
+        if self.settings.adaptive is None:  # as before adaptive k existed, for --resume
+            del settings["adaptive"]
+        if self.settings.network != "cnn":
+            settings = {k: v for k, v in settings.items() if k not in _CNN_FIELDS}
         return {
-            **dataclasses.asdict(self.settings),
+            **settings,
             "input_dim": int(self.data.train_x.shape[1]),
             "train_size": len(self.data.train_x),
             "dev_size": len(self.data.dev_x),

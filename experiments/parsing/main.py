@@ -52,6 +52,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,8 +65,10 @@ import jax
 import jax.numpy as jnp
 
 from experiments import loop
-from experiments.common import ENV_VAR, DataError
+from experiments.common import ENV_VAR, feedback_flags
+from experiments.common.cli import add_predict_arguments, run_name_tail, user_errors
 from experiments.corpora.treebank import TAG_COLUMNS, Tree, read_treebank, write_treebank
+from experiments.parsing import simplify
 from experiments.parsing.model import ACTIVATIONS, ParserMLP, Vocabularies
 from experiments.parsing.task import (
     ParserSettings,
@@ -128,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--min-count", type=int, default=2, help="rarer training words are UNKNOWN (default 2)"
     )
+    feedback_flags.add_feedback_argument(m)
+    feedback_flags.add_adaptive_arguments(m)
     d = parser.add_argument_group("data")
     d.add_argument("--corpus", choices=tuple(CORPORA), default=None, help="a corpus's files")
     d.add_argument("--data-dir", default=None, help=f"folder of the corpora (default ${ENV_VAR})")
@@ -154,15 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sentences per decoding batch (default {DEFAULT_EVAL_BATCH})",
     )
     d.add_argument("--limit-train", type=int, default=None, help="first N training sentences")
-    p = parser.add_argument_group("prediction")
-    p.add_argument("--predict", type=Path, default=None, metavar="FILE", help="parse FILE")
-    p.add_argument(
-        "--predict-output",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="where --predict writes (default <out>/predicted-<FILE name>)",
-    )
+    add_predict_arguments(parser, "parse FILE")
+    simplify.add_mesimp_arguments(parser)
     loop.add_train_arguments(parser)
     parser.set_defaults(epochs=DEFAULT_EPOCHS, timing_batches=DEFAULT_TIMING_BATCHES)
     helps = {
@@ -203,6 +201,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings
             f"--k {args.k} must be smaller than --hidden {args.hidden} (--k 0: dense)",
         )
         hidden, k = args.hidden, args.k
+    mesimp = simplify.check_mesimp(args)
+    decay = feedback_flags.check_feedback(args, k)
+    adaptive = feedback_flags.check_adaptive(args, k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return ParserSettings(
@@ -218,6 +219,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings
         batch_size=args.batch_size,
         eval_batch_size=eval_batch,
         limit_train=args.limit_train,
+        feedback=decay,
+        adaptive=adaptive,
+        **mesimp,
     )
 
 
@@ -274,18 +278,14 @@ def default_out(s: ParserSettings, files: dict[str, Any], args: argparse.Namespa
         parts = [f"kdim{s.hidden}"]
     else:
         parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
+        parts += feedback_flags.out_parts(s.feedback, s.adaptive)
+        if s.mesimp:
+            parts.append(
+                f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}"
+            )
         parts.append(f"h{s.hidden}")
     parts += [s.activation, args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
-    if args.lr is not None:
-        parts.append(f"lr{args.lr:g}")
-    if args.clip > 0:
-        parts.append(f"clip{args.clip:g}")
-    if s.k_output:
-        parts.append(f"ko{s.k_output}")
-    if s.dropout:
-        parts.append(f"drop{s.dropout:g}")
-    if s.limit_train is not None:
-        parts.append(f"n{s.limit_train}")
+    parts += run_name_tail(args, k_output=s.k_output, dropout=s.dropout, limit_train=s.limit_train)
     return Path("runs") / "-".join(["parse", data, *parts])
 
 
@@ -301,6 +301,7 @@ def _template(model: ParserMLP) -> Any:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     features = jnp.zeros((1, model.num_features), jnp.int32)
     shapes = jax.eval_shape(lambda key: model.init({"params": key}, features), jax.random.key(0))
+    shapes = {k: v for k, v in shapes.items() if k != "mesimp_taps"}  # not saved
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
 
 
@@ -326,7 +327,11 @@ def load_run(run: Path) -> tuple[Vocabularies, ParserMLP, Any, int]:
         model = ParserSettings(**data["model"]).model(vocab)
     except (ValueError, KeyError, TypeError) as exc:
         raise loop.ConfigError(f"--out {run}: unreadable {VOCAB_FILE}: {exc}") from exc
-    params, epoch = loop.restore_params(run, _template(model), epoch=_best_epoch(run))
+    epoch = _best_epoch(run)
+    if model.record:  # meSimp: the saved epoch's hidden layer is smaller
+        width, epoch = simplify.saved_width(run, model.hidden, epoch)
+        model = model.clone(hidden=width)
+    params, epoch = loop.restore_params(run, _template(model), epoch=epoch)
     return vocab, model, params, epoch
 
 
@@ -407,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser):
         if args.predict is not None:
             return _predict_main(args)
         loop.setup_processes(args)  # before anything touches a device
@@ -417,9 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr is None and args.optimizer == "adagrad":
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, default_out(settings, files, args))
+        task = None
+        if settings.mesimp:
+            # meSimp prunes at chunk boundaries: the chunks follow from the examples.
+            task = ParsingTask(load_data(files, settings), settings)
+            cfg = dataclasses.replace(cfg, chunk_steps=simplify.chunk_steps(task))
 
         def make_task() -> ParsingTask:
-            task = ParsingTask(load_data(files, settings), settings)
+            nonlocal task
+            task = task or ParsingTask(load_data(files, settings), settings)
             ex = task.data.examples
             print(
                 f"{len(ex.gold)} training examples from {len(task.data.train)} trees; skipped "
@@ -430,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return task
 
         code = loop.run_cli(make_task, cfg, "experiments.parsing", argv)
+        if code == 0 and settings.mesimp and task is not None:
+            entry = simplify.finish_run(task, cfg.out, args.export)
+            if entry is not None:
+                print(simplify.describe(entry, args.export))
         if code == 0:
             speed = measure_parse_speed(cfg.out, files)
             print(
@@ -438,8 +453,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"epoch {speed['epoch']}, test UAS {speed['test_uas']:.2f}%)"
             )
         return code
-    except loop.ConfigError as exc:
-        parser.error(str(exc))
-    except DataError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return 2  # not reached: parser.error and parser.exit raise SystemExit
+    return 2  # not reached: user_errors ends the program with exit code 2

@@ -181,6 +181,9 @@ class ParserMLP(nn.Module):
       k_output: meProp k of the output layer (0 = dense).
       activation: ``"cube"`` or ``"relu"``.
       dropout: inverted-dropout rate on the hidden activations (training only).
+      record: keep meSimp's activity record in the hidden layer (``"mesimp"`` at ``hidden``).
+      feedback: error-feedback decay of the hidden layer (``Dense(feedback=...)``; 0 = none).
+      adaptive: adaptive k of the hidden layer (``Dense(adaptive=...)``; None = fixed k).
     """
 
     num_words: int
@@ -194,6 +197,9 @@ class ParserMLP(nn.Module):
     k_output: int = 0
     activation: str = "cube"
     dropout: float = 0.0
+    record: bool = False
+    feedback: float = 0.0
+    adaptive: meprop_jax.AdaptiveK | None = None
 
     @property
     def num_features(self) -> int:
@@ -220,7 +226,15 @@ class ParserMLP(nn.Module):
             parts.append(_rows(table, ids).reshape(features.shape[0], positions * self.embed_dim))
             start += positions
         x = jnp.concatenate(parts, axis=1)
-        h = meprop_jax.Dense(self.hidden, k=self.k, mode=self.mode, name="hidden")(x)
+        h = meprop_jax.Dense(
+            self.hidden,
+            k=self.k,
+            mode=self.mode,
+            record=self.record,
+            feedback=self.feedback,
+            adaptive=self.adaptive,
+            name="hidden",
+        )(x)
         h = _activation(h, self.activation)
         if train and self.dropout > 0:
             h = inverted_dropout(h, self.dropout, self.make_rng("dropout"))
@@ -257,5 +271,7 @@ def fast_logits(
         ids = features[:, start : start + positions] + offsets
         h = h + jnp.sum(_rows(table.reshape(positions * rows, width), ids), axis=1)
         start += positions
+    if model.record:  # meSimp's mask: pruned and padding units output 0, as in the model
+        h = h * params["mesimp"]["hidden"]["mask"].astype(h.dtype)
     h = _activation(h, model.activation)
     return h @ p["output"]["kernel"] + p["output"]["bias"]

@@ -22,10 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import feedback_flags
+from experiments.common import mesimp as mesimp_loop
+from experiments.common.state_hooks import StateHooks
 from experiments.corpora.treebank import Tree
 from experiments.parsing import decoder
 from experiments.parsing.model import ParserMLP, Vocabularies, fast_logits, hidden_tables
 from experiments.parsing.transitions import Config, feature_ids, num_transitions, oracle
+from meprop_jax import AdaptiveK
+from meprop_jax import mesimp as mesimp_lib
 
 __all__ = [
     "Examples",
@@ -58,26 +63,38 @@ class ParserSettings:
     batch_size: int = 1000
     eval_batch_size: int = 64
     limit_train: int | None = None
+    mesimp: bool = False
+    mesimp_threshold: float = mesimp_lib.DEFAULT_THRESHOLD
+    mesimp_cycle: int = mesimp_loop.DEFAULT_CYCLE
+    mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
+    feedback: float = 0.0
+    adaptive: AdaptiveK | None = None
 
-    def model(self, vocab: Vocabularies) -> ParserMLP:
-        """The MLP these settings describe, sized for ``vocab``."""
+    def model(self, vocab: Vocabularies, hidden: int | None = None) -> ParserMLP:
+        """The MLP these settings describe, sized for ``vocab``; ``hidden`` overrides the
+        hidden width (meSimp's shrunk layer)."""
         return ParserMLP(
             num_words=len(vocab.words),
             num_tags=len(vocab.tags),
             num_label_ids=len(vocab.labels) + 1 if vocab.labelled else 0,
             num_transitions=num_transitions(vocab.num_labels),
             embed_dim=self.embed_dim,
-            hidden=self.hidden,
+            hidden=self.hidden if hidden is None else hidden,
             k=self.k,
             mode=self.mode.replace("-", "_"),
             k_output=self.k_output,
             activation=self.activation,
             dropout=self.dropout,
+            record=self.mesimp,
+            feedback=self.feedback,
+            adaptive=self.adaptive,
         )
 
     def model_json(self) -> dict[str, Any]:
         """The fields that shape the model (stored with the vocabularies)."""
         keys = ("embed_dim", "hidden", "k", "mode", "k_output", "kdim", "activation", "dropout")
+        if self.mesimp:  # the record's collection is part of the saved variables
+            keys += ("mesimp",)
         return {key: getattr(self, key) for key in keys}
 
 
@@ -298,7 +315,7 @@ class ParsingData:
 
 
 @dataclasses.dataclass(eq=False)
-class ParsingTask:
+class ParsingTask(StateHooks):
     """Transition-based parsing as a loop task: training on oracle examples, evaluation by
     greedy decoding (accuracy = UAS over non-punctuation tokens, plus ``correct_las``)."""
 
@@ -316,13 +333,34 @@ class ParsingTask:
             for split in ("dev", "test")
         }
 
+    # meSimp (see experiments.parsing.simplify): the hidden layer's record is model state.
+    @property
+    def mesimp(self) -> mesimp_loop.MesimpSchedule | None:
+        """The meSimp hooks (the hidden layer, then the output layer), or None."""
+        s = self.settings
+        if not s.mesimp:
+            return None
+        return mesimp_loop.MesimpSchedule(("hidden", "output"), s.mesimp_threshold, s.mesimp_cycle)
+
+    def model_for(self, params: Any) -> ParserMLP:
+        """The MLP at the hidden width of ``params`` (it shrinks under meSimp)."""
+        if not self.settings.mesimp:
+            return self.model
+        (width,) = mesimp_loop.record_widths(params[mesimp_lib.COLLECTION], ("hidden",))
+        return self.model if width == self.model.hidden else self.model.clone(hidden=width)
+
     def init(self, key: jax.Array) -> Any:
         """Initial parameters (normal embeddings with std 1/sqrt(embed_dim), Flax-default
-        dense layers)."""
+        dense layers; with meSimp, the record without its taps, which the loop makes)."""
         k_params, k_meprop, k_dropout = jax.random.split(key, 3)
         features = jnp.zeros((1, self.model.num_features), jnp.int32)
         rngs = {"params": k_params, "meprop": k_meprop, "dropout": k_dropout}
-        return self.model.init(rngs, features, False)
+        variables = self.model.init(rngs, features, False)
+        if self.settings.mesimp:
+            variables = {k: v for k, v in variables.items() if k != mesimp_lib.TAP_COLLECTION}
+        if self.settings.adaptive is not None:
+            variables = feedback_flags.stats_from_init(variables)
+        return variables
 
     def loss_fn(
         self, params: Any, batch: Mapping[str, jax.Array], key: jax.Array, train: bool
@@ -330,13 +368,14 @@ class ParsingTask:
         """Training: mean cross-entropy of the oracle transitions. Evaluation: greedy
         decoding; aux ``correct``/``correct_las``/``count`` are attachment counts and the loss
         is 0 (there is no oracle for a parse that went astray)."""
+        model = self.model_for(params)
         if not train:
-            tables = hidden_tables(self.model, params)
-            state = decode_batch(self.model, params, tables, batch, self.data.vocab.num_labels)
+            tables = hidden_tables(model, params)
+            state = decode_batch(model, params, tables, batch, self.data.vocab.num_labels)
             counts = attachment_counts(state, batch, self.data.vocab.labelled)
             return jnp.zeros((), jnp.float32), counts
         k_dropout, k_meprop = jax.random.split(key)
-        logits = self.model.apply(
+        logits = model.apply(
             params, batch["features"], True, rngs={"dropout": k_dropout, "meprop": k_meprop}
         )
         mask = batch["mask"]

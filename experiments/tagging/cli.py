@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments import loop
-from experiments.common import ENV_VAR
-from experiments.corpora.conll import FORMATS, TAG_COLUMNS, DataError
+from experiments.common import ENV_VAR, feedback_flags
+from experiments.common.cli import add_predict_arguments, run_name_tail, user_errors
+from experiments.corpora.conll import FORMATS, TAG_COLUMNS
+from experiments.tagging import simplify
 from experiments.tagging.features import DEFAULT_FEATURES, FEATURES
 from experiments.tagging.predict import predict_file
 from experiments.tagging.task import (
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="words and feature values seen fewer times in training map to <unk> (default 2)",
     )
+    feedback_flags.add_feedback_argument(m)
+    feedback_flags.add_adaptive_arguments(m)
     d = parser.add_argument_group("data")
     d.add_argument(
         "--corpus",
@@ -127,21 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--limit-train", type=int, default=None, help="use the first N training sentences"
     )
-    p = parser.add_argument_group("prediction")
-    p.add_argument(
-        "--predict",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="tag FILE with the model saved in the run folder --out, write it, and exit",
-    )
-    p.add_argument(
-        "--predict-output",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="where --predict writes (default <out>/predicted-<FILE name>)",
-    )
+    add_predict_arguments(parser, "tag FILE")
+    simplify.add_mesimp_arguments(parser)
     loop.add_train_arguments(parser)
     parser.set_defaults(epochs=DEFAULT_EPOCHS, timing_batches=DEFAULT_TIMING_BATCHES)
     # The loop's help texts name its own defaults; say where the tagger's differ.
@@ -199,6 +191,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
         args.limit_train is None or args.limit_train >= 1,
         f"--limit-train must be >= 1, got {args.limit_train}",
     )
+    mesimp = simplify.check_mesimp(args)
+    decay = feedback_flags.check_feedback(args, args.k)
+    adaptive = feedback_flags.check_adaptive(args, args.k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return TaggerSettings(
@@ -214,6 +209,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
         batch_size=args.batch_size,
         eval_batch_size=eval_batch,
         limit_train=args.limit_train,
+        feedback=decay,
+        adaptive=adaptive,
+        **mesimp,
     )
 
 
@@ -269,19 +267,14 @@ def default_out(s: TaggerSettings, files: DataFiles, args: argparse.Namespace) -
     """``runs/tag-<corpus>-<config>``: the same flags give the same folder, for ``--resume``."""
     data = files.corpus or files.train.name.split(".")[0]
     parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
+    parts += feedback_flags.out_parts(s.feedback, s.adaptive)
+    if s.mesimp:
+        parts.append(f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}")
     parts += [f"h{s.hidden}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     if s.bidirectional:
         parts.append("bi")
-    if args.lr is not None:
-        parts.append(f"lr{args.lr:g}")
-    if args.clip > 0:
-        parts.append(f"clip{args.clip:g}")
-    if s.dropout:
-        parts.append(f"drop{s.dropout:g}")
-    if s.features != DEFAULT_FEATURES:
-        parts.append("feats-" + "+".join(s.features))
-    if s.limit_train is not None:
-        parts.append(f"n{s.limit_train}")
+    feats = () if s.features == DEFAULT_FEATURES else ("feats-" + "+".join(s.features),)
+    parts += run_name_tail(args, dropout=s.dropout, extra=feats, limit_train=s.limit_train)
     return Path("runs") / "-".join(["tag", data, *parts])
 
 
@@ -306,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser):
         if args.predict is not None:
             return _predict_main(args)
         loop.setup_processes(args)  # before anything touches a device
@@ -318,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, out)
 
-        def make_task() -> TaggingTask:
-            task = TaggingTask(load_data(files, settings), settings)
+        def checked(task: TaggingTask, cfg: loop.TrainConfig) -> TaggingTask:
             # A refused run must leave the run folder as it was: check before writing.
             loop.check_resume(cfg, task)
             if cfg.resume:
@@ -327,9 +319,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             task.save_vocab(cfg.out)
             return task
 
-        return loop.run_cli(make_task, cfg, "experiments.tagging", argv)
-    except loop.ConfigError as exc:
-        parser.error(str(exc))
-    except DataError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return 2  # not reached: parser.error and parser.exit raise SystemExit
+        if not settings.mesimp:
+            return loop.run_cli(
+                lambda: checked(TaggingTask(load_data(files, settings), settings), cfg),
+                cfg,
+                "experiments.tagging",
+                argv,
+            )
+        # meSimp prunes at chunk boundaries: the chunks follow from the training buckets.
+        task = TaggingTask(load_data(files, settings), settings)
+        cfg = dataclasses.replace(cfg, chunk_steps=simplify.chunk_steps(task))
+        code = loop.run_cli(lambda: checked(task, cfg), cfg, "experiments.tagging", argv)
+        entry = simplify.finish_run(task, cfg.out, args.export) if code == 0 else None
+        if entry is not None:
+            print(simplify.describe(entry, args.export))
+        return code
+    return 2  # not reached: user_errors ends the program with exit code 2

@@ -47,19 +47,51 @@ def zero_carry(x: jax.Array, hidden: int) -> tuple[jax.Array, jax.Array]:
     return zeros, zeros
 
 
-def lstm_layer(hidden: int, k: int, mode: str, reverse: bool, name: str) -> nn.RNN:
+def lstm_layer(
+    hidden: int,
+    k: int,
+    mode: str,
+    reverse: bool,
+    name: str,
+    record: bool = False,
+    *,
+    feedback: float = 0.0,
+    adaptive: meprop_jax.AdaptiveK | None = None,
+    steps: int = 1,
+) -> nn.RNN:
     """One direction of the tagger's LSTM: a meProp cell scanned over time.
 
     Called inside a compact module, the cell belongs to that module: its parameters sit under
     ``name``. With ``reverse`` the scan reads each sentence from its last real word back
-    (``seq_lengths``) and the outputs come back in the input order.
+    (``seq_lengths``) and the outputs come back in the input order. With ``record`` the cell
+    keeps meSimp's activity record (``"mesimp"`` at ``name``), shared by every time step.
+    ``feedback`` (error-feedback decay) and ``adaptive`` (adaptive k) are those of the cell;
+    its memory and chosen-k tap are shared by the ``steps`` time steps of the scan.
 
     Returns:
       An ``nn.RNN`` mapping ``x [batch, time, in]`` to ``[batch, time, hidden]``.
     """
-    cell = meprop_jax.LSTMCell(hidden, k=k, mode=mode, name=name)
+    cell = meprop_jax.LSTMCell(
+        hidden,
+        k=k,
+        mode=mode,
+        record=record,
+        feedback=feedback,
+        feedback_steps=steps,
+        adaptive=adaptive,
+        name=name,
+    )
     split = {"params": False, "meprop": True}  # a fresh random-k key at every step
-    return nn.RNN(cell, reverse=reverse, keep_order=True, split_rngs=split)
+    shared = [meprop_jax.feedback.MEMORY_COLLECTION] if feedback else []
+    shared += [] if adaptive is None else [meprop_jax.linen.ADAPTIVE_TAP_COLLECTION]
+    if not record and not shared:
+        return nn.RNN(cell, reverse=reverse, keep_order=True, split_rngs=split)
+    broadcast = ["params", *shared]
+    if record:
+        broadcast += [meprop_jax.mesimp.COLLECTION, meprop_jax.mesimp.TAP_COLLECTION]
+    return nn.RNN(
+        cell, reverse=reverse, keep_order=True, split_rngs=split, variable_broadcast=broadcast
+    )
 
 
 class Tagger(nn.Module):
@@ -76,6 +108,9 @@ class Tagger(nn.Module):
       bidirectional: add a right-to-left LSTM and concatenate the two outputs.
       word_dim: word embedding size.
       feature_dim: size of each feature embedding.
+      record: keep meSimp's activity record in the (one-way) LSTM cell.
+      feedback: error-feedback decay of the LSTM cells (0 = none; unified mode).
+      adaptive: adaptive k of the LSTM cells (``k`` per gate is the upper bound).
     """
 
     vocab_size: int
@@ -88,6 +123,9 @@ class Tagger(nn.Module):
     bidirectional: bool = False
     word_dim: int = 50
     feature_dim: int = 20
+    record: bool = False
+    feedback: float = 0.0
+    adaptive: meprop_jax.AdaptiveK | None = None
 
     @nn.compact
     def __call__(
@@ -110,13 +148,15 @@ class Tagger(nn.Module):
         if train and self.dropout > 0:
             x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
         carry = zero_carry(x, self.hidden)
-        h = lstm_layer(self.hidden, self.k, self.mode, False, "lstm")(
+        # Every time step of the scan shares the cells' memory and chosen-k tap.
+        shared = {"feedback": self.feedback, "adaptive": self.adaptive, "steps": x.shape[1]}
+        h = lstm_layer(self.hidden, self.k, self.mode, False, "lstm", self.record, **shared)(
             x, initial_carry=carry, seq_lengths=lengths
         )
         if self.bidirectional:
             # nn.Bidirectional gathers the final carries, which explicit mesh axes reject;
             # a reversed nn.RNN with keep_order is its backward half.
-            back = lstm_layer(self.hidden, self.k, self.mode, True, "lstm_backward")(
+            back = lstm_layer(self.hidden, self.k, self.mode, True, "lstm_backward", **shared)(
                 x, initial_carry=carry, seq_lengths=lengths
             )
             h = jnp.concatenate([h, back], axis=-1)

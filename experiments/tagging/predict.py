@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import loop
+from experiments.common import mesimp as mesimp_loop
 from experiments.corpora.conll import MISSING_TAG, read_untagged, write_tagged
+from experiments.loop.checkpoints import CHECKPOINT_DIR
 from experiments.tagging.batching import batch_arrays, bucket_ladder, bucketize
 from experiments.tagging.features import VOCAB_FILE, Encoded, Vocabularies
 from experiments.tagging.model import Tagger, init_params
 from experiments.tagging.task import DEFAULT_EVAL_BATCH, TaggerSettings
+from meprop_jax import mesimp as mesimp_lib
 
 __all__ = ["load_run", "predict_file", "predict_tags"]
 
@@ -45,14 +48,14 @@ def predict_tags(
     return out
 
 
-def load_run(run: Path) -> tuple[Vocabularies, TaggerSettings, Any, int]:
-    """The vocabularies, model settings and parameters saved in a run folder.
+def load_run(run: Path) -> tuple[Vocabularies, Tagger, Any, int]:
+    """The vocabularies, model and parameters saved in a run folder.
 
     Takes the best-dev epoch's parameters if that checkpoint is still kept, otherwise the
-    latest checkpoint's.
+    latest checkpoint's; a meSimp run's model has the LSTM width of that checkpoint.
 
     Returns:
-      ``(vocab, settings, params, epoch)``.
+      ``(vocab, model, params, epoch)``.
 
     Raises:
       loop.ConfigError: no vocabulary file or no checkpoint in ``run``.
@@ -66,18 +69,25 @@ def load_run(run: Path) -> tuple[Vocabularies, TaggerSettings, Any, int]:
         settings = TaggerSettings(**data["model"], features=vocab.feature_names)
     except (ValueError, KeyError, TypeError) as exc:
         raise loop.ConfigError(f"--out {run}: unreadable {VOCAB_FILE}: {exc}") from exc
-    # Shapes only: compiling the initialisers would cost more than the whole prediction.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    template = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(functools.partial(init_params, settings.model(vocab)), jax.random.key(0)),
-    )
     best = None
     results = run / loop.RESULTS_FILE
     if results.is_file():
         best = (json.loads(results.read_text()).get("best") or {}).get("epoch")
+    model = settings.model(vocab)
+    if settings.mesimp:  # the saved epoch's LSTM is smaller, and its record has no taps
+        (width,), best = mesimp_loop.saved_widths(
+            run, best, (settings.hidden,), loop.RESULTS_FILE, CHECKPOINT_DIR
+        )
+        model = settings.model(vocab, hidden=width)
+    # Shapes only: compiling the initialisers would cost more than the whole prediction.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    shapes = {name: tree for name, tree in shapes.items() if name != mesimp_lib.TAP_COLLECTION}
+    template = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes
+    )
     params, epoch = loop.restore_params(run, template, epoch=best)
-    return vocab, settings, params, epoch
+    return vocab, model, params, epoch
 
 
 def predict_file(
@@ -94,9 +104,8 @@ def predict_file(
       ``(sentences, tokens, accuracy, epoch)``: accuracy (%) against the tags the file
       already had (None when it had none), and the epoch whose parameters were used.
     """
-    vocab, settings, params, epoch = load_run(run)
+    vocab, model, params, epoch = load_run(run)
     sentences, fmt = read_untagged(path, fmt, tag_column)
-    model = settings.model(vocab)
     encoded = [vocab.encode(s) for s in sentences]
     preds = predict_tags(model, params, encoded)
     tags = [[vocab.tags.items[int(t)] for t in p] for p in preds]

@@ -12,10 +12,15 @@ import jax
 import numpy as np
 
 from experiments import loop
+from experiments.common import feedback_flags
+from experiments.common import mesimp as mesimp_loop
+from experiments.common.state_hooks import StateHooks
 from experiments.corpora.conll import DataError, Sentence, read_tagged, split_dev
 from experiments.tagging.batching import batch_arrays, bucket_ladder, bucketize
 from experiments.tagging.features import DEFAULT_FEATURES, VOCAB_FILE, Vocabularies
 from experiments.tagging.model import Tagger, init_params, token_loss
+from meprop_jax import AdaptiveK
+from meprop_jax import mesimp as mesimp_lib
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -49,29 +54,39 @@ class TaggerSettings:
     batch_size: int = DEFAULT_BATCH
     eval_batch_size: int = DEFAULT_EVAL_BATCH
     limit_train: int | None = None
+    mesimp: bool = False
+    mesimp_threshold: float = mesimp_lib.DEFAULT_THRESHOLD
+    mesimp_cycle: int = mesimp_loop.DEFAULT_CYCLE
+    mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
+    feedback: float = 0.0
+    adaptive: AdaptiveK | None = None
 
-    def model(self, vocab: Vocabularies) -> Tagger:
-        """The tagger these settings describe, sized for ``vocab``."""
+    def model(self, vocab: Vocabularies, hidden: int | None = None) -> Tagger:
+        """The tagger these settings describe, sized for ``vocab``; ``hidden`` overrides the
+        LSTM width (meSimp's shrunk cell)."""
         return Tagger(
             vocab_size=len(vocab.words),
             feature_sizes=tuple(len(v) for v in vocab.features),
             num_tags=len(vocab.tags),
-            hidden=self.hidden,
+            hidden=self.hidden if hidden is None else hidden,
             k=self.k,
             mode=self.mode.replace("-", "_"),
             dropout=self.dropout,
             bidirectional=self.bidirectional,
             word_dim=self.word_dim,
             feature_dim=self.feature_dim,
+            record=self.mesimp,
+            feedback=self.feedback,
+            adaptive=self.adaptive,
         )
 
     def model_json(self) -> dict[str, Any]:
         """The fields that shape the model (stored with the vocabularies)."""
         d = dataclasses.asdict(self)
-        return {
-            k: d[k]
-            for k in ("hidden", "k", "mode", "dropout", "bidirectional", "word_dim", "feature_dim")
-        }
+        fields = ["hidden", "k", "mode", "dropout", "bidirectional", "word_dim", "feature_dim"]
+        # Only when on, so that the vocab.json of other runs (and their --resume) is unchanged.
+        fields += ["mesimp"] if self.mesimp else []
+        return {k: d[k] for k in fields}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +130,7 @@ def load_data(files: DataFiles, settings: TaggerSettings) -> TaggingData:
 
 
 @dataclasses.dataclass(eq=False)
-class TaggingTask:
+class TaggingTask(StateHooks):
     """POS tagging as a :class:`experiments.loop.Task`.
 
     Training: one batch group per length bucket (at most :data:`~.batching.MAX_BUCKETS`,
@@ -142,16 +157,39 @@ class TaggingTask:
             )
         }
 
+    # meSimp (see experiments.tagging.simplify): the LSTM cell's record is model state.
+    @property
+    def mesimp(self) -> mesimp_loop.MesimpSchedule | None:
+        """The meSimp hooks (the LSTM cell, then the output layer), or None."""
+        s = self.settings
+        if not s.mesimp:
+            return None
+        layers = ("lstm", "output")
+        return mesimp_loop.MesimpSchedule(layers, s.mesimp_threshold, s.mesimp_cycle, lstm=True)
+
+    def model_for(self, params: Any) -> Tagger:
+        """The tagger at the LSTM width of ``params`` (it shrinks under meSimp)."""
+        if not self.settings.mesimp:
+            return self.model
+        (width,) = mesimp_loop.record_widths(params[mesimp_lib.COLLECTION], ("lstm",))
+        return self.model if width == self.model.hidden else self.model.clone(hidden=width)
+
     def init(self, key: jax.Array) -> Any:
-        """Flax-default initial parameters."""
-        return init_params(self.model, key)
+        """Flax-default initial parameters (with meSimp, and the record without its taps,
+        which the loop makes each step)."""
+        variables = init_params(self.model, key)
+        if self.settings.mesimp:
+            variables = {k: v for k, v in variables.items() if k != mesimp_lib.TAP_COLLECTION}
+        if self.settings.adaptive is not None:
+            variables = feedback_flags.stats_from_init(variables)
+        return variables
 
     def loss_fn(
         self, params: Any, batch: Mapping[str, jax.Array], key: jax.Array, train: bool
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean token cross-entropy over the real tokens; correct and count as aux."""
         k_dropout, k_meprop = jax.random.split(key)
-        logits = self.model.apply(
+        logits = self.model_for(params).apply(
             params,
             batch["words"],
             batch["features"],

@@ -15,9 +15,11 @@ DURATIONS = {
     "dense": [0.036, 0.030, 0.027],  # 10 ms per step
     "meprop": [0.024, 0.021, 0.015],  # 7
     "meprop+sparse": [0.018, 0.012, 0.015],  # 5
+    "meprop+feedback": [0.021, 0.024, 0.027],  # 8
     "dense:fwd+bwd": [0.024, 0.021, 0.027],  # 8
     "meprop:fwd+bwd": [0.027, 0.024, 0.030],  # 9: above the step, so no update estimate
     "meprop+sparse:fwd+bwd": [0.009, 0.012, 0.006],  # 3
+    "meprop+feedback:fwd+bwd": [0.015, 0.018, 0.021],  # 6
     "forward": [0.006, 0.009, 0.012],  # 3
 }
 PER_STEP_MS = {name: 1e3 * statistics.median(s) / STEPS for name, s in DURATIONS.items()}
@@ -61,7 +63,8 @@ def test_bound_and_update_estimates(run):
     assert rows["dense"].extra["update_ms"] == pytest.approx(2.0)
     assert rows["meprop+sparse"].extra["update_ms"] == pytest.approx(2.0)
     assert rows["meprop"].extra["update_ms"] == 0.0  # noise, not a negative update
-    assert [rows[v].extra["update"] for v in steps.STEP_VARIANTS] == ["adam", "adam", "sparse_adam"]
+    updates = [rows[v].extra["update"] for v in steps.STEP_VARIANTS]
+    assert updates == ["adam", "adam", "sparse_adam", "adam"]
     assert "fwd_bwd_ms" not in rows["dense:fwd+bwd"].extra
 
 
