@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import pytest
 from experiments.mnist import cli
 from experiments.mnist import task as mnist_task
 from experiments.mnist.data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
-from tests.helpers import persistent_compilation_cache
 
 REAL_DATA_DIR = os.environ.get("MEPROP_DATA_DIR")
 REPO = Path(__file__).resolve().parents[3]
@@ -66,28 +64,6 @@ specs = {k: mnist_data.FileSpec(v[0], tuple(v[1])) for k, v in json.loads(sys.ar
 task.load_mnist = functools.partial(mnist_data.load_mnist, expected=specs)
 sys.exit(cli.main(sys.argv[2:]))
 """
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One XLA cache for this module and its subprocesses (they compile the same programs)."""
-    path = tmp_path_factory.getbasetemp() / "jax-cache"
-    with persistent_compilation_cache(path):
-        yield path
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, FileSpec]]:
-    folder = tmp_path_factory.mktemp("tiny") / "mnist"
-    return folder, write_tiny_mnist(folder)
-
-
-@pytest.fixture
-def tiny_dir(tiny_files: tuple[Path, dict[str, FileSpec]], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The tiny files, with the experiment's reader told to accept their shapes."""
-    folder, specs = tiny_files
-    monkeypatch.setattr(mnist_task, "load_mnist", functools.partial(load_mnist, expected=specs))
-    return folder
 
 
 def tiny_args(data_dir: Path, out: Path, *extra: str) -> list[str]:

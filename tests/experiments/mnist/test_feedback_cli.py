@@ -1,8 +1,6 @@
 """``--error-feedback`` of the MNIST command line: flags, run folder, checkpointed memory."""
 
-import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,26 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments.mnist import cli
-from experiments.mnist import task as mnist_task
-from experiments.mnist.data import load_mnist
 from meprop_jax import feedback
-from tests.experiments.mnist.test_cli import metrics, tiny_args, write_tiny_mnist
-from tests.helpers import persistent_compilation_cache
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.getbasetemp() / "jax-cache"
-    with persistent_compilation_cache(path):
-        yield path
-
-
-@pytest.fixture
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "mnist"
-    specs = write_tiny_mnist(folder)
-    monkeypatch.setattr(mnist_task, "load_mnist", functools.partial(load_mnist, expected=specs))
-    return folder
+from tests.experiments.mnist.test_cli import metrics, tiny_args
 
 
 def _settings(*argv: str):
