@@ -80,6 +80,7 @@ __all__ = [
     "export_stock",
     "hidden_widths",
     "mesimp_options",
+    "out_part",
     "prune_events",
     "prunes_in",
     "record_widths",
@@ -321,6 +322,12 @@ def add_mesimp_arguments(parser: argparse.ArgumentParser, export_help: str) -> N
         f"{DEFAULT_PRUNES_PER_EPOCH}; sets the chunks, so not with --chunk-steps)",
     )
     g.add_argument("--export", type=Path, default=None, metavar="DIR", help=export_help)
+
+
+def out_part(settings: Any) -> str:
+    """The run-folder name part of a meSimp run: threshold, cycle and prunes per epoch."""
+    s = settings
+    return f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}"
 
 
 def mesimp_options(args: argparse.Namespace, k: int) -> dict[str, Any]:

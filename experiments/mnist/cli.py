@@ -10,6 +10,7 @@ from pathlib import Path
 
 from experiments import loop
 from experiments.common import feedback_flags
+from experiments.common import mesimp as mesimp_loop
 from experiments.common.cli import run_name_tail, user_errors
 from experiments.mnist import cnn, simplify
 from experiments.mnist.task import (
@@ -219,7 +220,7 @@ def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
         parts.append(f"fb{s.feedback:g}")
     parts += feedback_flags.out_parts(0.0, s.adaptive)
     if s.mesimp:
-        parts.append(f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}")
+        parts.append(mesimp_loop.out_part(s))
     parts += [f"h{s.hidden}x{s.layers}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     parts += run_name_tail(args, k_output=s.k_output, dropout=s.dropout, limit_train=s.limit_train)
     return Path("runs") / "-".join(["mnist", *parts])

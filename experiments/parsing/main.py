@@ -66,6 +66,7 @@ import jax.numpy as jnp
 
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
+from experiments.common import mesimp as mesimp_loop
 from experiments.common.cli import add_predict_arguments, run_name_tail, user_errors
 from experiments.corpora.treebank import TAG_COLUMNS, Tree, read_treebank, write_treebank
 from experiments.parsing import simplify
@@ -280,9 +281,7 @@ def default_out(s: ParserSettings, files: dict[str, Any], args: argparse.Namespa
         parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
         parts += feedback_flags.out_parts(s.feedback, s.adaptive)
         if s.mesimp:
-            parts.append(
-                f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}"
-            )
+            parts.append(mesimp_loop.out_part(s))
         parts.append(f"h{s.hidden}")
     parts += [s.activation, args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     parts += run_name_tail(args, k_output=s.k_output, dropout=s.dropout, limit_train=s.limit_train)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
+from experiments.common import mesimp as mesimp_loop
 from experiments.common.cli import add_predict_arguments, run_name_tail, user_errors
 from experiments.corpora.conll import FORMATS, TAG_COLUMNS
 from experiments.tagging import simplify
@@ -269,7 +270,7 @@ def default_out(s: TaggerSettings, files: DataFiles, args: argparse.Namespace) -
     parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
     parts += feedback_flags.out_parts(s.feedback, s.adaptive)
     if s.mesimp:
-        parts.append(f"mesimp{s.mesimp_threshold:g}c{s.mesimp_cycle}p{s.mesimp_prunes_per_epoch}")
+        parts.append(mesimp_loop.out_part(s))
     parts += [f"h{s.hidden}", args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
     if s.bidirectional:
         parts.append("bi")
