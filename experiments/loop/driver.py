@@ -177,7 +177,7 @@ def train(
             cfg=cfg,
             config=config,
             mesh=mesh,
-            programs=Programs(task.loss_fn, tx, hooks),
+            programs=Programs(task.loss_fn, tx, hooks, getattr(task, "compiler_options", None)),
             manager=manager,
             eval_groups=eval_groups,
             eval_key=put_replicated(root_subkey(cfg.seed, KEY_EVAL), mesh),

@@ -151,8 +151,15 @@ class Programs:
     #: column-sparse updates then write into the state's own buffers.
     _DONATE: Mapping[str, tuple[int, ...]] = {"train_chunk": (0,)}
 
-    def __init__(self, loss_fn: Callable, tx: Any, state: StateHooks | None = None) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable,
+        tx: Any,
+        state: StateHooks | None = None,
+        compiler_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.loss_fn = loss_fn
+        self.compiler_options = dict(compiler_options or {})
         self.tx = tx
         self.compact = isinstance(tx, optim.SparseOptimizer)
         self.state = state
@@ -314,7 +321,7 @@ class Programs:
             functools.partial(getattr(self, name), **static),
             donate_argnums=self._DONATE.get(name, ()),
         )
-        self._compiled[key] = fn.lower(*args).compile()
+        self._compiled[key] = fn.lower(*args).compile(self.compiler_options or None)
         return self._compiled[key], time.perf_counter() - start
 
 

@@ -26,6 +26,9 @@ class Task(Protocol):
       metric: optional; the name under which ``100 * correct / count`` is stored: the
         records' ``dev_<metric>`` and ``test_<metric>``, the best epoch (chosen by
         ``dev_<metric>``), the log and the plot. A task without it gets ``"acc"``.
+      compiler_options: optional; XLA options for every program compiled for the task
+        (``jax.stages.Lowered.compile``'s ``compiler_options``), for example a lower
+        backend optimization level where compiling costs more than the code it saves.
 
     Extra metrics: every aux entry ``correct_<name>`` that :meth:`loss_fn` returns in
     evaluation is summed over a split like ``correct`` and stored as ``dev_<name>`` and

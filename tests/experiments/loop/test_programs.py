@@ -43,6 +43,27 @@ def test_evaluate_sums_correct_count_and_extra_counts() -> None:
     }
 
 
+def test_compiler_options_reach_xla() -> None:
+    """A task's ``compiler_options`` are XLA's: an unknown one is refused by the compiler,
+    and a known one compiles a program that computes the same sums."""
+
+    def loss_fn(params: Any, batch: Any, key: Any, train: bool) -> Any:
+        x = batch["x"]
+        return params * x.sum(), {"correct": x[0], "count": x[1]}
+
+    group = {"x": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}
+    args = (np.float32(0.5), group, jax.random.key(0))
+    bogus = programs.Programs(loss_fn, make_optimizer("sgd", 0.1), None, {"xla_no_such": 1})
+    with pytest.raises(Exception, match="xla_no_such"):
+        bogus.compiled("evaluate", *args)
+    level1 = programs.Programs(
+        loss_fn, make_optimizer("sgd", 0.1), None, {"xla_backend_optimization_level": 1}
+    )
+    fn, seconds = level1.compiled("evaluate", *args)
+    assert seconds > 0.0
+    assert float(fn(*args)["correct"]) == 4.0
+
+
 def _steps(task: ToyTask, tx: Any, n: int) -> list[TrainState]:
     """The loop's own training step, run ``n`` times on the first flat minibatches."""
     prog = programs.Programs(task.loss_fn, tx)
