@@ -147,7 +147,7 @@ def subprocess_runner(cache: Path) -> Runner:
 class Outcome:
     spec: RunSpec
     directory: Path
-    status: str  # "reused", "ran" or "failed"
+    status: str  # "reused", "ran", "failed" or "not run" (``--write-only``)
 
 
 def ensure_run(spec: RunSpec, directory: Path, runner: Runner) -> Outcome:

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the grid and the time estimate, run nothing"
     )
+    parser.add_argument(
+        "--write-only",
+        action="store_true",
+        help="write the report from the finished runs, run nothing (the rest shows as not run)",
+    )
     return parser
 
 
@@ -169,7 +174,15 @@ def main(
     runner = runner or cache.subprocess_runner(args.cache)
     start = time.perf_counter()
     try:
-        outcomes = run_grids(specs, dirs, runner)
+        if args.write_only:
+            outcomes = {
+                s: cache.Outcome(
+                    s, dirs[s], "reused" if cache.is_complete(s, dirs[s]) else "not run"
+                )
+                for s in specs
+            }
+        else:
+            outcomes = run_grids(specs, dirs, runner)
     except (cache.Interrupted, KeyboardInterrupt) as exc:
         print(
             f"\ninterrupted ({exc or 'Ctrl-C'}); finished runs are kept in {args.cache}: run "

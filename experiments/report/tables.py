@@ -209,10 +209,12 @@ def run_links(result: CellResult | None, out: Path) -> str:
         name = f"s{run.spec.seed}" if run.spec.seed is not None else "run"
         if run.results is not None:
             parts.append(f"[{name}]({relative(run.directory / cache.RESULTS_FILE, out)})")
-        else:
+        elif (run.directory / cache.LOG_FILE).exists():
             parts.append(
                 f"[{name} (not finished)]({relative(run.directory / cache.LOG_FILE, out)})"
             )
+        else:
+            parts.append(f"{name} (not run yet)")
     return " ".join(parts)
 
 

@@ -4,12 +4,54 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments.report import cache, figures, grids, paper, sections, tables
 
 README = "README.md"
+#: The report's own copy of each finished run's record, so that its links work wherever the
+#: report folder goes (the run folders in the cache also hold checkpoints).
+RECORDS_DIR = "runs"
+
+
+def publish_records(out: Path, dirs: Mapping[grids.RunSpec, Path]) -> dict[grids.RunSpec, Path]:
+    """Copies each finished run's record (``results.json``; a bench section's JSON and log)
+    to ``out/runs/<task>/<run>/`` and returns the run folders to link: the copies, or the
+    cache's folder for a run that has not finished."""
+    records = out / RECORDS_DIR
+    if records.is_dir():
+        shutil.rmtree(records)  # only runs of this report, not of an earlier grid
+    published = {}
+    for spec, directory in dirs.items():
+        if not cache.is_complete(spec, directory):
+            published[spec] = directory
+            continue
+        target = records / spec.task / directory.name
+        target.mkdir(parents=True)
+        names = (
+            (cache.BENCH_FILE, cache.LOG_FILE) if spec.task == "bench" else (cache.RESULTS_FILE,)
+        )
+        for name in names:
+            shutil.copyfile(directory / name, target / name)
+        published[spec] = target
+    return published
+
+
+def commands(grid: grids.Grid) -> list[str]:
+    """A collapsed list with the command behind each setting of ``grid``."""
+    lines = ["<details><summary>Commands, one per setting</summary>", ""]
+    for cell in grid.cells:
+        spec = cell.specs[0]
+        setting = ", ".join(f"{k}={v}" for k, v in cell.key.items() if k != "task")
+        if spec.seed is None:
+            lines.append(f"- {setting}: `{' '.join(spec.command())}`")
+            continue
+        command = " ".join(spec.command()[:-2])
+        seeds = ", ".join(str(s.seed) for s in cell.specs)
+        lines.append(f"- {setting}: `{command} --seed S --out DIR` (S = {seeds})")
+    return [*lines, "", "</details>", ""]
 
 
 def _figures(out: Path, results: Mapping[str, list[tables.CellResult]]) -> list[str]:
@@ -67,7 +109,9 @@ def write_report(
 ) -> Path:
     """Writes ``out/README.md`` (and the figures) and returns its path."""
     out.mkdir(parents=True, exist_ok=True)
+    dirs = publish_records(out, dirs)
     results = {g.name: tables.collect(g, dirs) for g in selected if not g.skipped}
+    pending = [o for o in outcomes.values() if o.status == "not run"]
     failed = [o for o in outcomes.values() if o.status == "failed"]
     lines = [
         "# meProp: our runs against the paper",
@@ -95,7 +139,10 @@ def write_report(
         f"- Report written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on a machine "
         f"with {os.cpu_count()} cores (load average {_load()}); {len(outcomes)} runs, "
         f"{sum(o.status == 'ran' for o in outcomes.values())} run now, "
-        f"{sum(o.status == 'reused' for o in outcomes.values())} reused, {len(failed)} failed.",
+        f"{sum(o.status == 'reused' for o in outcomes.values())} reused, {len(failed)} failed"
+        + (f", {len(pending)} not run yet (written with `--write-only`)." if pending else "."),
+        "- Commands run from the repository root with `MEPROP_DATA_DIR` naming the data "
+        "folder; each section lists the command behind each of its settings.",
         "",
     ]
     for grid in selected:
@@ -104,6 +151,7 @@ def write_report(
             lines += [f"Skipped: {grid.skipped}.", ""]
             continue
         lines += [sections.RENDERERS[grid.name](results[grid.name], out), ""]
+        lines += commands(grid)
     figure_parts = _figures(out, results)
     if figure_parts:
         lines += ["## Figures", ""]

@@ -112,3 +112,22 @@ def test_the_tasks_command_lines_have_every_flag_the_grids_use(task, capsys):
     assert "--seed" in known or task == "bench"
     assert all_flags(quick=True)[task] <= known
     assert all_flags(quick=False)[task] <= known
+
+
+def test_write_only_reports_finished_runs_and_runs_nothing(tmp_path):
+    """After an interrupted grid, ``--write-only`` writes the finished cells (linked to the
+    report's own copies of their records) and marks the rest as not run."""
+    assert _main(tmp_path, "--only", "table6", runner=StubRunner(interrupt_at=1)) == 130
+    runner = StubRunner()
+    assert _main(tmp_path, "--only", "table6", "--write-only", runner=runner) == 0
+    assert runner.calls == []
+    report = tmp_path / "report"
+    text = (report / "README.md").read_text()
+    assert "1 reused, 0 failed, 1 not run yet" in text
+    assert text.count("(not run yet)") + text.count("(not finished)") == 1
+    links = re.findall(r"\]\(([^)]+results\.json)\)", text)
+    assert links and all(link.startswith("runs/mnist/") for link in links)
+    assert all((report / link).is_file() for link in links)
+    # Every setting's command is written beside its table.
+    for spec in grids.build(["table6"], 1, True)[0].specs():
+        assert " ".join(spec.command()[:-2]) + " --seed S --out DIR" in text
