@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -159,7 +161,7 @@ class Programs:
         compiler_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.loss_fn = loss_fn
-        self.compiler_options = dict(compiler_options or {})
+        self.compiler_options = without_xla_flags(compiler_options or {})
         self.tx = tx
         self.compact = isinstance(tx, optim.SparseOptimizer)
         self.state = state
@@ -323,6 +325,12 @@ class Programs:
         )
         self._compiled[key] = fn.lower(*args).compile(self.compiler_options or None)
         return self._compiled[key], time.perf_counter() - start
+
+
+def without_xla_flags(options: Mapping[str, Any], flags: str | None = None) -> dict[str, Any]:
+    """``options`` less those that ``XLA_FLAGS`` (or ``flags``) sets: the user's flags win."""
+    flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    return {k: v for k, v in options.items() if not re.search(rf"--{re.escape(k)}(=|\s|$)", flags)}
 
 
 def _sharding_key(x: Any) -> Any:

@@ -28,7 +28,8 @@ class Task(Protocol):
         ``dev_<metric>``), the log and the plot. A task without it gets ``"acc"``.
       compiler_options: optional; XLA options for every program compiled for the task
         (``jax.stages.Lowered.compile``'s ``compiler_options``), for example a lower
-        backend optimization level where compiling costs more than the code it saves.
+        backend optimization level where compiling costs more than the code it saves. An
+        option that ``XLA_FLAGS`` sets keeps the value given there.
 
     Extra metrics: every aux entry ``correct_<name>`` that :meth:`loss_fn` returns in
     evaluation is summed over a split like ``correct`` and stored as ``dev_<name>`` and

@@ -64,6 +64,13 @@ def test_compiler_options_reach_xla() -> None:
     assert float(fn(*args)["correct"]) == 4.0
 
 
+def test_xla_flags_win_over_a_tasks_compiler_options() -> None:
+    options = {"xla_backend_optimization_level": 1, "xla_cpu_enable_fast_math": False}
+    flags = "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
+    assert programs.without_xla_flags(options, flags) == {"xla_cpu_enable_fast_math": False}
+    assert programs.without_xla_flags(options, "") == options
+
+
 def _steps(task: ToyTask, tx: Any, n: int) -> list[TrainState]:
     """The loop's own training step, run ``n`` times on the first flat minibatches."""
     prog = programs.Programs(task.loss_fn, tx)
