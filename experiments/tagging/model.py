@@ -6,15 +6,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
+from flax.linen.recurrent import flip_sequences
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import meprop_jax
 from experiments.common import inverted_dropout
 from experiments.tagging.batching import MIN_BUCKET
 
-__all__ = ["Tagger", "init_params", "lstm_layer", "token_loss", "zero_carry"]
+__all__ = [
+    "Tagger",
+    "init_params",
+    "lstm_cell",
+    "lstm_layer",
+    "run_to_longest",
+    "token_loss",
+    "zero_carry",
+]
 
 
 def _batch_axis(x: jax.Array) -> Any:
@@ -47,6 +58,30 @@ def zero_carry(x: jax.Array, hidden: int) -> tuple[jax.Array, jax.Array]:
     return zeros, zeros
 
 
+def lstm_cell(
+    hidden: int,
+    k: int,
+    mode: str,
+    name: str,
+    record: bool = False,
+    *,
+    feedback: float = 0.0,
+    adaptive: meprop_jax.AdaptiveK | None = None,
+    steps: int = 1,
+) -> meprop_jax.LSTMCell:
+    """One direction's meProp cell (see :func:`lstm_layer` for the arguments)."""
+    return meprop_jax.LSTMCell(
+        hidden,
+        k=k,
+        mode=mode,
+        record=record,
+        feedback=feedback,
+        feedback_steps=steps,
+        adaptive=adaptive,
+        name=name,
+    )
+
+
 def lstm_layer(
     hidden: int,
     k: int,
@@ -71,16 +106,8 @@ def lstm_layer(
     Returns:
       An ``nn.RNN`` mapping ``x [batch, time, in]`` to ``[batch, time, hidden]``.
     """
-    cell = meprop_jax.LSTMCell(
-        hidden,
-        k=k,
-        mode=mode,
-        record=record,
-        feedback=feedback,
-        feedback_steps=steps,
-        adaptive=adaptive,
-        name=name,
-    )
+    shared = {"feedback": feedback, "adaptive": adaptive, "steps": steps}
+    cell = lstm_cell(hidden, k, mode, name, record, **shared)
     split = {"params": False, "meprop": True}  # a fresh random-k key at every step
     shared = [meprop_jax.feedback.MEMORY_COLLECTION] if feedback else []
     shared += [] if adaptive is None else [meprop_jax.linen.ADAPTIVE_TAP_COLLECTION]
@@ -92,6 +119,52 @@ def lstm_layer(
     return nn.RNN(
         cell, reverse=reverse, keep_order=True, split_rngs=split, variable_broadcast=broadcast
     )
+
+
+def run_to_longest(
+    cell: nn.Module,
+    x: jax.Array,
+    lengths: jax.Array,
+    carry: tuple[jax.Array, jax.Array],
+    reverse: bool = False,
+) -> jax.Array:
+    """``cell`` over ``x [batch, time, in]`` up to the batch's longest sentence only, in a
+    ``while`` loop whose trip count is data: one compiled program serves every padded length
+    (evaluation and prediction need no gradient, which a dynamic loop could not give).
+
+    Equals the ``nn.RNN`` of :func:`lstm_layer` at every position before a sentence's end
+    (``reverse``: each sentence read from its last real word back); positions past a
+    sentence's end hold no meaningful value.
+
+    Returns:
+      ``[batch, time, hidden]``.
+    """
+    if reverse:
+        x = flip_sequences(x, lengths, num_batch_dims=1, time_major=False)
+    hidden = carry[1].shape[-1]
+    axis = _batch_axis(x)
+    shape = (x.shape[0], x.shape[1], hidden)
+    if axis is None:
+        out = jnp.zeros(shape, carry[1].dtype)
+    else:
+        out = jnp.zeros(shape, carry[1].dtype, out_sharding=P(axis, None, None))
+    steps = jnp.minimum(jnp.max(lengths), x.shape[1]).astype(jnp.int32)
+
+    def cond(_, state):
+        return state[0] < steps
+
+    def body(cell, state):
+        t, carry, out = state
+        carry, y = cell(carry, lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False))
+        return t + 1, carry, lax.dynamic_update_index_in_dim(out, y, t, axis=1)
+
+    # Random mode draws a key per step, unused by the forward: the same one will do.
+    rngs = {cell.rng_collection: False}
+    init = (jnp.zeros((), jnp.int32), carry, out)
+    _, _, out = nn.while_loop(cond, body, cell, init, split_rngs=rngs)
+    if reverse:
+        out = flip_sequences(out, lengths, num_batch_dims=1, time_major=False)
+    return out
 
 
 class Tagger(nn.Module):
@@ -141,25 +214,37 @@ class Tagger(nn.Module):
         embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
         table = self.param("word_embedding", embed_init, (self.vocab_size, self.word_dim))
         parts = [_lookup(table, words)]
-        for j, size in enumerate(self.feature_sizes):
-            table = self.param(f"feature_embedding_{j}", embed_init, (size, self.feature_dim))
-            parts.append(_lookup(table, features[..., j]))
+        tables = [
+            self.param(f"feature_embedding_{j}", embed_init, (size, self.feature_dim))
+            for j, size in enumerate(self.feature_sizes)
+        ]
+        if tables:
+            # One lookup in the tables stacked end to end, not one per feature: a single
+            # gather and scatter-add to compile (the parameter tree stays one table a feature).
+            offsets = np.cumsum([0, *self.feature_sizes[:-1]]).astype(features.dtype)
+            looked = _lookup(jnp.concatenate(tables, axis=0), features + offsets)
+            parts.append(looked.reshape(*features.shape[:-1], -1))  # [batch, time, F * dim]
         x = jnp.concatenate(parts, axis=-1)
         if train and self.dropout > 0:
             x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
         carry = zero_carry(x, self.hidden)
         # Every time step of the scan shares the cells' memory and chosen-k tap.
         shared = {"feedback": self.feedback, "adaptive": self.adaptive, "steps": x.shape[1]}
-        h = lstm_layer(self.hidden, self.k, self.mode, False, "lstm", self.record, **shared)(
-            x, initial_carry=carry, seq_lengths=lengths
-        )
-        if self.bidirectional:
-            # nn.Bidirectional gathers the final carries, which explicit mesh axes reject;
-            # a reversed nn.RNN with keep_order is its backward half.
-            back = lstm_layer(self.hidden, self.k, self.mode, True, "lstm_backward", **shared)(
-                x, initial_carry=carry, seq_lengths=lengths
-            )
-            h = jnp.concatenate([h, back], axis=-1)
+        names = ["lstm", "lstm_backward"] if self.bidirectional else ["lstm"]
+        outputs = []
+        for reverse, name in enumerate(names):
+            record = self.record and not reverse
+            if train or self.is_initializing():
+                # nn.Bidirectional gathers the final carries, which explicit mesh axes
+                # reject; a reversed nn.RNN with keep_order is its backward half.
+                rnn = lstm_layer(
+                    self.hidden, self.k, self.mode, bool(reverse), name, record, **shared
+                )
+                outputs.append(rnn(x, initial_carry=carry, seq_lengths=lengths))
+            else:
+                cell = lstm_cell(self.hidden, self.k, self.mode, name, record, **shared)
+                outputs.append(run_to_longest(cell, x, lengths, carry, bool(reverse)))
+        h = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
         if train and self.dropout > 0:
             h = inverted_dropout(h, self.dropout, self.make_rng("dropout"))
         return meprop_jax.Dense(self.num_tags, name="output")(h)

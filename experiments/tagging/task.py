@@ -16,7 +16,7 @@ from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
 from experiments.common.state_hooks import StateHooks
 from experiments.corpora.conll import DataError, Sentence, read_tagged, split_dev
-from experiments.tagging.batching import batch_arrays, bucket_ladder, bucketize
+from experiments.tagging.batching import MIN_BUCKET, batch_arrays, bucket_ladder, bucketize
 from experiments.tagging.features import DEFAULT_FEATURES, VOCAB_FILE, Vocabularies
 from experiments.tagging.model import Tagger, init_params, token_loss
 from meprop_jax import AdaptiveK
@@ -129,14 +129,25 @@ def load_data(files: DataFiles, settings: TaggerSettings) -> TaggingData:
     return TaggingData(train, dev, test, vocab, files)
 
 
+def _pad_time(a: np.ndarray, length: int) -> np.ndarray:
+    """``a [steps, batch, time, ...]`` zero-padded to ``time = length``; ``[steps, batch]``
+    arrays (the lengths) as they are."""
+    if a.ndim < 3:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[2] = (0, length - a.shape[2])
+    return np.pad(a, pad)
+
+
 @dataclasses.dataclass(eq=False)
 class TaggingTask(StateHooks):
     """POS tagging as a :class:`experiments.loop.Task`.
 
     Training: one batch group per length bucket (at most :data:`~.batching.MAX_BUCKETS`,
     chosen from the training lengths by :func:`~.batching.bucket_ladder`). Evaluation: one
-    group per minibatch, on the same bucket lengths, so that dev and test share their
-    compiled programs (a group's step count is part of its shape).
+    group per minibatch, bucket by bucket, every one padded to :attr:`eval_length`, so that
+    dev and test share one compiled program (the model's evaluation loop stops at each
+    batch's longest sentence, so the extra padding costs no LSTM step).
     """
 
     data: TaggingData
@@ -163,6 +174,11 @@ class TaggingTask(StateHooks):
                 ("test", self.data.test),
             )
         }
+        #: The one padded length of every evaluation minibatch.
+        self.eval_length = max(
+            (b.length for split in ("dev", "test") for b in self.buckets[split]),
+            default=MIN_BUCKET,
+        )
 
     # meSimp (see experiments.tagging.simplify): the LSTM cell's record is model state.
     @property
@@ -216,11 +232,12 @@ class TaggingTask(StateHooks):
         ]
 
     def eval_groups(self, split: str) -> list[dict[str, np.ndarray]]:
-        """One group per minibatch of ``split`` (``[1, batch, ...]`` arrays), bucket by
-        bucket, in file order within a bucket."""
+        """One group per minibatch of ``split`` (``[1, batch, ...]`` arrays, padded to
+        :attr:`eval_length`), bucket by bucket, in file order within a bucket."""
         groups = []
         for bucket in self.buckets[split]:
             arrays = batch_arrays(bucket, self.settings.eval_batch_size)
+            arrays = {k: _pad_time(a, self.eval_length) for k, a in arrays.items()}
             steps = len(arrays["words"])
             groups += [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(steps)]
         return groups
