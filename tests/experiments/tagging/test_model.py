@@ -284,3 +284,28 @@ def test_tagger_learns_a_toy_language():
     correct = sum(int(np.sum(p == g)) for p, g in zip(predicted, gold, strict=True))
     total = sum(len(g) for g in gold)
     assert correct / total >= 0.99, f"{correct}/{total}"
+
+
+def test_each_feature_reads_its_own_embedding_table():
+    """The feature tables are looked up as one stacked table: feature ``j`` must still read
+    table ``j`` at its own id (changing that row moves the logits; any other row does not)."""
+    vocab = Vocabularies.build(toy_sentences(20, 0), DEFAULT_FEATURES, 1)
+    model = TaggerSettings(hidden=4, k=0, word_dim=2, feature_dim=3).model(vocab)
+    params = random_params(model, 4)
+    e = vocab.encode(toy_sentences(1, 7)[0])
+    words, feats = np.asarray([e.words], np.int32), np.asarray([e.features], np.int32)
+    lengths = np.asarray([len(e.words)], np.int32)
+    apply = jax.jit(lambda p: model.apply(p, words, feats, lengths, False))
+    base = np.asarray(apply(params))
+    for j, size in enumerate(model.feature_sizes):
+        used = set(feats[0, :, j].tolist())
+        unused = next(r for r in range(size) if r not in used) if len(used) < size else None
+        for row, moves in [(int(feats[0, 0, j]), True), (unused, False)]:
+            if row is None:
+                continue
+            p = jax.tree.map(lambda a: a, params)
+            table = np.array(p["params"][f"feature_embedding_{j}"])
+            table[row] += 1.0
+            p["params"][f"feature_embedding_{j}"] = table
+            changed = not np.allclose(np.asarray(apply(p)), base)
+            assert changed == moves, (j, row)
