@@ -300,9 +300,7 @@ def speed(results: Sequence[CellResult], out: Path, max_lines: int = 80) -> str:
         command = " ".join(run.spec.command())
         parts.append(f"**{section}** (`{command}`)")
         if not cache.is_complete(run.spec, run.directory):
-            parts.append(
-                f"Not finished: see [the log]({relative(run.directory / cache.LOG_FILE, out)})."
-            )
+            parts.append(f"Not finished yet (run folder `{run.directory.name}` in the run cache).")
             continue
         lines = (run.directory / cache.LOG_FILE).read_text().splitlines()
         lines = [line for line in lines if not line.startswith("$ ")][-max_lines:]

@@ -181,16 +181,13 @@ def relative(path: Path, out: Path) -> str:
 
 
 def linked(text: str, result: CellResult | None, out: Path) -> str:
-    """``text`` linked to the first finished run's ``results.json`` (a failed or missing run:
-    to its log)."""
+    """``text`` linked to the first finished run's ``results.json`` (unlinked without one)."""
     if result is None or not result.runs:
         return text
     finished = result.finished
-    if finished:
-        target = finished[0].directory / cache.RESULTS_FILE
-    else:
-        target = result.runs[0].directory / cache.LOG_FILE
-    return f"[{text}]({relative(target, out)})"
+    if not finished:
+        return text  # the log of an unfinished run stays in the run cache, outside the report
+    return f"[{text}]({relative(finished[0].directory / cache.RESULTS_FILE, out)})"
 
 
 def cell_text(result: CellResult | None, field: str, out: Path, digits: int = 2) -> str:
@@ -210,9 +207,8 @@ def run_links(result: CellResult | None, out: Path) -> str:
         if run.results is not None:
             parts.append(f"[{name}]({relative(run.directory / cache.RESULTS_FILE, out)})")
         elif (run.directory / cache.LOG_FILE).exists():
-            parts.append(
-                f"[{name} (not finished)]({relative(run.directory / cache.LOG_FILE, out)})"
-            )
+            # Its log lives in the run cache, outside the report: named, not linked.
+            parts.append(f"{name} (not finished)")
         else:
             parts.append(f"{name} (not run yet)")
     return " ".join(parts)
