@@ -133,7 +133,7 @@ def _nominal(task: str, args: Sequence[str], epochs: int, quick: bool) -> float:
         return 20.0 + epochs * QUICK_EPOCH_SECONDS[task]
     per_epoch = EPOCH_SECONDS[task]
     if task == "mnist":
-        batch = int(args[args.index("--batch-size") + 1]) if "--batch-size" in args else 50
+        batch = int(_flag_value(args, "--batch-size") or 50)
         per_epoch += MNIST_SECONDS_PER_STEP_SIZE / batch
     return 30.0 + epochs * per_epoch
 
