@@ -72,22 +72,14 @@ def initial_state(lengths: Array, max_length: int) -> State:
 
 
 def _at(array: Array, token: Array) -> Array:
-    """``array[b, token[b]]`` for every row, -1 where ``token`` is -1.
-
-    A compare-and-sum rather than a gather: it keeps the batch sharding of explicit mesh
-    axes without annotations, and rows are short (``N + 1`` tokens).
-    """
-    positions = jnp.arange(array.shape[1], dtype=token.dtype)
-    hit = positions[None, :] == token[:, None]
-    value = jnp.sum(jnp.where(hit, array, 0), axis=1)
+    """``array[b, token[b]]`` for every row, -1 where ``token`` is -1."""
+    value = jnp.take_along_axis(array, jnp.maximum(token, 0)[:, None], axis=1)[:, 0]
     return jnp.where(token >= 0, value, -1)
 
 
 def _gather_rows(array: Array, tokens: Array) -> Array:
-    """``array[b, tokens[b, j]]`` ``[batch, J]`` (tokens in range), as in :func:`_at`."""
-    positions = jnp.arange(array.shape[1], dtype=tokens.dtype)
-    hit = positions[None, None, :] == tokens[:, :, None]
-    return jnp.sum(jnp.where(hit, array[:, None, :], 0), axis=2)
+    """``array[b, tokens[b, j]]`` ``[batch, J]`` (tokens in range)."""
+    return jnp.take_along_axis(array, tokens, axis=1)
 
 
 def feature_tokens(state: State) -> Array:
@@ -143,11 +135,10 @@ def legal_mask(state: State, num_labels: int) -> Array:
 
 
 def _set(array: Array, index: Array, value: Array, where: Array) -> Array:
-    """``array[b, index[b]] = value[b]`` for the rows in ``where`` (a masked select, like
-    :func:`_at`)."""
-    positions = jnp.arange(array.shape[1], dtype=index.dtype)
-    hit = (positions[None, :] == index[:, None]) & where[:, None]
-    return jnp.where(hit, value[:, None], array)
+    """``array[b, index[b]] = value[b]`` for the rows in ``where``."""
+    # Rows outside ``where`` write out of range, and the write is dropped.
+    column = jnp.where(where & (index >= 0), index, array.shape[1])
+    return jax.vmap(lambda row, i, v: row.at[i].set(v, mode="drop"))(array, column, value)
 
 
 def apply_transitions(state: State, transition: Array, num_labels: int) -> State:

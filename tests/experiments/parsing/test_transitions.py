@@ -220,16 +220,22 @@ def integer_scorer(num_features: int, num_trans: int, seed: int):
     return host, device
 
 
-@pytest.mark.parametrize(("num_labels", "labelled"), [(1, False), (3, True)])
-def test_batched_decoding_equals_the_reference_decoder(num_labels, labelled):
-    rng = random.Random(2)
-    lengths = [rng.randint(1, 15) for _ in range(10)] + [0, 0]  # two padding rows
+def random_sentences(seed: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Lengths, word and tag ids of 12 rows (two of them padding), padded to 16 tokens."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 15) for _ in range(10)] + [0, 0]
     max_length = 16
     words = np.zeros((len(lengths), max_length + 1), np.int32)
     tags = np.zeros_like(words)
     for row, n in enumerate(lengths):
         words[row, : n + 1] = [2] + [rng.randrange(3, 64) for _ in range(n)]
         tags[row, : n + 1] = [2] + [rng.randrange(3, 64) for _ in range(n)]
+    return lengths, words, tags
+
+
+@pytest.mark.parametrize(("num_labels", "labelled"), [(1, False), (3, True)])
+def test_batched_decoding_equals_the_reference_decoder(num_labels, labelled):
+    lengths, words, tags = random_sentences(2)
     host, device = integer_scorer(48 if labelled else 36, num_transitions(num_labels), 3)
     decode = jax.jit(
         functools.partial(decoder.decode, device, num_labels=num_labels, labelled=labelled)
@@ -245,3 +251,23 @@ def test_batched_decoding_equals_the_reference_decoder(num_labels, labelled):
         assert np.asarray(state.label[row, 1 : n + 1]).tolist() == ref.label[1:]
         heads = ref.head[1:]
         assert heads.count(0) == 1 and is_projective(heads)  # a tree with one root
+
+
+def test_decoding_a_batch_sharded_over_an_explicit_mesh_gives_the_same_parses():
+    """As ``--devices 2`` runs it: the batch axis sharded over an explicit mesh axis."""
+    lengths, words, tags = random_sentences(5)
+    table = np.random.default_rng(4).integers(-8, 9, (48, 64, num_transitions(3)))
+    table = jnp.asarray(table, jnp.float32)
+
+    def score(ids: jax.Array) -> jax.Array:  # a one-hot product keeps the batch sharding
+        return jnp.einsum("bfv,fvt->bt", jax.nn.one_hot(ids, 64, dtype=jnp.float32), table)
+
+    decode = jax.jit(functools.partial(decoder.decode, score, num_labels=3, labelled=True))
+    arrays = (jnp.asarray(words), jnp.asarray(tags), jnp.asarray(lengths))
+    single = decode(*arrays)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        sharded = decode(*(jax.device_put(a, jax.P("data")) for a in arrays))
+        assert sharded.head.sharding.spec[0] == "data"
+    np.testing.assert_array_equal(sharded.head, single.head)
+    np.testing.assert_array_equal(sharded.label, single.label)
