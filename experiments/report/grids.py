@@ -269,7 +269,7 @@ def mesimp(b: _Builder) -> Grid:
         flags = ("--k", k, "--mode", "per-example", "--mesimp", *common)
         cells.append(b.cell("mnist", flags, model="mesimp", mode="per-example"))
         cells.append(b.cell("mnist", ("--k", "0", *common), model="dense", k=0))
-    return Grid("mesimp", "meSimp: final sizes and accuracy (MNIST)", tuple(cells))
+    return Grid("mesimp", "meSimp: sizes and accuracy (MNIST)", tuple(cells))
 
 
 def feedback(b: _Builder) -> Grid:

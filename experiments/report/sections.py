@@ -253,7 +253,7 @@ def mesimp(results: Sequence[CellResult], out: Path) -> str:
     header = [
         "setting",
         "paper hidden size",
-        "ours mean final hidden size",
+        "ours mean hidden size at the best dev epoch",
         "paper test",
         "ours test",
         "Δ vs dense (paper / ours)",

@@ -77,7 +77,9 @@ class CellResult:
 def value(results: Mapping[str, Any], field: str, metric: str = "acc") -> float | None:
     """One number of a ``results.json``: ``dev``/``test`` (the selection metric at the best
     dev epoch), ``epoch`` (that epoch), ``fwd``/``bwd``/``upd``/``wall`` (mean seconds per
-    epoch) or ``size`` (meSimp's mean final hidden size)."""
+    epoch) or ``size`` (meSimp's mean hidden size at the best dev epoch: the size of the
+    model whose accuracy is reported, which is larger than the final one when that epoch came
+    before the last prune)."""
     best = results.get("best") or {}
     if field in ("dev", "test"):
         return best.get(f"{field}_{metric}")
@@ -86,9 +88,22 @@ def value(results: Mapping[str, Any], field: str, metric: str = "acc") -> float 
     if field in TIMING_FIELDS:
         return (results.get("mean_timing") or {}).get(TIMING_FIELDS[field])
     if field == "size":
-        sizes = (results.get("mesimp") or {}).get("final_sizes")
+        sizes = _sizes_at(results, best.get("epoch"))
         return float(np.mean(sizes)) if sizes else None
     raise KeyError(field)
+
+
+def _sizes_at(results: Mapping[str, Any], epoch: int | None) -> list[int] | None:
+    """meSimp's hidden sizes after ``epoch``: those of its last prune up to that epoch (the
+    final sizes when the run logged no prune or ``epoch`` is None)."""
+    final = (results.get("mesimp") or {}).get("final_sizes")
+    if epoch is None:
+        return final
+    prunes = [
+        e for r in results.get("epochs", []) for e in r.get("events", []) if "sizes" in e
+    ]
+    before = [e["sizes"] for e in prunes if e.get("epoch", 0) <= epoch]
+    return before[-1] if before else final
 
 
 def collect(grid: grids.Grid, dirs: Mapping[grids.RunSpec, Path]) -> list[CellResult]:

@@ -56,5 +56,16 @@ def test_value_reads_the_best_epoch_timings_and_mesimp_sizes():
     assert tables.value(results, "dev", "uas") == 88.0
     assert tables.value(results, "epoch") == 3
     assert tables.value(results, "bwd") == 2.0 and tables.value(results, "upd") is None
-    assert tables.value(results, "size") == 155.0
+    assert tables.value(results, "size") == 155.0  # no prune logged: the final sizes
+
+
+def test_mesimp_size_is_the_size_of_the_best_dev_epochs_model():
+    def epoch(n, *sizes):
+        return {"epoch": n, "events": [{"epoch": n, "prune": 1, "sizes": list(s)} for s in sizes]}
+
+    history = [epoch(1, (400, 300), (300, 250)), epoch(2), epoch(3, (200, 180)), epoch(4)]
+    results = {"epochs": history, "mesimp": {"final_sizes": [200, 180]}}
+    assert tables.value({**results, "best": {"epoch": 2}}, "size") == 275.0
+    assert tables.value({**results, "best": {"epoch": 4}}, "size") == 190.0
+    assert tables.value({**results, "best": None}, "size") == 190.0
     assert tables.value({"best": None}, "test") is None
