@@ -136,7 +136,8 @@ def legal_mask(state: State, num_labels: int) -> Array:
 
 def _set(array: Array, index: Array, value: Array, where: Array) -> Array:
     """``array[b, index[b]] = value[b]`` for the rows in ``where``."""
-    # Rows outside ``where`` write out of range, and the write is dropped.
+    # Rows outside ``where`` write out of range, and the write is dropped. A vmapped scatter
+    # keeps the batch axis's sharding on an explicit mesh (a row-index array would not).
     column = jnp.where(where & (index >= 0), index, array.shape[1])
     return jax.vmap(lambda row, i, v: row.at[i].set(v, mode="drop"))(array, column, value)
 
