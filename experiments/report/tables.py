@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.common.mesimp import prune_events
 from experiments.report import cache, grids
 
 HOLDS = "holds"
@@ -99,10 +100,7 @@ def _sizes_at(results: Mapping[str, Any], epoch: int | None) -> list[int] | None
     final = (results.get("mesimp") or {}).get("final_sizes")
     if epoch is None:
         return final
-    prunes = [
-        e for r in results.get("epochs", []) for e in r.get("events", []) if "sizes" in e
-    ]
-    before = [e["sizes"] for e in prunes if e.get("epoch", 0) <= epoch]
+    before = [e["sizes"] for e in prune_events(results) if e.get("epoch", 0) <= epoch]
     return before[-1] if before else final
 
 

@@ -44,9 +44,9 @@ buckets keep compilation short. Evaluation runs one minibatch per call, every mi
 to one length, so that dev and test share a single program; its LSTM loop stops at each
 minibatch's longest sentence, so the padding costs no LSTM step. The programs compile at XLA's
 backend optimization level 2 (``TaggingTask.compiler_options``) instead of its default 3,
-about a fifth faster and no slower to run. Padded positions carry mask 0: they are left out of the loss and
-the accuracy, and the LSTMs get the true lengths (``seq_lengths``), so the backward LSTM
-starts at each sentence's last word and padding changes no prediction.
+about a fifth faster and no slower to run. Padded positions carry mask 0: they are left out
+of the loss and the accuracy, and the LSTMs get the true lengths (``seq_lengths``), so the
+backward LSTM starts at each sentence's last word and padding changes no prediction.
 
 Defaults: Adam, lr 1e-3 (AdaGrad: 0.01, the paper's POS value); minibatches of 8 sentences
 (the paper used 1); meProp unified top-k with k = 10 per gate (2% of the 500 units; the paper
