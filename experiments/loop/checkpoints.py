@@ -1,9 +1,11 @@
 """Checkpoints, and the comparison of settings that guards ``--resume``.
 
-``<out>/checkpoints/<epoch>/`` (orbax, the last ``keep_checkpoints`` kept) holds two items:
-``state`` = ``{"params", "opt_state"}`` and ``meta`` (JSON) = ``{"epoch", "history",
-"config", "rng"}``. A checkpoint is written every ``checkpoint_every`` epochs and after the
-last one. ``--resume`` refuses a checkpoint made with other settings (except those in
+``<out>/checkpoints/<epoch>/`` (orbax) holds two items: ``state`` = ``{"params",
+"opt_state"}`` and ``meta`` (JSON) = ``{"epoch", "history", "config", "rng"}``. A checkpoint
+is written every ``checkpoint_every`` epochs, at every new best dev epoch and after the last
+epoch; the last ``keep_checkpoints`` and the best dev epoch's are kept, so that prediction
+can always read the model that model selection chose. ``--resume`` refuses
+a checkpoint made with other settings (except those in
 :data:`experiments.loop.config.RESUMABLE_CHANGES`); :func:`check_resume` does that check,
 and every other check of the run folder, without writing anything, so a refused resume
 leaves every file of the run as it was.
@@ -35,13 +37,21 @@ def latest_checkpoint(directory: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False
-    )
+def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
+    """A manager that keeps every checkpoint: :func:`drop_old_checkpoints` chooses."""
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(
         directory.absolute(), options=options, item_names=("state", "meta")
     )
+
+
+def drop_old_checkpoints(manager: ocp.CheckpointManager, keep: int, best: int | None) -> None:
+    """Deletes every checkpoint but the latest ``keep`` and the best dev epoch ``best``."""
+    steps = sorted(manager.all_steps())
+    kept = set(steps[-keep:]) | {best}
+    for step in steps:
+        if step not in kept:
+            manager.delete(step)
 
 
 def save_checkpoint(

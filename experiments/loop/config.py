@@ -63,7 +63,8 @@ class TrainConfig:
       resume: continue from the last checkpoint in ``out``.
       overwrite: delete existing checkpoints in ``out`` and start afresh.
       checkpoint_every: save every this many epochs (the last epoch is always saved).
-      keep_checkpoints: how many checkpoints to keep.
+      keep_checkpoints: how many of the latest checkpoints to keep (the best dev epoch's is
+        kept too).
       timing_batches: minibatches per timing probe; 0 disables the probes.
       chunk_steps: minibatches per scanned chunk (interrupts and the progress bar act at
         chunk boundaries); 0 picks about a tenth of an epoch.
@@ -236,7 +237,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)"
     )
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoints kept (default 3)")
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="latest checkpoints kept, besides the best dev epoch's (default 3)",
+    )
     g.add_argument(
         "--timing-batches",
         type=int,

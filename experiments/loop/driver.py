@@ -32,6 +32,7 @@ from experiments.loop.checkpoints import (
     check_out_dir,
     check_resume,
     checkpoint_manager,
+    drop_old_checkpoints,
     restore_checkpoint,
     run_config,
     save_checkpoint,
@@ -171,7 +172,7 @@ def train(
             lambda key: init_state(task, tx, key), out_shardings=NamedSharding(mesh, P())
         )
         state = init(root_subkey(cfg.seed, KEY_INIT))
-        manager = checkpoint_manager(ckpt_dir, cfg.keep_checkpoints)
+        manager = checkpoint_manager(ckpt_dir)
         run = _Run(
             task=task,
             cfg=cfg,
@@ -263,7 +264,8 @@ def _epochs(
         state, record = outcome
         history.append(record)
         log_epoch(record, cfg.epochs, run.log, run.metric)
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+        new_best = best_epoch(history, run.metric)["epoch"] == epoch
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or new_best:
             _save(run, epoch, state, history)
             saved_epoch = epoch
         _write_results(run, history, "running")
@@ -284,6 +286,9 @@ def _save(run: _Run, epoch: int, state: TrainState, history: Sequence[Mapping[st
     resizes = getattr(run.task, "schedule", None) is not None
     save_checkpoint(
         run.manager, epoch, state, history, run.config, run.cfg.seed, with_shapes=resizes
+    )
+    drop_old_checkpoints(
+        run.manager, run.cfg.keep_checkpoints, best_epoch(history, run.metric)["epoch"]
     )
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.common import ConfigError
-from experiments.loop import checkpoints
+from experiments.loop import checkpoints, driver
 from experiments.loop.driver import train
 from tests.experiments.loop.toy import ToyTask, config, file_hashes, quiet
 
@@ -65,6 +65,34 @@ def test_restore_params_reads_the_saved_epoch(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ConfigError, match="no checkpoint"):
         checkpoints.restore_params(tmp_path / "missing", template)
+
+
+@pytest.mark.slow
+def test_the_best_dev_epochs_checkpoint_outlives_the_kept_latest(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """With one checkpoint kept and the best dev score at epoch 2 of 4, epochs 2 and 4 stay
+    on disk, and epoch 2's holds the parameters that a run stopped after two epochs has."""
+    scripted_dev = {1: 50.0, 2: 90.0, 3: 60.0, 4: 70.0}
+    train_epoch = driver._train_epoch
+
+    def with_scripted_dev(run, state, epoch):
+        state, record = train_epoch(run, state, epoch)
+        return state, {**record, "dev_acc": scripted_dev[epoch]}
+
+    monkeypatch.setattr(driver, "_train_epoch", with_scripted_dev)
+    run = train(ToyTask(), config(tmp_path / "run", epochs=4, keep_checkpoints=1), log=quiet)
+    assert run.best["epoch"] == 2
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == [2, 4]
+    short = train(ToyTask(), config(tmp_path / "short", epochs=4), max_epochs_this_run=2, log=quiet)
+    template = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.state.params
+    )
+    params, epoch = checkpoints.restore_params(tmp_path / "run", template, epoch=2)
+    assert epoch == 2
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(short.state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_config_changes_ignores_resumable_settings() -> None:
