@@ -19,15 +19,15 @@ __all__ = [
 CLI_MODES: tuple[str, ...] = ("unified", "per-example", "random")
 
 
-def add_mode_argument(group: argparse._ActionsContainer) -> None:
-    """Adds the ``--mode`` option every experiment shares."""
+def add_mode_argument(group: argparse._ActionsContainer, default: str = "unified") -> None:
+    """Adds the ``--mode`` option every experiment shares; ``default`` is the task's choice."""
     group.add_argument(
         "--mode",
         type=lambda text: text.replace("_", "-"),
         choices=CLI_MODES,
-        default="unified",
-        help="unified (one top-k set per minibatch, the default), per-example (the paper's "
-        "CPU variant) or random (the control)",
+        default=default,
+        help=f"unified (one top-k set per minibatch), per-example (the paper's CPU variant) or "
+        f"random (the control); default {default}",
     )
 
 
@@ -56,6 +56,7 @@ def run_name_tail(
     *,
     k_output: int = 0,
     dropout: float = 0.0,
+    default_dropout: float = 0.0,
     extra: tuple[str, ...] = (),
     limit_train: int | None = None,
 ) -> list[str]:
@@ -68,7 +69,7 @@ def run_name_tail(
         parts.append(f"clip{args.clip:g}")
     if k_output:
         parts.append(f"ko{k_output}")
-    if dropout:
+    if dropout != default_dropout:
         parts.append(f"drop{dropout:g}")
     parts += extra
     if limit_train is not None:

@@ -94,6 +94,19 @@ def test_bad_flags_name_the_flag(toy, tmp_path, capsys):
     expect_error(["--predict", toy["test"], "--out", tmp_path], capsys, "vocab.json")
 
 
+def test_defaults_are_the_measured_ones_and_name_the_run_by_what_differs():
+    args = parsing.build_parser().parse_args(["--corpus", "ptb-dep-sample"])
+    s = parsing.settings_from_args(args, devices=1)
+    assert (s.k, s.mode, s.dropout, s.batch_size, args.epochs) == (20, "per-example", 0.5, 250, 6)
+    files = {"corpus": "ptb-dep-sample"}
+    name = parsing.default_out(s, files, args).name
+    assert name == "parse-ptb-dep-sample-k20-per-example-h500-cube-adam-b250-s0"
+    # Dropout 0 differs from the default, so it must not share the default run's folder.
+    args = parsing.build_parser().parse_args(["--corpus", "ptb-dep-sample", "--dropout", "0"])
+    s = parsing.settings_from_args(args, devices=1)
+    assert parsing.default_out(s, files, args).name == f"{name}-drop0"
+
+
 def test_malformed_data_exits_2_with_file_and_line(toy, tmp_path):
     bad = tmp_path / "bad.conllu"
     lines = toy["train"].read_text().splitlines()

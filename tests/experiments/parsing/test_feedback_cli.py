@@ -23,12 +23,15 @@ def _settings(*argv: str):
 def test_flags_reach_the_model() -> None:
     plain = _settings()
     assert (plain.feedback, plain.adaptive) == (0.0, None)
-    s = _settings("--error-feedback", "--adaptive-k", "--adaptive-k-min", "2")
+    s = _settings("--mode", "unified", "--error-feedback", "--adaptive-k", "--adaptive-k-min", "2")
     assert (s.feedback, s.adaptive) == (1.0, AdaptiveK(mass=0.9, k_min=2))
 
 
 def test_bad_flags_name_the_flag(toy, tmp_path, capsys) -> None:
     base = [*files(toy), "--out", tmp_path]
+    # The parser's default mode is per-example, which keeps no memory per column.
+    expect_error([*base, "--error-feedback"], capsys, "--error-feedback needs --mode unified")
+    base = [*base, "--mode", "unified"]
     expect_error([*base, "--error-feedback", "1.5"], capsys, "--error-feedback DECAY")
     expect_error([*base, "--error-feedback", "--kdim"], capsys, "--error-feedback needs meProp")
     expect_error([*base, "--adaptive-k", "--mode", "random"], capsys, "--adaptive-k needs --mode")
@@ -42,7 +45,7 @@ def test_tiny_run_reports_the_chosen_k_and_predicts(toy, tmp_path: Path, capsys)
     args = [
         *files(toy), "--hidden", 32, "--k", 6, "--embed-dim", 8, "--epochs", 1,
         "--batch-size", 32, "--lr", 0.01, "--timing-batches", 2, "--out", out,
-        "--error-feedback", 0.5, "--adaptive-k", "--adaptive-k-mass", 0.5,
+        "--mode", "unified", "--error-feedback", 0.5, "--adaptive-k", "--adaptive-k-mass", 0.5,
     ]  # fmt: skip
     assert run_main(args) == 0
     results = json.loads((out / "results.json").read_text())
