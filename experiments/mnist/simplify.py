@@ -105,7 +105,7 @@ def finish_run(task: MnistTask, out: Path, export: Path | None) -> dict[str, Any
     results = json.loads(path.read_text())
     if results["status"] != "complete":
         return None
-    prunes = [e for r in results["epochs"] for e in r.get("events", []) if "sizes" in e]
+    prunes = mesimp_loop.prune_events(results)
     layers = task.settings.layer_names
     widths = tuple(prunes[-1]["widths"]) if prunes else (task.settings.hidden,) * (len(layers) - 1)
     variables = _final_variables(task, out, widths)
