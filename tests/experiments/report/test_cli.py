@@ -1,6 +1,8 @@
-"""The command line end to end with a stub runner: reuse, resumption, --only, --dry-run,
-skipped grids and the written report."""
+"""The command line end to end with a stub runner (reuse, resumption, --only, --dry-run,
+skipped grids and the written report), and one quick grid with real training runs."""
 
+import json
+import os
 import re
 
 import pytest
@@ -41,6 +43,28 @@ def test_quick_report_end_to_end(tmp_path):
     again = StubRunner()
     assert _main(tmp_path, runner=again) == 0
     assert again.calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("MEPROP_DATA_DIR"), reason="set MEPROP_DATA_DIR to the folder with mnist/"
+)
+def test_quick_grid_with_real_training_runs(tmp_path):
+    """``--quick --only table6`` with the real runner: two MNIST subprocesses (about 30 s)
+    whose numbers reach the written table."""
+    argv = ["--quick", "--only", "table6", "--out", str(tmp_path / "report")]
+    assert cli.main([*argv, "--cache", str(tmp_path / "cache")]) == 0
+    runs = sorted((tmp_path / "cache" / "mnist").glob("*/results.json"))
+    assert len(runs) == 2
+    tests = []
+    for path in runs:
+        results = json.loads(path.read_text())
+        assert results["status"] == "complete" and len(results["epochs"]) == 2
+        tests.append(f"{results['best']['test_acc']:.2f}")
+    text = (tmp_path / "report" / "README.md").read_text()
+    table6 = text[text.index("Table 6") :]
+    assert "not run yet" not in table6.split("\n## ")[0]
+    assert all(test in table6 for test in tests), (tests, table6[:2000])
 
 
 def test_an_interrupted_grid_resumes_where_it_stopped(tmp_path, capsys):
