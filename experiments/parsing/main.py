@@ -36,8 +36,9 @@ has about 164k, so 250 gives about 650 updates an epoch, which meProp's sparse u
 most. Why per-example and dropout: with one top-20 set per minibatch (``--mode unified``)
 k = 20 stays below ordinary backprop (seed 0, 3 epochs: 1.4 points of dev UAS without
 dropout, 4.4 with dropout 0.5); each example's own top-20 without dropout swings by up to 8
-points from epoch to epoch (seed 0: 76.8, 83.8, 76.3); with dropout 0.5 it climbs steadily. Why 6 epochs: with dropout the dev
-UAS of k = 20 peaks at epochs 5-6 (seeds 0-2) and that of ordinary backprop at epochs 4-6.
+points from epoch to epoch (seed 0: 76.8, 83.8, 76.3); with dropout 0.5 it climbs steadily.
+Why 6 epochs: with dropout the dev UAS of k = 20 peaks at epochs 5-6 (seeds 0-2) and that of
+ordinary backprop at epochs 4-6.
 The price of per-example selection: 250 examples x 20 columns cover the whole 500-unit layer,
 so the backward runs full-width products and an epoch takes as long as ordinary backprop's;
 ``--mode unified`` is the fast variant (README: Dependency parsing). Evaluation decodes 64
