@@ -1,5 +1,5 @@
-"""The run cache: code versions, cache keys, run folders, the subprocess runner and the
-time estimate.
+"""The run cache: code versions, cache keys, run folders, reuse and resumption, and the
+time estimate (the runners are in :mod:`experiments.report.runners`).
 
 A run lives in ``<cache>/<task>/<key>/`` where ``key`` hashes the task, its flags, the seed
 and the code version of its training path (the source files of ``meprop_jax/``,
@@ -14,11 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -96,51 +93,6 @@ def is_complete(spec: RunSpec, directory: Path) -> bool:
 def has_checkpoint(directory: Path) -> bool:
     ckpt = directory / CHECKPOINT_DIR
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
-
-
-def subprocess_command(spec: RunSpec, directory: Path, mode: str) -> list[str]:
-    """The command that runs ``spec`` into ``directory`` (``mode`` as in :data:`Runner`)."""
-    command = [sys.executable, *spec.command()[1:]]
-    if spec.task == "bench":
-        return [*command, "--out", str(directory / BENCH_FILE)]
-    extra = {"fresh": [], "resume": ["--resume"], "restart": ["--overwrite"]}[mode]
-    return [*command, "--out", str(directory), *extra]
-
-
-def child_environment(cache: Path) -> dict[str, str]:
-    """The environment of a run: JAX's on-disk compilation cache under ``cache`` (seeds of
-    one setting compile the same programs), unless one is configured already."""
-    env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str((cache / "jax-compilation-cache").absolute()))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-    return env
-
-
-def subprocess_runner(cache: Path) -> Runner:
-    """The real runner: ``python -m experiments.<task> ... --out DIR``, its output in
-    ``DIR/train.log``. Ctrl-C reaches the child too (same process group); the runner waits
-    for it to save its checkpoint before passing the interruption on."""
-    env = child_environment(cache)
-
-    def run(spec: RunSpec, directory: Path, mode: str) -> int:
-        command = subprocess_command(spec, directory, mode)
-        with open(directory / LOG_FILE, "a") as log:
-            log.write(f"$ {' '.join(command)}\n")
-            log.flush()
-            proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo_root()
-            )
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                try:
-                    proc.wait(timeout=120)
-                except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                    proc.kill()
-                    proc.wait()
-                raise
-
-    return run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments.common import ConfigError
-from experiments.report import cache, grids
+from experiments.report import cache, grids, runners
 
 DEFAULT_OUT = Path("docs/report")
 DEFAULT_CACHE = Path("runs/report-cache")
@@ -62,22 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def help_flags(task: str, cache_dir: Path, code: str) -> frozenset[str] | None:
+def help_flags(
+    task: str, cache_dir: Path, code: str, forked: bool = False
+) -> frozenset[str] | None:
     """The flags ``python -m experiments.<task> --help`` lists (kept per code version), or
-    None when the command fails."""
+    None when the command fails. ``forked``: ask through :func:`runners.run_forked`."""
     saved = cache_dir / "help" / f"{task}-{code}.txt"
     if not saved.exists():
-        proc = subprocess.run(
-            [sys.executable, "-m", f"experiments.{task}", "--help"],
-            capture_output=True,
-            text=True,
-            cwd=cache.repo_root(),
-            env=cache.child_environment(cache_dir),
-        )
-        if proc.returncode != 0:
-            return None
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(proc.stdout)
+        partial = saved.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        env = runners.child_environment(cache_dir)
+        if forked:
+            code_ = runners.run_forked(task, ["--help"], partial, env)
+        else:
+            with open(partial, "w") as out:
+                command = [sys.executable, "-m", f"experiments.{task}", "--help"]
+                code_ = subprocess.run(
+                    command, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=cache.repo_root()
+                ).returncode
+        if code_ != 0:
+            return None
+        partial.rename(saved)
     return grids.parse_help_flags(saved.read_text())
 
 
@@ -144,7 +150,8 @@ def main(
 
     Args:
       argv: the command line (default ``sys.argv[1:]``).
-      runner: runs one configuration (default: a subprocess per run).
+      runner: runs one configuration (default: a subprocess per run; with ``--quick``, a
+        process forked from a server that imported the tasks once).
       flags: each task's known flags (default: read from its ``--help``).
     """
     parser = build_parser()
@@ -163,7 +170,7 @@ def main(
     tasks = sorted({s.task for g in built for s in g.specs()})
     codes = {t: cache.code_version(root, t) for t in tasks}
     if flags is None:
-        flags = {t: help_flags(t, args.cache, codes[t]) for t in tasks}
+        flags = {t: help_flags(t, args.cache, codes[t], forked=args.quick) for t in tasks}
     selected = [grids.check_flags(g, flags) for g in built]
     specs = cache.unique(s for g in selected if not g.skipped for s in g.specs())
     dirs = {s: cache.run_dir(args.cache, s, codes[s.task]) for s in specs}
@@ -171,7 +178,13 @@ def main(
     print_plan(selected, dirs, est, commands=args.dry_run)
     if args.dry_run:
         return 0
-    runner = runner or cache.subprocess_runner(args.cache)
+    if runner is None:
+        # Tiny runs are mostly start-up: share the imports (see experiments.report.runners).
+        runner = (
+            runners.forked_runner(args.cache)
+            if args.quick
+            else runners.subprocess_runner(args.cache)
+        )
     start = time.perf_counter()
     try:
         if args.write_only:

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from experiments.report import cache, grids
+from experiments.report import cache, grids, runners
 from tests.experiments.report.stub import StubRunner
 
 SPEC = grids.RunSpec("mnist", ("--k", "20", "--epochs", "2"), 0, 2, 30.0)
@@ -94,8 +94,8 @@ def test_an_unfinished_results_file_without_checkpoint_restarts(tmp_path):
     runner = StubRunner()
     cache.ensure_run(SPEC, tmp_path / "run", runner)
     assert runner.calls[0][1] == "restart"
-    assert cache.subprocess_command(SPEC, tmp_path, "restart")[-1] == "--overwrite"
-    assert cache.subprocess_command(SPEC, tmp_path, "resume")[-1] == "--resume"
+    assert runners.subprocess_command(SPEC, tmp_path, "restart")[-1] == "--overwrite"
+    assert runners.subprocess_command(SPEC, tmp_path, "resume")[-1] == "--resume"
 
 
 def test_a_mesimp_run_needs_its_mesimp_entry(tmp_path):
