@@ -74,14 +74,14 @@ def help_flags(
         partial.unlink(missing_ok=True)
         env = runners.child_environment(cache_dir)
         if forked:
-            code_ = runners.run_forked(task, ["--help"], partial, env)
+            status = runners.run_forked(task, ["--help"], partial, env)
         else:
             with open(partial, "w") as out:
                 command = [sys.executable, "-m", f"experiments.{task}", "--help"]
-                code_ = subprocess.run(
+                status = subprocess.run(
                     command, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=cache.repo_root()
                 ).returncode
-        if code_ != 0:
+        if status != 0:
             return None
         partial.rename(saved)
     return grids.parse_help_flags(saved.read_text())
