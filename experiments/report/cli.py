@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -66,21 +65,15 @@ def help_flags(
     task: str, cache_dir: Path, code: str, forked: bool = False
 ) -> frozenset[str] | None:
     """The flags ``python -m experiments.<task> --help`` lists (kept per code version), or
-    None when the command fails. ``forked``: ask through :func:`runners.run_forked`."""
+    None when the command fails. ``forked``: ask through :func:`runners.run_forked`, otherwise
+    :func:`runners.run_fresh`."""
     saved = cache_dir / "help" / f"{task}-{code}.txt"
     if not saved.exists():
         saved.parent.mkdir(parents=True, exist_ok=True)
         partial = saved.with_suffix(".partial")
         partial.unlink(missing_ok=True)
-        env = runners.child_environment(cache_dir)
-        if forked:
-            status = runners.run_forked(task, ["--help"], partial, env)
-        else:
-            with open(partial, "w") as out:
-                command = [sys.executable, "-m", f"experiments.{task}", "--help"]
-                status = subprocess.run(
-                    command, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=cache.repo_root()
-                ).returncode
+        launch = runners.run_forked if forked else runners.run_fresh
+        status = launch(task, ["--help"], partial, runners.child_environment(cache_dir))
         if status != 0:
             return None
         partial.rename(saved)

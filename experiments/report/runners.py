@@ -22,9 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.report.cache import BENCH_FILE, LOG_FILE, Runner, repo_root
-from experiments.report.grids import RunSpec
+from experiments.report.grids import TASKS, RunSpec
 
-TASKS = ("mnist", "tagging", "parsing", "bench")
 #: How long an interrupted run may take to save its checkpoint before it is killed.
 SAVE_GRACE_S = 120
 
@@ -71,31 +70,38 @@ def _log_command(log_path: Path, command: Sequence[str]) -> None:
         log.write(f"$ {' '.join(command)}\n")
 
 
+def run_fresh(task: str, args: Sequence[str], output: Path, env: Mapping[str, str]) -> int:
+    """``python -m experiments.<task> ARGS`` in a fresh interpreter, its output appended to
+    ``output``; returns its exit code."""
+    command = [sys.executable, "-m", f"experiments.{task}", *args]
+    with open(output, "a") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo_root()
+        )
+
+        def join(timeout):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+
+        def kill():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+        _wait(join, kill)
+        return proc.returncode
+
+
 def subprocess_runner(cache: Path) -> Runner:
     """A fresh interpreter per run; its output goes to ``DIR/train.log``."""
     env = child_environment(cache)
 
     def run(spec: RunSpec, directory: Path, mode: str) -> int:
-        command = subprocess_command(spec, directory, mode)
-        _log_command(directory / LOG_FILE, command)
-        with open(directory / LOG_FILE, "a") as log:
-            proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=repo_root()
-            )
-
-            def join(timeout):
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    pass
-
-            def kill():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-
-            _wait(join, kill)
-            return proc.returncode
+        _log_command(directory / LOG_FILE, subprocess_command(spec, directory, mode))
+        args = command_args(spec, directory, mode)
+        return run_fresh(spec.task, args, directory / LOG_FILE, env)
 
     return run
 
