@@ -13,7 +13,7 @@ indices into the cotangent of a zero-valued :class:`CompactGrad` input and retur
 zero for the kernel, so a jitted step that never reads the kernel's gradient never builds an
 ``[in, out]`` array (see :mod:`meprop_jax.optim` for the optimizers that consume it).
 
-With ``record`` the backward also counts, per output unit, how many examples selected it (the
+With ``record`` the backward also counts, per output unit, how many examples updated it (the
 activity record of meSimp, see :mod:`meprop_jax.mesimp`): the counts are the cotangent of a
 zero-valued :class:`RecordTap` input, so a jitted step gets them from ``jax.grad``.
 """

@@ -51,19 +51,26 @@ class RecordTap(NamedTuple):
     cotangents, taken by ``jax.grad``, are the counts of that backward pass. A row (one
     position of the input's leading axes) whose output gradient is entirely zero, such as a
     padding position or an example the loss ignores, took no part in the step and is not
-    counted. Every other row is one example:
+    counted. Every other row is one example, and it counts for a unit when the unit's column
+    was selected for it *and* its gradient there is nonzero, i.e. when the example updated the
+    unit's weights:
 
-    * ``"per_example"`` and ``"random"``: the example selects its own ``k`` columns.
-    * ``"unified"``: every example selects the batch's ``k`` shared columns.
-    * dense (``k = 0`` or ``k >= out``): every example selects every column.
+    * ``"per_example"`` and ``"random"``: the example's own ``k`` columns.
+    * ``"unified"``: the batch's ``k`` shared columns.
+    * dense (``k = 0`` or ``k >= out``): every column.
+
+    A selected zero updates nothing and is not counted. In a ReLU net a row with fewer than
+    ``k`` active units fills its top-k with zeros (ties go to the lowest indices); counting
+    those fillers would credit them to whichever surviving units come first. (The authors' C#
+    counts them, but there pruned units keep their place in the layer and take part of them.)
 
     With ``groups`` (an LSTM's four gates) column ``j`` of every group belongs to unit ``j``,
-    and a unit counts as selected by an example when any of its group columns is. A tap shared
+    and a unit counts when any of its group columns does. A tap shared
     by several calls (a ``scan`` over time steps) sums their counts, which is what a record
     wants: each time step of each sequence is one example.
 
     Attributes:
-      hits: ``[units]`` float32 (``units = out // groups``): examples that selected the unit.
+      hits: ``[units]`` float32 (``units = out // groups``): examples that updated the unit.
       examples: ``[]`` float32: examples counted.
     """
 
@@ -80,16 +87,16 @@ def _record_counts(g: Array, selected: Array, groups: int) -> RecordTap:
     """Counts of one backward pass.
 
     ``selected`` is the shared ``[K]`` column indices (unified) or a ``[..., out]`` bool mask
-    (per row).
+    (per row). An entry counts only where its gradient is nonzero: a selected zero (an inactive
+    ReLU unit filling a row's top-k) updates nothing.
     """
     if jnp.issubdtype(selected.dtype, jnp.integer):
         selected = jnp.zeros(g.shape[-1:], bool).at[selected].set(True)
-    active = jnp.any(g != 0, axis=-1)  # [...]: rows that received any gradient
-    units = jnp.any(selected.reshape((*selected.shape[:-1], groups, -1)), axis=-2)
+    nonzero = g != 0
+    active = jnp.any(nonzero, axis=-1)  # [...]: rows that received any gradient
+    updated = (selected & nonzero).reshape((*g.shape[:-1], groups, -1))
+    hits = jnp.any(updated, axis=-2)  # [..., units]
     examples = jnp.sum(active.astype(jnp.float32))
-    if selected.ndim == 1:
-        return RecordTap(units.astype(jnp.float32) * examples, examples)
-    hits = units & active[..., None]
     return RecordTap(jnp.sum(hits.astype(jnp.float32), axis=tuple(range(g.ndim - 1))), examples)
 
 

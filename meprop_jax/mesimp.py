@@ -1,9 +1,10 @@
 """meSimp: shrink a network by removing the hidden units meProp's top-k seldom selects.
 
 meSimp (Sun et al. 2017, arXiv 1711.06528) trains with meProp and keeps, for every hidden unit,
-an *activity record*: how many examples selected the unit in their top-k since the last prune,
-out of how many examples. A prune keeps a unit only if ``hits >= floor(threshold * examples)``
-(threshold 0.1 by default) and it survived every earlier prune; then the record restarts.
+an *activity record*: how many examples selected the unit in their top-k with a nonzero
+gradient (so updated its weights) since the last prune, out of how many examples. A prune keeps
+a unit only if ``hits >= floor(threshold * examples)`` (threshold 0.1 by default) and it
+survived every earlier prune; then the record restarts.
 Pruned units are removed for real: :func:`shrink` gathers the parameters and the optimizer
 state to the survivors, and :func:`export` gives a plain parameter tree for a stock
 ``flax.linen`` MLP of the surviving sizes.
@@ -206,10 +207,10 @@ def prune_rule(
     """The authors' ``Record.Update``: ``keep & (hits >= floor(threshold * examples))``.
 
     Args:
-      hits: ``[units]`` examples that selected each unit since the last prune.
+      hits: ``[units]`` examples that updated each unit since the last prune.
       examples: ``[]`` examples counted since the last prune.
       keep: ``[units]`` bool (or 0/1) survivors of the earlier prunes: pruning is permanent.
-      threshold: the fraction of the examples a unit must have been selected by.
+      threshold: the fraction of the examples a unit must have been updated by.
 
     Returns:
       ``[units]`` bool, the new keep set. The product is taken in float32 (as ``int(refer *

@@ -19,18 +19,18 @@ correction (the authors' ``Opt.Prepare``).
 The record
 ----------
 Every hidden layer is ``meprop_jax.Dense(record=True)``. Its ``"mesimp"`` collection holds
-``hits`` ``[units]`` (examples whose top-k selected the unit since the last prune),
-``examples`` ``[]`` (examples counted) and ``mask`` ``[units]`` (1 for a surviving unit). The
-training step takes the cotangents of zero record taps with the gradients and adds them to
-the record (:meth:`MesimpSchedule.fold_state`), so the record lives in the training state,
-is checkpointed with the parameters and survives ``--resume``. What "selected" means depends
-on the selection mode:
+``hits`` ``[units]`` (examples that updated the unit since the last prune), ``examples``
+``[]`` (examples counted) and ``mask`` ``[units]`` (1 for a surviving unit). The training step
+takes the cotangents of zero record taps with the gradients and adds them to the record
+(:meth:`MesimpSchedule.fold_state`), so the record lives in the training state, is
+checkpointed with the parameters and survives ``--resume``. An example updates a unit when
+the unit is in its top-k and its gradient there is nonzero (an inactive ReLU unit that fills
+a top-k updates nothing; see :class:`meprop_jax.RecordTap`). Which top-k depends on the mode:
 
-* ``per_example`` (the authors'): each example selects its own ``k`` units, so ``hits / examples``
-  is the fraction of examples whose top-k held the unit.
-* ``unified``: the batch shares one set of ``k`` units and every example of the batch counts
-  as selecting them, so ``hits / examples`` is the fraction of (example-weighted) batches
-  whose shared top-k held the unit.
+* ``per_example`` (the authors'): each example's own ``k`` units, so ``hits / examples`` is
+  the fraction of examples whose top-k held the unit with a nonzero gradient.
+* ``unified``: the batch's one set of ``k`` units, so ``hits / examples`` is the fraction of
+  examples that had a nonzero gradient at the unit in a batch whose shared top-k held it.
 
 Examples whose gradient is all zero (padding) are not counted.
 
@@ -294,9 +294,9 @@ _SCHEDULE_HELP = (
     "of 16 with masked units. Training runs in cycles of --mesimp-cycle epochs: even cycles "
     "(epochs 1-5, 11-15, ... with the default 5) prune about --mesimp-prunes-per-epoch times "
     "per epoch, odd cycles train the shrunk net with plain meProp. A prune keeps a unit "
-    "selected by at least --mesimp-threshold of the examples counted since the last prune (the "
-    "count goes on through odd cycles). With --mode per-example each example selects its own "
-    "k units; with unified every example of a batch counts as selecting the batch's k. The "
+    "updated by at least --mesimp-threshold of the examples counted since the last prune (the "
+    "count goes on through odd cycles): an example updates a unit when the unit is in its top-k "
+    "(its own with --mode per-example, the batch's with unified) with a nonzero gradient. The "
     "optimizer's moments are zeroed at every cycle start (the step count is kept)."
 )
 

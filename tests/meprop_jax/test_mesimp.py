@@ -45,18 +45,30 @@ def test_per_example_record_counts_each_examples_own_top_k():
     assert examples == 2.0
 
 
-def test_unified_record_counts_the_batch_columns_for_every_example():
-    # Column sums of |g|: 4, 5, 0.1, 4, 4.5 -> the batch keeps units 1 and 4.
+def test_unified_record_counts_the_batch_columns_where_an_example_updates_them():
+    # Column sums of |g|: 4, 5, 0.1, 4, 4.5 -> the batch keeps units 1 and 4. Row 1's gradient
+    # at unit 1 is 0, so only row 0 updated it.
     hits, examples = record_counts(G, k=2, mode="unified")
-    assert hits.tolist() == [0.0, 2.0, 0.0, 0.0, 2.0]
+    assert hits.tolist() == [0.0, 1.0, 0.0, 0.0, 2.0]
     assert examples == 2.0
 
 
+def test_a_selected_zero_is_not_counted():
+    # One nonzero entry and k=3: the top-3 fills up with two zero columns (an inactive ReLU
+    # unit's gradient is exactly 0), which update nothing and so do not count.
+    g = jnp.array([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, -1.0]])
+    for mode in ("per_example", "unified"):
+        hits, examples = record_counts(g, k=3, mode=mode)
+        assert hits.tolist() == [0.0, 1.0, 0.0, 1.0], mode
+        assert examples == 2.0
+
+
 def test_random_and_dense_records():
-    hits, examples = record_counts(G, k=2, mode="random")
+    dense_rows = G.at[:2].add(jnp.where(G[:2] == 0, 0.25, 0.0))  # no zero in a counted row
+    hits, examples = record_counts(dense_rows, k=2, mode="random")
     assert examples == 2.0 and hits.sum() == 4.0 and hits.max() <= 2.0
-    hits, examples = record_counts(G, k=0, mode="unified")  # dense: every unit every time
-    assert hits.tolist() == [2.0] * 5 and examples == 2.0
+    hits, examples = record_counts(G, k=0, mode="unified")  # dense: every nonzero entry
+    assert hits.tolist() == [2.0, 1.0, 1.0, 2.0, 2.0] and examples == 2.0
 
 
 def test_grouped_record_ties_a_units_columns():
@@ -153,8 +165,10 @@ def test_dense_record_accumulates_and_the_mask_silences_units():
     for name in ("hidden_0", "hidden_1"):
         node = step[name]
         assert node["examples"].dtype == jnp.int32 and int(node["examples"]) == X.shape[0]
-        # Per example k=3 of 8 units: 3 hits per example.
-        assert int(node["hits"].sum()) == 3 * X.shape[0]
+        # Per example k=3 of 8 units: at most 3 hits per example (fewer where an example has
+        # fewer than 3 active units), and none for a masked unit.
+        assert 0 < int(node["hits"].sum()) <= 3 * X.shape[0]
+        assert int(node["hits"].max()) <= X.shape[0]
         assert int(twice[name]["examples"]) == 2 * X.shape[0]
         np.testing.assert_array_equal(twice[name]["hits"], 2 * node["hits"])
     # Masked units output 0 and learn nothing.
@@ -165,6 +179,7 @@ def test_dense_record_accumulates_and_the_mask_silences_units():
     assert not np.any(hidden[:, jnp.array([1, 4])]) and np.all(
         np.any(hidden != 0, axis=0)[mask > 0]
     )
+    assert not np.any(step["hidden_0"]["hits"][jnp.array([1, 4])])
     assert not np.any(grads["hidden_0"]["kernel"][:, jnp.array([1, 4])])
     assert not np.any(grads["hidden_0"]["bias"][jnp.array([1, 4])])
     assert not np.any(grads["hidden_1"]["kernel"][jnp.array([1, 4])])
