@@ -2,7 +2,7 @@
 
 A :class:`CompactGrad` tap receives a layer's compact weight gradient (the selected columns'
 ``[K, in]`` block and their indices, see :mod:`meprop_jax.optim`); a :class:`RecordTap` receives
-meSimp's activity record (how many examples selected each unit, see :mod:`meprop_jax.mesimp`).
+meSimp's activity record (how many examples updated each unit, see :mod:`meprop_jax.mesimp`).
 Both are ordinary arrays to ``jax.grad``, so a jitted step gets them without side effects.
 """
 
@@ -102,7 +102,7 @@ def _record_counts(g: Array, selected: Array, groups: int) -> RecordTap:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _record_dense(groups: int, y: Array, record: RecordTap) -> Array:
-    """Identity on ``y``; the backward counts every column as selected by every example."""
+    """Identity on ``y``; the backward counts every column (where its gradient is nonzero)."""
     return y
 
 
