@@ -38,9 +38,14 @@ def command_args(spec: RunSpec, directory: Path, mode: str) -> list[str]:
     return [*args, "--out", str(directory), *extra]
 
 
+def fresh_command(task: str, args: Sequence[str]) -> list[str]:
+    """``python -m experiments.<task> ARGS`` with this interpreter."""
+    return [sys.executable, "-m", f"experiments.{task}", *args]
+
+
 def subprocess_command(spec: RunSpec, directory: Path, mode: str) -> list[str]:
     """The full command line of a run, with this interpreter."""
-    return [sys.executable, "-m", f"experiments.{spec.task}", *command_args(spec, directory, mode)]
+    return fresh_command(spec.task, command_args(spec, directory, mode))
 
 
 def child_environment(cache: Path, min_compile_s: float = 1.0) -> dict[str, str]:
@@ -73,10 +78,13 @@ def _log_command(log_path: Path, command: Sequence[str]) -> None:
 def run_fresh(task: str, args: Sequence[str], output: Path, env: Mapping[str, str]) -> int:
     """``python -m experiments.<task> ARGS`` in a fresh interpreter, its output appended to
     ``output``; returns its exit code."""
-    command = [sys.executable, "-m", f"experiments.{task}", *args]
     with open(output, "a") as out:
         proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=repo_root()
+            fresh_command(task, args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=repo_root(),
         )
 
         def join(timeout):
@@ -99,8 +107,8 @@ def subprocess_runner(cache: Path) -> Runner:
     env = child_environment(cache)
 
     def run(spec: RunSpec, directory: Path, mode: str) -> int:
-        _log_command(directory / LOG_FILE, subprocess_command(spec, directory, mode))
         args = command_args(spec, directory, mode)
+        _log_command(directory / LOG_FILE, fresh_command(spec.task, args))
         return run_fresh(spec.task, args, directory / LOG_FILE, env)
 
     return run
