@@ -162,6 +162,27 @@ def estimate(specs: Sequence[RunSpec], dirs: Mapping[RunSpec, Path]) -> Estimate
     return Estimate(len(specs) - len(todo), len(todo), seconds, scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunTime:
+    runs: int  # finished runs with a timing record
+    seconds: float  # their wall times, summed
+    resumed: int  # of them, runs whose record covers only the process that finished them
+
+
+def run_time(specs: Sequence[RunSpec], dirs: Mapping[RunSpec, Path]) -> RunTime:
+    """The summed wall time of the finished runs of ``specs``, as their timing records give
+    it (a run reused from an earlier report keeps the time it took then)."""
+    seconds, runs, resumed = 0.0, 0, 0
+    for spec in unique(specs):
+        timing = read_json(dirs[spec] / TIMING_FILE) if is_complete(spec, dirs[spec]) else None
+        if not timing:
+            continue
+        seconds += float(timing["wall_s"])
+        runs += 1
+        resumed += timing.get("mode") == "resume"
+    return RunTime(runs, seconds, resumed)
+
+
 def format_duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:

@@ -98,6 +98,16 @@ def _load() -> str:
         return "unknown"
 
 
+def _run_time_note(spent: cache.RunTime, total: int) -> str:
+    note = (
+        f"- Run time: {spent.runs} of the {total} runs have a timing record; they took "
+        f"{cache.format_duration(spent.seconds)} in all (each run's wall time, summed)"
+    )
+    if spent.resumed:
+        note += f"; {spent.resumed} of them resumed, and count only their last process"
+    return note + "."
+
+
 def write_report(
     out: Path,
     selected: Sequence[grids.Grid],
@@ -109,6 +119,7 @@ def write_report(
 ) -> Path:
     """Writes ``out/README.md`` (and the figures) and returns its path."""
     out.mkdir(parents=True, exist_ok=True)
+    spent = cache.run_time(list(dirs), dirs)  # before the records move: the timings stay
     dirs = publish_records(out, dirs)
     results = {g.name: tables.collect(g, dirs) for g in selected if not g.skipped}
     pending = [o for o in outcomes.values() if o.status == "not run"]
@@ -141,6 +152,7 @@ def write_report(
         f"{sum(o.status == 'ran' for o in outcomes.values())} run now, "
         f"{sum(o.status == 'reused' for o in outcomes.values())} reused, {len(failed)} failed"
         + (f", {len(pending)} not run yet (written with `--write-only`)." if pending else "."),
+        _run_time_note(spent, len(outcomes)),
         "- Commands run from the repository root with `MEPROP_DATA_DIR` naming the data "
         "folder; each section lists the command behind each of its settings.",
         "",

@@ -116,3 +116,14 @@ def test_estimate_scales_the_nominal_time_by_finished_runs(tmp_path):
     after = cache.estimate(specs, dirs)
     assert (after.done, after.todo) == (1, 2)
     assert after.scale == {"mnist": 2.5} and after.seconds == 500.0
+
+
+def test_run_time_sums_the_finished_runs_and_counts_the_resumed(tmp_path):
+    specs = [dataclasses.replace(SPEC, seed=s) for s in range(3)]
+    dirs = {s: tmp_path / str(s.seed) for s in specs}
+    for spec, (wall, mode) in zip(specs[:2], [(40.0, "fresh"), (25.5, "resume")], strict=True):
+        cache.ensure_run(spec, dirs[spec], StubRunner())
+        timing = {"wall_s": wall, "mode": mode}
+        (dirs[spec] / cache.TIMING_FILE).write_text(json.dumps(timing))
+    spent = cache.run_time([*specs, specs[0]], dirs)  # a repeated spec counts once
+    assert spent == cache.RunTime(runs=2, seconds=65.5, resumed=1)

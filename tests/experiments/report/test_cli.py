@@ -149,6 +149,7 @@ def test_write_only_reports_finished_runs_and_runs_nothing(tmp_path):
     report = tmp_path / "report"
     text = (report / "README.md").read_text()
     assert "1 reused, 0 failed, 1 not run yet" in text
+    assert "- Run time: 1 of the 2 runs have a timing record; they took" in text
     assert text.count("(not run yet)") + text.count("(not finished)") == 1
     links = re.findall(r"\]\(([^)]+results\.json)\)", text)
     assert links and all(link.startswith("runs/mnist/") for link in links)
