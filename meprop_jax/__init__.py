@@ -3,20 +3,24 @@
 The forward pass of every sparsified layer is the ordinary one; in the backward pass only the
 ``k`` largest-magnitude entries of each linear layer's output gradient are propagated, so the
 weight and input gradients come from products ``k / out`` of the dense size.
+
+The package is layered; each layer imports only those beneath it:
+
+* ``meprop_jax._src``: the framework-free ops (selection, linear, conv, recurrent, taps,
+  feedback, adaptive k), re-exported here (:func:`linear`, :func:`conv`, ...);
+* :mod:`meprop_jax.optim`: column-sparse optimizers for compact gradients;
+* :mod:`meprop_jax.linen` and :mod:`meprop_jax.nnx`: layers, ``sparsify`` and the train state
+  or optimizer of each Flax API;
+* :mod:`meprop_jax.mesimp`: meSimp, which shrinks trained models.
 """
 
-from meprop_jax import feedback, linen, mesimp, nnx, optim, train_state
-from meprop_jax._adaptive import AdaptiveK, AdaptiveTap, adaptive_tap
-from meprop_jax._conv import Conv, conv
-from meprop_jax._linear import (
-    CompactGrad,
-    RecordTap,
-    compact_tap,
-    linear,
-    multi_linear,
-    record_tap,
-)
-from meprop_jax._selection import (
+import sys
+
+from meprop_jax import feedback, linen, mesimp, nnx, optim
+from meprop_jax._src.adaptive import AdaptiveK, AdaptiveTap, adaptive_tap
+from meprop_jax._src.conv import conv
+from meprop_jax._src.linear import linear, multi_linear
+from meprop_jax._src.selection import (
     MODES,
     column_scores,
     per_example_mask,
@@ -24,9 +28,20 @@ from meprop_jax._selection import (
     top_k_mask,
     unified_columns,
 )
-from meprop_jax._sparsify import SparsifiedLayer, sparsify, sparsify_report
-from meprop_jax.linen import Dense, LSTMCell
-from meprop_jax.train_state import TrainState
+from meprop_jax._src.taps import CompactGrad, RecordTap, compact_tap, record_tap
+from meprop_jax.linen import (
+    Conv,
+    Dense,
+    LSTMCell,
+    SparsifiedLayer,
+    TrainState,
+    sparsify,
+    sparsify_report,
+    train_state,
+)
+
+# ``meprop_jax.train_state`` is the module of the Linen TrainState, under its older name.
+sys.modules[f"{__name__}.train_state"] = train_state
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ Two update rules are available, and they differ for Adam:
 
 * **The compact rule (this module, opt-in).** ``meprop_jax.Dense(..., sparse_update=True)``
   keeps its kernel gradient compact, as the selected column indices plus a ``[K, in]`` block
-  (a :class:`meprop_jax._linear.CompactGrad`), and the optimizers below update only those
+  (a :class:`meprop_jax.CompactGrad`), and the optimizers below update only those
   columns of the kernel and of its optimizer state; nothing of size ``[in, out]`` is built or
   swept in the step. Adam is **lazy**: the moments and weights of unselected columns are left
   untouched (bit-identical), so a column that is not selected does not move, unlike the
@@ -63,8 +63,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from meprop_jax._linear import CompactGrad, compact_tap, compact_width
-from meprop_jax.linen import TAP_COLLECTION
+from meprop_jax._src.collections import TAP_COLLECTION
+from meprop_jax._src.taps import CompactGrad, compact_tap, compact_width
 
 Array = jax.Array
 PyTree = Any

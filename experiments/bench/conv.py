@@ -3,7 +3,7 @@
 Times the backward pass of one 3x3, stride-1, ``SAME``-padded convolution in NHWC layout
 (``y = conv(x, W) + b``, :func:`meprop_jax.conv`): the VJP that returns ``dx``, ``dW`` and
 ``db`` for a random cotangent ``g``, for dense backprop (``k = 0``) and for each meProp mode
-and ``k`` (output channels kept, see :mod:`meprop_jax._conv`), on shapes
+and ``k`` (output channels kept, see :func:`meprop_jax.conv`), on shapes
 ``(batch, size, in, out)`` with ``size x size`` images. The forward pass alone is timed beside
 them, and every row is timed interleaved with the others of its shape
 (:func:`experiments.bench.harness.time_fns`), so ``speedup`` is the dense backward's median

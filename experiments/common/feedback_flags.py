@@ -4,7 +4,7 @@ Flags (every experiment):
 
 * ``--error-feedback [DECAY]``: the sparse layers memorize the output gradient they did not
   propagate and feed it back (:mod:`meprop_jax.feedback`), decayed by ``DECAY`` in (0, 1].
-* ``--adaptive-k``: TinyProp-style adaptive k (:mod:`meprop_jax._adaptive`): ``--k`` becomes
+* ``--adaptive-k``: TinyProp-style adaptive k (:class:`meprop_jax.AdaptiveK`): ``--k`` becomes
   the upper bound ``k_max`` and every step keeps, per layer, the fewest top columns (at least
   ``--adaptive-k-min``) that hold ``--adaptive-k-mass`` of the gradient's column mass.
 

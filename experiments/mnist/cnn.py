@@ -4,7 +4,7 @@
 pooling, then the MLP of :class:`experiments.common.models.MLP` on the flattened feature maps
 (``--layers`` meProp hidden ``Dense`` layers of ``--hidden`` units, a dense output layer). In
 the backward pass each convolution keeps ``--k-conv`` of its output channels (default:
-``--k``; see :mod:`meprop_jax._conv`), each hidden ``Dense`` layer ``--k`` of its units, in
+``--k``; see :func:`meprop_jax.conv`), each hidden ``Dense`` layer ``--k`` of its units, in
 the same ``--mode``; ``--k 0`` (and no ``--k-conv``) is ordinary backprop throughout.
 
 Flags of the MLP alone are refused with ``--model cnn``: ``--kdim``, ``--sparse-update``

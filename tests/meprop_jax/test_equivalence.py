@@ -5,7 +5,7 @@ the NNX module, and outputs and gradients are compared. Random mode feeds both t
 the Linen layer draws ``make_rng("meprop")``, which ``KeyProbe`` reproduces, and the NNX layer
 takes that key as its ``rngs=`` call argument.
 
-Reference: a plain-JAX LSTM cell, independent of ``meprop_jax._linear``, whose gate
+Reference: a plain-JAX LSTM cell, independent of ``meprop_jax._src.linear``, whose gate
 pre-activation ``x W_i + h W_h`` passes through a ``custom_vjp`` identity that masks its
 cotangent per gate by the top-k rule (the bias, added afterwards, keeps the dense gradient).
 """

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import meprop_jax
 from meprop_jax import optim
-from meprop_jax._linear import CompactGrad, compact_tap
+from meprop_jax._src.taps import CompactGrad, compact_tap
 
 IN, OUT, N_OUT = 5, 12, 3
 LR = 0.05

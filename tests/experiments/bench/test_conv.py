@@ -12,7 +12,7 @@ from jax import lax
 
 from experiments.bench import cli, conv, harness
 from tests.experiments.bench.scripted_timing import ScriptedTiming
-from tests.meprop_jax.test_conv import reference_mask
+from tests.meprop_jax._src.test_conv import reference_mask
 
 SHAPE = (3, 5, 2, 6)  # batch, size, in, out
 

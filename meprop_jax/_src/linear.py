@@ -1,0 +1,500 @@
+"""The meProp linear transform: an unchanged forward pass and a top-k sparsified backward pass.
+
+``multi_linear`` computes ``y = sum_j xs[j] @ kernels[j] + bias`` (a plain linear layer has one
+input; an LSTM cell has two, the input and the recurrent state). Its backward pass selects
+columns of ``g = dL/dy`` once (see ``_selection``) and computes every ``dx_j`` and ``dW_j`` from
+the selected columns only: the products it runs are ``[N, k] x [k, in]`` and ``[in, N] x [N, k]``
+rather than ``[N, out] x [out, in]`` and ``[in, N] x [N, out]``.
+
+By default the weight gradient is handed to autodiff as a dense ``[in, out]`` array, zero outside
+the selected columns (the authors' semantics: any stock optimizer consumes it). With ``taps`` it
+stays compact instead: the backward writes the selected columns' ``[K, in]`` block and their
+indices into the cotangent of a zero-valued :class:`CompactGrad` input and returns a symbolic
+zero for the kernel, so a jitted step that never reads the kernel's gradient never builds an
+``[in, out]`` array (see :mod:`meprop_jax.optim` for the optimizers that consume it).
+
+With ``record`` the backward also counts, per output unit, how many examples updated it (the
+activity record of meSimp, see :mod:`meprop_jax.mesimp`): the counts are the cotangent of a
+zero-valued :class:`RecordTap` input, so a jitted step gets them from ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from meprop_jax._src import adaptive as _adaptive
+from meprop_jax._src import feedback
+from meprop_jax._src import selection as _selection
+from meprop_jax._src.adaptive import AdaptiveK, AdaptiveTap
+from meprop_jax._src.taps import (
+    CompactGrad,
+    RecordTap,
+    _check_record,
+    _check_taps,
+    _record_counts,
+    _record_dense,
+)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    k: int
+    mode: str
+    groups: int
+    sparse_bias: bool
+    precision: lax.PrecisionLike
+    preferred_element_type: jnp.dtype | None
+    compact: bool = False
+    record: bool = False
+    adaptive: AdaptiveK | None = None
+    adaptive_tap: bool = False
+    feedback_steps: int = 1
+
+
+def _apply_kernel(x: Array, kernel: Array, cfg: _Config) -> Array:
+    # Same contraction as flax.linen.Dense, so k=0 outputs are bit-identical to the stock layer.
+    return lax.dot_general(
+        x,
+        kernel,
+        (((x.ndim - 1,), (0,)), ((), ())),
+        precision=cfg.precision,
+        preferred_element_type=cfg.preferred_element_type,
+    )
+
+
+def _forward(cfg: _Config, xs, kernels, bias) -> Array:
+    y = functools.reduce(
+        jnp.add, [_apply_kernel(x, w, cfg) for x, w in zip(xs, kernels, strict=True)]
+    )
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def _explicit_out_sharding(x: Array, kernel: Array, rows: bool = False):
+    """Output sharding for a product that contracts over ``x``'s (possibly sharded) batch.
+
+    Under explicit mesh axes (the ``jax.make_mesh`` default) JAX refuses to guess how to shard
+    the result of a contraction over a sharded axis; the weight gradient is laid out like the
+    kernel's input axis and replicated along the selected columns (``rows``: the transposed
+    ``[n_cols, in]`` gradient).
+    """
+    sharding = jax.typeof(x).sharding
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if spec is None or mesh is None or mesh.empty or not any(s is not None for s in spec[:-1]):
+        return None
+    kernel_spec = getattr(jax.typeof(kernel).sharding, "spec", None) or (None,)
+    spec = (None, kernel_spec[0]) if rows else (kernel_spec[0], None)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _weight_grad(x: Array, g_cols: Array, kernel: Array, cfg: _Config) -> Array:
+    """``x^T g_cols`` contracted over every leading axis: ``[in, n_cols]``.
+
+    With ``cfg.compact``, the transpose ``g_cols^T x``, ``[n_cols, in]`` (see ``CompactGrad``).
+    """
+    lead = tuple(range(x.ndim - 1))
+    if cfg.compact:
+        # [K, ...] materialized first: XLA:CPU runs g^T x several times slower from [..., K].
+        g_t = lax.optimization_barrier(jnp.moveaxis(g_cols, -1, 0))
+        operands, dims = (g_t, x), (tuple(range(1, x.ndim)), lead)
+    else:
+        operands, dims = (x, g_cols), (lead, lead)
+    return lax.dot_general(
+        *operands,
+        (dims, ((), ())),
+        precision=cfg.precision,
+        preferred_element_type=jnp.float32 if kernel.dtype == jnp.bfloat16 else None,
+        out_sharding=_explicit_out_sharding(x, kernel, rows=cfg.compact),
+    ).astype(kernel.dtype)
+
+
+def _input_grad(g_cols: Array, kernel_cols: Array, x: Array, cfg: _Config) -> Array:
+    """``g_cols kernel_cols^T``: ``[..., n_cols] x [in, n_cols] -> [..., in]``."""
+    return lax.dot_general(
+        g_cols, kernel_cols, (((g_cols.ndim - 1,), (1,)), ((), ())), precision=cfg.precision
+    ).astype(x.dtype)
+
+
+def _column_products(cfg: _Config, xs, kernels, g_cols: Array, cols: Array):
+    """``dx_j`` and the weight-gradient blocks of the columns ``cols`` (see ``_weight_grad``).
+
+    Out-of-range entries of ``cols`` (padding) gather zero kernel columns. The barriers keep
+    the gathered ``[in, K]`` kernel columns and ``[..., K]`` gradient columns in their sources'
+    row-major order: left to itself, XLA:CPU gathers them straight into the transposed layouts
+    its products prefer, a strided walk down the kernel's columns that costs several times
+    more, and then runs ``dx`` as a slow transposed product.
+    """
+    g_cols = lax.optimization_barrier(g_cols)
+    dxs = tuple(
+        _input_grad(
+            g_cols,
+            lax.optimization_barrier(jnp.take(w, cols, axis=1, mode="fill", fill_value=0)),
+            x,
+            cfg,
+        )
+        for x, w in zip(xs, kernels, strict=True)
+    )
+    blocks = tuple(_weight_grad(x, g_cols, w, cfg) for x, w in zip(xs, kernels, strict=True))
+    return dxs, blocks
+
+
+def _scatter_columns(kernel: Array, block: Array, cols: Array, non_finite: Array) -> Array:
+    """The dense ``[in, out]`` gradient, zero outside ``cols``; padding entries are dropped.
+
+    A column flagged in ``non_finite`` (``[out]`` bool: ``g`` holds a NaN or ±inf there) that
+    ``cols`` misses is NaN, as dense backprop would make it, rather than a healthy-looking zero.
+    """
+    base = jnp.where(non_finite, jnp.nan, jnp.zeros_like(kernel))
+    return base.at[:, cols].set(block, mode="drop", unique_indices=True)
+
+
+def _unified_backward(cfg: _Config, xs, kernels, g: Array, non_finite: Array):
+    """Gathers the ``k`` shared columns; every product is small and dense.
+
+    With adaptive k, ``keep`` (``[groups * k]`` bool) marks the columns kept and the others'
+    gradient columns are zero; otherwise ``keep`` is None.
+    """
+    keep = None
+    if cfg.adaptive is None:
+        cols = _selection.unified_columns(g, cfg.k, cfg.groups, non_finite=non_finite)
+    else:
+        cols, keep = _selection.adaptive_columns(
+            g, cfg.k, cfg.adaptive, cfg.groups, non_finite=non_finite
+        )
+    g_cols = jnp.take(g, cols, axis=-1)
+    # Non-finite columns past the k kept must not leave dx looking healthy.
+    g_cols = _selection.flag_dropped_non_finite(non_finite, g_cols, cfg.k, cfg.groups)
+    if keep is not None:
+        # The products keep their static width k; the columns past the adaptive k are zero.
+        g_cols = jnp.where(keep, g_cols, jnp.zeros((), g_cols.dtype))
+    dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
+    return dxs, blocks, cols, g_cols, keep
+
+
+def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
+    """Per-row selections. Smaller products only when the rows' union of columns is small.
+
+    With ``N`` rows each keeping ``k`` columns the union has at most ``N * k`` columns. When
+    that is below ``out`` the products run over the union, padded to ``N * k`` columns (a
+    static size); otherwise they run over all ``out`` columns of the masked gradient and cost
+    what dense backprop costs, and the returned ``cols`` is None (the blocks are dense).
+    """
+    if cfg.mode == "random":
+        mask = _selection.random_mask(key, g.shape, cfg.k, cfg.groups, g=g)
+    else:
+        mask = _selection.per_example_mask(g, cfg.k, cfg.groups)
+    # Non-finite entries past a row's k stay too (the union of columns below comes from
+    # `mask` alone, so its static size still holds; the columns it misses are flagged later).
+    g_sparse = jnp.where(mask | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    out = g.shape[-1]
+    n_rows = g.size // out
+    union_size = n_rows * cfg.k * cfg.groups
+    if union_size >= out:
+        dxs = tuple(_input_grad(g_sparse, w, x, cfg) for x, w in zip(xs, kernels, strict=True))
+        dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
+        return dxs, dws, None, g_sparse, mask
+    used = jnp.any(mask, axis=tuple(range(g.ndim - 1)))
+    (cols,) = jnp.nonzero(used, size=union_size, fill_value=0)
+    # Padding slots get distinct out-of-range indices: gathers fill them with zeros, scatters
+    # drop them, and the optimizers in meprop_jax.optim skip them.
+    slots = jnp.arange(union_size, dtype=cols.dtype)
+    cols = jnp.where(slots < jnp.sum(used, dtype=cols.dtype), cols, out + slots)
+    g_cols = jnp.take(g_sparse, cols, axis=-1, mode="fill", fill_value=0)
+    dxs, blocks = _column_products(cfg, xs, kernels, g_cols, cols)
+    return dxs, blocks, cols, g_sparse, mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _meprop(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
+    return _forward(cfg, xs, kernels, bias)
+
+
+def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
+    return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key)
+
+
+def _meprop_bwd(cfg: _Config, residuals, g: Array):
+    xs, kernels, bias, key = residuals
+    lead = tuple(range(g.ndim - 1))
+    non_finite = _selection.non_finite_columns(g)
+    chosen = None
+    if cfg.mode == "unified":
+        dxs, blocks, cols, g_cols, keep = _unified_backward(cfg, xs, kernels, g, non_finite)
+        selected = cols  # one selection shared by every row
+        if keep is not None:
+            selected = jnp.zeros(g.shape[-1:], bool).at[cols].set(keep, unique_indices=True)
+            kept = _adaptive.mean_kept(keep.reshape(cfg.groups, cfg.k))
+            chosen = AdaptiveTap(kept, jnp.ones((), jnp.float32)) if cfg.adaptive_tap else None
+        if bias is not None and cfg.sparse_bias:
+            db = jnp.where(non_finite, jnp.nan, jnp.zeros_like(bias))
+            db = db.at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
+    else:
+        dxs, blocks, cols, g_sparse, selected = _rowwise_backward(cfg, xs, kernels, g, key)
+        if bias is not None and cfg.sparse_bias:
+            db = jnp.sum(g_sparse, axis=lead).astype(bias.dtype)
+    if bias is not None and not cfg.sparse_bias:
+        db = jnp.sum(g, axis=lead).astype(bias.dtype)
+    if bias is None:
+        db = None
+    counts = _record_counts(g, selected, cfg.groups) if cfg.record else None
+    if not cfg.compact:
+        dws = tuple(
+            b if cols is None else _scatter_columns(w, b, cols, non_finite)
+            for w, b in zip(kernels, blocks, strict=True)
+        )
+        return dxs, dws, db, None, None, counts, chosen
+    # Compact: the kernels' cotangents are symbolic zeros; the blocks go to the taps.
+    if cols is None:
+        cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
+    cols = cols.astype(jnp.float32)
+    taps = tuple(CompactGrad(b, cols) for b in blocks)
+    return dxs, (None,) * len(kernels), db, None, taps, counts, chosen
+
+
+_meprop.defvjp(_meprop_fwd, _meprop_bwd)
+
+
+def multi_linear(
+    xs: Sequence[Array],
+    kernels: Sequence[Array],
+    bias: Array | None = None,
+    *,
+    k: int,
+    mode: str = "unified",
+    key: Array | None = None,
+    groups: int = 1,
+    sparse_bias: bool = False,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+    taps: Sequence[CompactGrad] | None = None,
+    record: RecordTap | None = None,
+    memory: Array | None = None,
+    decay: float = 0.0,
+    adaptive: AdaptiveK | None = None,
+    adaptive_tap: AdaptiveTap | None = None,
+    feedback_steps: int = 1,
+) -> Array:
+    """``sum_j xs[j] @ kernels[j] + bias`` with one shared meProp selection in the backward.
+
+    All inputs share the leading axes; the column selection is made once on ``g = dL/dy`` and
+    applied to every input's product (an LSTM gate pre-activation ``x W_i + h W_h + b`` is the
+    two-input case).
+
+    Args:
+      xs: inputs, each ``[..., in_j]``.
+      kernels: weights, each ``[in_j, out]``.
+      bias: optional ``[out]``.
+      k: see :func:`linear`.
+      mode: see :func:`linear`.
+      key: see :func:`linear`.
+      groups: split the ``out`` columns into this many equal blocks and keep ``k`` columns in
+        each (``groups * k`` in all).
+      sparse_bias: see :func:`linear`.
+      precision: passed to the forward and backward products.
+      preferred_element_type: accumulation type of the forward products.
+      taps: one :class:`CompactGrad` tap per kernel (see :func:`linear`); every tap receives
+        the same ``cols``.
+      record: optional zero :class:`RecordTap` for ``out // groups`` units (see
+        :func:`linear`); a unit's ``groups`` columns count as one.
+      memory: see :func:`linear` (``[out]``, shared by the ``groups``).
+      decay: see :func:`linear`.
+      adaptive: see :func:`linear`; ``k`` is then ``k_max`` per group.
+      adaptive_tap: see :func:`linear`; ``kept`` is the mean over the groups.
+      feedback_steps: calls that share ``memory`` (the time steps of a scanned cell): each
+        re-enters ``memory / (N * feedback_steps)`` per row (see :mod:`meprop_jax.feedback`).
+
+    Returns:
+      ``[..., out]``.
+    """
+    xs, kernels = tuple(xs), tuple(kernels)
+    if not xs or len(xs) != len(kernels):
+        raise ValueError(
+            f"xs and kernels must be non-empty and of equal length, got {len(xs)} and "
+            f"{len(kernels)}"
+        )
+    k = _selection.check_k(k)
+    mode = _selection.check_mode(mode)
+    for i, (x, w) in enumerate(zip(xs, kernels, strict=True)):
+        if w.ndim != 2 or x.shape[-1:] != w.shape[:1]:
+            raise ValueError(
+                f"kernels[{i}] must be [in, out] with in = xs[{i}].shape[-1]; got x "
+                f"{x.shape} and kernel {w.shape}"
+            )
+        if w.shape[1] != kernels[0].shape[1] or x.shape[:-1] != xs[0].shape[:-1]:
+            raise ValueError(
+                "all kernels need the same out size and all inputs the same leading axes; "
+                f"got {[w.shape for w in kernels]} and {[x.shape for x in xs]}"
+            )
+    out = kernels[0].shape[1]
+    groups = _selection.check_groups(groups, out)
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"bias must have shape ({out},), got {bias.shape}")
+    compact = taps is not None
+    if compact:
+        taps = _check_taps(taps, xs, kernels, k=k, mode=mode, groups=groups)
+    if record is not None:
+        record = _check_record(record, out // groups)
+    decay = feedback.check_decay(decay)
+    adaptive_tap = _adaptive.check_options(adaptive, adaptive_tap, mode, k)
+    if memory is not None:
+        memory = feedback.check_memory(memory, out)
+        if mode != "unified":
+            raise ValueError(f"memory (error feedback) needs mode='unified', got mode={mode!r}")
+    elif decay:
+        raise ValueError(f"decay={decay} needs a memory: pass memory=init_memory({out})")
+    cfg = _Config(
+        k,
+        mode,
+        groups,
+        bool(sparse_bias),
+        precision,
+        preferred_element_type,
+        compact,
+        record is not None,
+        adaptive,
+        adaptive_tap is not None,
+        feedback.check_steps(feedback_steps),
+    )
+    if _selection.is_dense(k, out, groups):
+        # Plain JAX ops: autodiff gives exactly the stock gradient, and forward mode works.
+        y = _forward(cfg, xs, kernels, bias)
+        return y if record is None else _record_dense(groups, y, record)
+    if mode == "random" and key is None:
+        raise ValueError("mode='random' needs a PRNG key: pass key=jax.random.key(...)")
+    if memory is not None and decay:
+        return _with_feedback(cfg, xs, kernels, bias, taps, record, adaptive_tap, memory, decay)
+    key = key if mode == "random" else None
+    return _meprop(cfg, xs, kernels, bias, key, taps, record, adaptive_tap)
+
+
+def _with_feedback(cfg: _Config, xs, kernels, bias, taps, record, a_tap, memory, decay):
+    """meProp on the fed-back gradient (see :mod:`meprop_jax.feedback`).
+
+    A dense bias gradient must stay ``sum g``: the bias is added after the feedback, outside
+    the product, so that only the product's backward pass sees the memory.
+    """
+    inner_bias = bias if cfg.sparse_bias else None
+    y = _meprop(cfg, xs, kernels, inner_bias, None, taps, record, a_tap)
+    y = feedback.feed_back(decay, cfg.k, cfg.groups, cfg.feedback_steps, cfg.adaptive, y, memory)
+    if bias is None or inner_bias is not None:
+        return y
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+def linear(
+    x: Array,
+    kernel: Array,
+    bias: Array | None = None,
+    *,
+    k: int,
+    mode: str = "unified",
+    key: Array | None = None,
+    sparse_bias: bool = False,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+    tap: CompactGrad | None = None,
+    record: RecordTap | None = None,
+    memory: Array | None = None,
+    decay: float = 0.0,
+    adaptive: AdaptiveK | None = None,
+    adaptive_tap: AdaptiveTap | None = None,
+) -> Array:
+    """``x @ kernel + bias`` whose backward pass keeps only the top-k output gradients.
+
+    The forward pass is exactly the dense one. In the backward pass the cotangent
+    ``g = dL/dy``, ``[..., out]``, is sparsified and ``dx`` and ``dkernel`` are computed from
+    the kept entries alone (meProp, Sun et al. 2017):
+
+    * ``mode="unified"``: the ``k`` columns with the largest ``sum |g|`` over all leading axes
+      are kept for every row; ``dx`` and ``dkernel`` come from two small dense products
+      ``[N, k] x [k, in]`` and ``[in, N] x [N, k]``. No product ever spans all ``out`` columns.
+    * ``mode="per_example"``: every row keeps its own ``k`` largest ``|g|``. The products run
+      over the union of selected columns (at most ``N * k``) when that is smaller than
+      ``out``; otherwise they cost what dense backprop costs.
+    * ``mode="random"``: every row keeps ``k`` distinct uniformly random columns, without
+      rescaling (needs ``key``).
+
+    The bias gradient is the dense ``sum g`` (as in the authors' code) unless ``sparse_bias``.
+    ``k = 0`` or ``k >= out`` is ordinary dense backprop. A NaN or ±inf in ``g`` is never
+    dropped silently, in any mode: it ranks above every finite entry, and for finite ``x`` and
+    ``kernel`` the columns of ``dkernel`` (and of ``db`` with ``sparse_bias``) that it makes
+    non-finite are those dense backprop makes non-finite (NaN where it lay past the ``k``
+    kept), and so are the rows of ``dx``, except that in unified mode ``dx`` is NaN throughout
+    once more than ``k`` columns (per group) hold one. A compact gradient (``tap``) keeps
+    ``K`` columns only: those that hold a NaN or ±inf in ``g`` are non-finite, and there is at
+    least one whenever ``g`` holds any (the rule in full is in :mod:`meprop_jax._src.selection`).
+    Forward-mode differentiation (``jax.jvp``) of a sparsified call is not defined and raises
+    JAX's ``custom_vjp`` error; reverse mode, ``jit``, ``vmap``, ``scan``, ``checkpoint`` and
+    higher-order reverse derivatives work.
+
+    With ``tap`` (a zero :class:`CompactGrad` from :func:`compact_tap`) the weight gradient stays
+    compact: the kernel's gradient is zero and the tap's gradient holds the selected columns'
+    ``[K, in]`` block and their indices. Differentiate with respect to the tap, never read the
+    kernel's gradient, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim` updates
+    the kernel from it. A tap must be used by one call only: gradients of a tap shared by
+    several calls (weight sharing, a ``scan`` over time steps) add up and are meaningless.
+
+    With ``record`` (a zero :class:`RecordTap` from :func:`record_tap`) the record's gradient
+    counts, per output unit, the examples whose selection contained it, and the examples
+    counted (see :class:`RecordTap` for each mode); the other gradients are unchanged.
+
+    Args:
+      x: ``[..., in]`` inputs.
+      kernel: ``[in, out]`` weights.
+      bias: optional ``[out]``.
+      k: columns to keep, a static non-negative Python int; ``0`` means dense.
+      mode: ``"unified"``, ``"per_example"`` (or ``"per-example"``) or ``"random"``.
+      key: PRNG key, required for ``mode="random"`` and ignored otherwise.
+      sparse_bias: also restrict the bias gradient to the kept entries.
+      precision: passed to the products.
+      preferred_element_type: accumulation type of the forward product.
+      tap: optional zero :class:`CompactGrad` that receives the compact weight gradient.
+      record: optional zero ``[out]`` :class:`RecordTap` that receives the selection counts.
+      memory: optional float32 ``[out]`` error-feedback memory (``mode="unified"`` only; see
+        :mod:`meprop_jax.feedback`): it is added to the output gradient before the selection,
+        and its gradient is the next memory. A dense layer ignores it (its gradient is zero).
+      decay: the memory's decay in ``[0, 1]``, a static Python float; ``0`` (the default) is
+        plain meProp, bit for bit, whatever ``memory`` holds.
+      adaptive: optional ``AdaptiveK`` (unified only; see :mod:`meprop_jax._src.adaptive`): ``k``
+        is the upper bound ``k_max``; each step keeps the fewest top columns (at least
+        ``k_min``) that hold ``mass`` of the total ``sum |g|``, the products still at width
+        ``k``. The dense bias gradient stays ``sum g``; a dense layer ignores it.
+      adaptive_tap: optional zero ``AdaptiveTap`` whose gradient is the chosen ``k`` and 1.
+
+    Returns:
+      ``[..., out]``, equal to ``x @ kernel + bias``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.ones((4, 3)); w = jnp.arange(6.0).reshape(3, 2)
+      >>> loss = lambda w: linear(x, w, k=1).sum(axis=0) @ jnp.array([1.0, 10.0])
+      >>> jax.grad(loss)(w).tolist()  # only the column with the larger gradient survives
+      [[0.0, 40.0], [0.0, 40.0], [0.0, 40.0]]
+    """
+    return multi_linear(
+        (x,),
+        (kernel,),
+        bias,
+        k=k,
+        mode=mode,
+        key=key,
+        sparse_bias=sparse_bias,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        taps=None if tap is None else (tap,),
+        record=record,
+        memory=memory,
+        decay=decay,
+        adaptive=adaptive,
+        adaptive_tap=adaptive_tap,
+    )

@@ -1,0 +1,208 @@
+"""Taps: zero-valued inputs of the meProp ops whose cotangents carry data out of the backward.
+
+A :class:`CompactGrad` tap receives a layer's compact weight gradient (the selected columns'
+``[K, in]`` block and their indices, see :mod:`meprop_jax.optim`); a :class:`RecordTap` receives
+meSimp's activity record (how many examples updated each unit, see :mod:`meprop_jax.mesimp`).
+Both are ordinary arrays to ``jax.grad``, so a jitted step gets them without side effects.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from meprop_jax._src import selection as _selection
+
+Array = jax.Array
+
+#: Column indices travel as float32 cotangents, exact below this bound.
+_MAX_COLUMNS = 2**24
+
+
+class CompactGrad(NamedTuple):
+    """A kernel gradient that is zero outside a few columns: ``dW[:, cols[j]] = block[j]``.
+
+    As a *tap* (an input of :func:`linear`), both arrays are zeros of the right shape and their
+    values are ignored; their cotangents, taken by ``jax.grad``, are the compact gradient.
+
+    Attributes:
+      block: ``[K, in]`` gradient of the selected columns, one row per column, in the
+        kernel's dtype. Rows rather than ``[in, K]`` columns: on a CPU the product
+        ``g_cols^T x`` runs about twice as fast in this orientation, and the row-major state of
+        :mod:`meprop_jax.optim` consumes it without a transpose.
+      cols: ``[K]`` float32 column indices, all distinct. An entry ``>= out`` is padding (its
+        ``block`` row is zero) and names no column. Float rather than int because autodiff
+        gives integer inputs no cotangent; float32 is exact for ``out + K < 2**24``.
+    """
+
+    block: Array
+    cols: Array
+
+
+class RecordTap(NamedTuple):
+    """Per-unit selection counts of one backward pass, carried out as a tap's cotangent.
+
+    As an input of :func:`linear` both arrays are zeros and their values are ignored; their
+    cotangents, taken by ``jax.grad``, are the counts of that backward pass. A row (one
+    position of the input's leading axes) whose output gradient is entirely zero, such as a
+    padding position or an example the loss ignores, took no part in the step and is not
+    counted. Every other row is one example, and it counts for a unit when the unit's column
+    was selected for it *and* its gradient there is nonzero, i.e. when the example updated the
+    unit's weights:
+
+    * ``"per_example"`` and ``"random"``: the example's own ``k`` columns.
+    * ``"unified"``: the batch's ``k`` shared columns.
+    * dense (``k = 0`` or ``k >= out``): every column.
+
+    A selected zero updates nothing and is not counted. In a ReLU net a row with fewer than
+    ``k`` active units fills its top-k with zeros (ties go to the lowest indices); counting
+    those fillers would credit them to whichever surviving units come first. (The authors' C#
+    counts them, but there pruned units keep their place in the layer and take part of them.)
+
+    With ``groups`` (an LSTM's four gates) column ``j`` of every group belongs to unit ``j``,
+    and a unit counts when any of its group columns does. A tap shared
+    by several calls (a ``scan`` over time steps) sums their counts, which is what a record
+    wants: each time step of each sequence is one example.
+
+    Attributes:
+      hits: ``[units]`` float32 (``units = out // groups``): examples that updated the unit.
+      examples: ``[]`` float32: examples counted.
+    """
+
+    hits: Array
+    examples: Array
+
+
+def record_tap(units: int) -> RecordTap:
+    """The zero-valued :class:`RecordTap` to pass to :func:`linear` for ``units`` units."""
+    return RecordTap(jnp.zeros((units,), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def _record_counts(g: Array, selected: Array, groups: int) -> RecordTap:
+    """Counts of one backward pass.
+
+    ``selected`` is the shared ``[K]`` column indices (unified) or a ``[..., out]`` bool mask
+    (per row). An entry counts only where its gradient is nonzero: a selected zero (an inactive
+    ReLU unit filling a row's top-k) updates nothing.
+    """
+    if jnp.issubdtype(selected.dtype, jnp.integer):
+        selected = jnp.zeros(g.shape[-1:], bool).at[selected].set(True)
+    nonzero = g != 0
+    active = jnp.any(nonzero, axis=-1)  # [...]: rows that received any gradient
+    updated = (selected & nonzero).reshape((*g.shape[:-1], groups, -1))
+    hits = jnp.any(updated, axis=-2)  # [..., units]
+    examples = jnp.sum(active.astype(jnp.float32))
+    return RecordTap(jnp.sum(hits.astype(jnp.float32), axis=tuple(range(g.ndim - 1))), examples)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _record_dense(groups: int, y: Array, record: RecordTap) -> Array:
+    """Identity on ``y``; the backward counts every column (where its gradient is nonzero)."""
+    return y
+
+
+def _record_dense_fwd(groups: int, y: Array, record: RecordTap):
+    return y, None
+
+
+def _record_dense_bwd(groups: int, residuals, g: Array):
+    del residuals
+    return g, _record_counts(g, jnp.ones(g.shape[-1:], bool), groups)
+
+
+_record_dense.defvjp(_record_dense_fwd, _record_dense_bwd)
+
+
+def compact_width(
+    out_features: int,
+    *,
+    k: int,
+    mode: str = "unified",
+    groups: int = 1,
+    batch_shape: Sequence[int] | None = None,
+) -> int:
+    """Number of columns ``K`` of a meProp layer's compact weight gradient.
+
+    ``groups * k`` in unified mode. A per-row mode (``"per_example"``, ``"random"``) touches
+    the union of its rows' selections, padded to the static size
+    ``min(rows * groups * k, out)``, so it needs the leading (batch) shape of the input.
+    """
+    mode = _selection.check_mode(mode)
+    if mode == "unified":
+        return groups * k
+    if batch_shape is None:
+        raise ValueError(
+            f"mode={mode!r} needs batch_shape (the input's leading axes): its compact "
+            "gradient spans the union of every row's columns"
+        )
+    return min(math.prod(batch_shape) * groups * k, out_features)
+
+
+def compact_tap(
+    in_features: int,
+    out_features: int,
+    *,
+    k: int,
+    mode: str = "unified",
+    groups: int = 1,
+    batch_shape: Sequence[int] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> CompactGrad:
+    """The zero-valued tap to pass to :func:`linear` for a ``[in_features, out_features]`` kernel.
+
+    ``dtype`` is the kernel's dtype; for ``"per_example"`` and ``"random"`` the tap's width
+    depends on ``batch_shape`` (see :func:`compact_width`), so it fits one batch shape only.
+    """
+    width = compact_width(out_features, k=k, mode=mode, groups=groups, batch_shape=batch_shape)
+    return CompactGrad(jnp.zeros((width, in_features), dtype), jnp.zeros((width,), jnp.float32))
+
+
+def _check_record(record, units: int) -> RecordTap:
+    hits, examples = record
+    if (
+        hits.shape != (units,)
+        or hits.dtype != jnp.float32
+        or examples.shape != ()
+        or examples.dtype != jnp.float32
+    ):
+        raise ValueError(
+            f"record must be RecordTap(hits float32[{units}], examples float32[]) (one entry "
+            f"per unit, out // groups); got hits {hits.dtype}{list(hits.shape)} and examples "
+            f"{examples.dtype}{list(examples.shape)}. Build it with record_tap()."
+        )
+    return RecordTap(hits, examples)
+
+
+def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[CompactGrad, ...]:
+    taps = tuple(taps)
+    out = kernels[0].shape[1]
+    if _selection.is_dense(k, out, groups):
+        raise ValueError(
+            f"taps need a sparsified layer (0 < groups * k < out), got k={k}, groups={groups}, "
+            f"out={out}: a dense layer's gradient is the ordinary kernel gradient"
+        )
+    if len(taps) != len(kernels):
+        raise ValueError(f"need one tap per kernel, got {len(taps)} for {len(kernels)} kernels")
+    width = compact_width(out, k=k, mode=mode, groups=groups, batch_shape=xs[0].shape[:-1])
+    if out + width >= _MAX_COLUMNS:
+        raise ValueError(f"compact gradients need out + K < 2**24, got out={out}, K={width}")
+    for i, (tap, w) in enumerate(zip(taps, kernels, strict=True)):
+        block, cols = tap
+        if (
+            block.shape != (width, w.shape[0])
+            or block.dtype != w.dtype
+            or cols.shape != (width,)
+            or cols.dtype != jnp.float32
+        ):
+            hint = "" if mode == "unified" else f" (mode={mode!r}: K depends on the batch shape)"
+            raise ValueError(
+                f"taps[{i}] must be CompactGrad(block {w.dtype}[{width}, {w.shape[0]}], cols "
+                f"float32[{width}]){hint}; got block {block.dtype}{list(block.shape)} and cols "
+                f"{cols.dtype}{list(cols.shape)}. Build it with compact_tap()."
+            )
+    return tuple(CompactGrad(*tap) for tap in taps)

@@ -1,0 +1,371 @@
+"""Flax Linen layers with meProp backward passes.
+
+``Dense`` is a drop-in for ``flax.linen.Dense``: the same fields and defaults, the same
+parameter names and shapes (``kernel [in, out]``, ``bias [out]``), so stock checkpoints load,
+plus the meProp fields ``k``, ``mode``, ``sparse_bias``, ``rng_collection`` and
+``sparse_update``, the meSimp field ``record`` (see :mod:`meprop_jax.mesimp`), error feedback
+(``feedback``, :mod:`meprop_jax.feedback`) and adaptive k (``adaptive``,
+:class:`meprop_jax.AdaptiveK`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
+
+from meprop_jax._src import adaptive as _adaptive
+from meprop_jax._src import feedback
+from meprop_jax._src import linear as _linear
+from meprop_jax._src import recurrent as _recurrent
+from meprop_jax._src import selection as _selection
+from meprop_jax._src import taps as _taps
+from meprop_jax._src.adaptive import AdaptiveK
+from meprop_jax._src.collections import (
+    ADAPTIVE_TAP_COLLECTION,
+    MESIMP_COLLECTION,
+    RECORD_TAP_COLLECTION,
+    RNG_COLLECTION,
+    TAP_COLLECTION,
+)
+
+Array = jax.Array
+
+
+def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap | None]:
+    """Declares a layer's meSimp variables; returns its ``[units]`` mask and its record tap.
+
+    The tap exists only when ``apply`` is given the ``"mesimp_taps"`` collection (training);
+    the ``"mesimp"`` collection, with the mask, is needed by every ``apply``.
+    """
+    mask = module.variable(MESIMP_COLLECTION, "mask", jnp.ones, (units,), jnp.float32).value
+    module.variable(MESIMP_COLLECTION, "hits", jnp.zeros, (units,), jnp.int32)
+    module.variable(MESIMP_COLLECTION, "examples", jnp.zeros, (), jnp.int32)
+    tap = None
+    if module.is_initializing() or module.has_variable(RECORD_TAP_COLLECTION, "record"):
+        tap = module.variable(RECORD_TAP_COLLECTION, "record", _taps.record_tap, units).value
+    return mask, tap
+
+
+def _memory_state(module: nn.Module, columns: int) -> Array | None:
+    """The layer's error-feedback memory, or None when ``apply`` was given none (evaluation)."""
+    collection = feedback.MEMORY_COLLECTION
+    if module.is_initializing() or module.has_variable(collection, "memory"):
+        return module.variable(collection, "memory", feedback.init_memory, columns).value
+    return None
+
+
+def _adaptive_state(module: nn.Module) -> _adaptive.AdaptiveTap | None:
+    """The layer's zero chosen-k tap, or None when ``apply`` was given none (evaluation)."""
+    collection = ADAPTIVE_TAP_COLLECTION
+    if module.is_initializing() or module.has_variable(collection, "k"):
+        return module.variable(collection, "k", _adaptive.adaptive_tap).value
+    return None
+
+
+class Dense(nn.Dense):
+    """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
+
+    Attributes:
+      features: number of output features (as in ``flax.linen.Dense``).
+      k: output-gradient entries to keep; ``0`` (the default) is ordinary backprop, and so is
+        any ``k >= features``.
+      mode: ``"unified"`` (one column set for the batch), ``"per_example"`` or ``"random"``;
+        see :func:`meprop_jax.linear`.
+      sparse_bias: restrict the bias gradient to the kept entries too (default: dense bias
+        gradient, as in the authors' code).
+      rng_collection: the RNG stream ``mode="random"`` draws from (default ``"meprop"``);
+        pass it to ``apply``, e.g. ``rngs={"meprop": key}``.
+      sparse_update: keep the kernel's gradient compact (see :mod:`meprop_jax.optim`):
+        ``init`` also creates a zero tap ``"kernel"`` in the ``"meprop_taps"`` collection;
+        differentiating with respect to it gives the selected columns' ``[K, in]`` gradient
+        block and their indices, while the kernel's own gradient is zero. Has no effect when
+        the layer is dense (``k = 0`` or ``k >= features``: no tap) or when ``apply`` is given
+        no ``"meprop_taps"`` (e.g. at evaluation). For ``"per_example"`` and ``"random"`` the
+        tap's width ``min(batch * k, features)`` depends on the batch shape: ``init`` with the
+        training batch shape. Apply the layer once per step (no weight sharing or ``scan``
+        over a shared tap).
+      record: keep meSimp's activity record (see :mod:`meprop_jax.mesimp`). ``init`` also
+        creates ``hits`` (int32 ``[features]``), ``examples`` (int32 scalar) and ``mask``
+        (float32 ``[features]``, ones) in the ``"mesimp"`` collection and a zero
+        :class:`~meprop_jax.RecordTap` ``"record"`` in ``"mesimp_taps"``. The output
+        is multiplied by ``mask``, so a unit with mask 0 (pruned, or padding after a shrink)
+        outputs exactly 0 and its weights get zero gradient; every ``apply`` needs the
+        ``"mesimp"`` collection. Differentiating with respect to ``"mesimp_taps"`` gives the
+        step's selection counts (:func:`meprop_jax.mesimp.accumulate` adds them up). Default
+        False: no extra variables, and the layer is exactly the plain one.
+      feedback: error-feedback decay in ``[0, 1]`` (see :mod:`meprop_jax.feedback`;
+        ``mode="unified"`` only). When positive and the layer is sparse, ``init`` also creates
+        a float32 ``[features]`` zero ``"memory"`` in the ``"meprop_memory"`` collection; the
+        gradient of the loss with respect to it is the next step's memory. An ``apply``
+        without that collection (evaluation) runs plain meProp. Default 0: no memory.
+      adaptive: adaptive k (:class:`~meprop_jax.AdaptiveK`, TinyProp-style;
+        ``mode="unified"`` only): ``k`` is the upper bound ``k_max`` and every step keeps the
+        fewest top columns, at least ``k_min``, that hold ``mass`` of the gradient's column
+        mass. When the layer is sparse, ``init`` also creates a zero
+        :class:`~meprop_jax.AdaptiveTap` ``"k"`` in the ``"meprop_adaptive"``
+        collection; the gradient with respect to it is ``(chosen k, 1)``. Default None.
+
+    All other fields (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
+    ``kernel_init``, ``bias_init``, ``promote_dtype``) behave as in ``flax.linen.Dense``.
+    ``dot_general`` and ``dot_general_cls`` are not supported with ``k > 0``: meProp supplies
+    its own products.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = Dense(features=4, k=2)
+      >>> params = layer.init(jax.random.key(0), jnp.ones((3, 5)))
+      >>> jax.tree.map(jnp.shape, params)["params"]
+      {'bias': (4,), 'kernel': (5, 4)}
+    """
+
+    k: int = 0
+    mode: str = "unified"
+    sparse_bias: bool = False
+    rng_collection: str = RNG_COLLECTION
+    sparse_update: bool = False
+    record: bool = False
+    feedback: float = 0.0
+    adaptive: AdaptiveK | None = None
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        """Applies the layer to ``inputs`` of shape ``[..., in]``; returns ``[..., features]``."""
+        k = _selection.check_k(self.k)
+        mode = _selection.check_mode(self.mode)
+        if self.dot_general is not None or self.dot_general_cls is not None:
+            if not _selection.is_dense(k, self.features):
+                raise ValueError("meprop_jax.Dense with k > 0 does not take dot_general hooks")
+            if self.record:
+                raise ValueError("meprop_jax.Dense(record=True) takes no dot_general hooks")
+            return super().__call__(inputs)
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        sparse = not _selection.is_dense(k, self.features)
+        key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
+        tap = None
+        has_tap = self.is_initializing() or self.has_variable(TAP_COLLECTION, "kernel")
+        if self.sparse_update and sparse and has_tap:
+            make_tap = lambda: _taps.compact_tap(
+                *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
+            )
+            tap = self.variable(TAP_COLLECTION, "kernel", make_tap).value
+        mask, record = _mesimp_state(self, self.features) if self.record else (None, None)
+        decay = feedback.check_decay(self.feedback)
+        memory = _memory_state(self, self.features) if sparse and decay else None
+        a_tap = _adaptive_state(self) if sparse and self.adaptive is not None else None
+        y = _linear.linear(
+            inputs,
+            kernel,
+            bias,
+            k=k,
+            mode=mode,
+            key=key,
+            sparse_bias=self.sparse_bias,
+            precision=self.precision,
+            tap=tap,
+            record=record,
+            memory=memory,
+            decay=decay if memory is not None else 0.0,
+            adaptive=self.adaptive,
+            adaptive_tap=a_tap,
+        )
+        # The mask zeroes pruned and padding units: their output and their gradient.
+        return y if mask is None else y * mask.astype(y.dtype)
+
+
+# Submodule names of flax.linen.LSTMCell, in gate order i, f, g, o.
+_LINEN_INPUT_GATES = ("ii", "if", "ig", "io")
+_LINEN_RECURRENT_GATES = ("hi", "hf", "hg", "ho")
+
+
+class _GateParams(nn.Module):
+    """Declares ``kernel [in, features]`` (and ``bias [features]``) exactly as ``nn.Dense`` does.
+
+    Named like the stock cell's ``nn.Dense`` submodules, it yields the same parameter tree and,
+    for the same key, the same initial values, without running a product of its own.
+    """
+
+    features: int
+    use_bias: bool
+    kernel_init: nn.initializers.Initializer
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array | None]:
+        kernel = self.param(
+            "kernel", self.kernel_init, (in_features, self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        return kernel, bias
+
+
+class LSTMCell(nn.LSTMCell):
+    r"""An LSTM cell whose gate pre-activation gradient is top-k sparsified per gate.
+
+    The forward pass is that of ``flax.linen.LSTMCell``:
+
+    .. math::
+        z = x W_i + h W_h + b, \quad [z_i, z_f, z_g, z_o] = z, \quad
+        c' = \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad h' = \sigma(z_o) \tanh(c').
+
+    In the backward pass the gradient ``dL/dz``, ``[batch, 4 * features]``, keeps only ``k``
+    entries in each of the four gate blocks (``4k`` of ``4 * features``) at every time step,
+    and ``dx``, ``dh``, ``dW_i`` and ``dW_h`` are computed from those alone, so both the input
+    and the recurrent products shrink. The bias gradient stays dense unless ``sparse_bias``.
+
+    This is our reading of meProp for LSTMs, as the authors never released their LSTM code: we
+    sparsify the gate pre-activation gradient, ``k`` entries per gate (``4k`` of
+    ``4 * features``), at every time step.
+
+    The parameter tree is the stock one (``ii``, ``if``, ``ig``, ``io`` with ``kernel [in, h]``
+    and no bias; ``hi``, ``hf``, ``hg``, ``ho`` with ``kernel [h, h]`` and ``bias [h]``), with
+    the same initial values for the same key, so stock checkpoints load. With ``k = 0`` or
+    ``k >= features`` the cell *is* the stock cell.
+
+    **Random mode inside** ``nn.RNN``: ``nn.RNN`` scans the cell and, by default, hands it only
+    the ``"params"`` stream. Give every step its own key with::
+
+        split = {"params": False, "meprop": True}
+        rnn = nn.RNN(cell, split_rngs=split)  # variable_broadcast="params" is the default
+        bi = nn.Bidirectional(
+            nn.RNN(fwd_cell, split_rngs=split), nn.RNN(bwd_cell, split_rngs=split)
+        )
+
+    and pass ``rngs={"meprop": key}`` to ``init`` and ``apply`` (use ``rng_collection`` instead
+    of ``"meprop"`` if you changed it). The other modes need no RNG.
+
+    Attributes:
+      features: hidden size ``h``.
+      k: gradient entries kept per gate and per row (``"per_example"``, ``"random"``) or
+        columns kept per gate (``"unified"``); ``0`` (the default) is ordinary backprop.
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``; see :func:`meprop_jax.linear`.
+      sparse_bias: restrict the bias gradient to the kept entries too.
+      rng_collection: the RNG stream ``mode="random"`` draws one key per step from.
+      record: keep meSimp's activity record per hidden unit, as ``Dense(record=True)`` does
+        (``hits``, ``examples`` and ``mask``, ``[features]``, in ``"mesimp"``; a record tap in
+        ``"mesimp_taps"``). A hidden unit ties its four gate columns: an example selects the
+        unit when it selects any of them. ``mask`` multiplies the new cell and hidden states,
+        so a masked unit's ``c`` and ``h`` stay exactly 0 (from a zero carry) and its gate
+        weights get zero gradient. Every time step of every sequence is one example; all-zero
+        gradient rows (padding) are not counted. Inside ``nn.RNN`` broadcast both
+        collections: ``nn.RNN(cell, variable_broadcast=["params", "mesimp", "mesimp_taps"])``.
+      feedback: error-feedback decay of the gate pre-activations (as ``Dense(feedback=...)``,
+        a float32 ``[4 * features]`` ``"memory"`` in ``"meprop_memory"``; unified only).
+      feedback_steps: the time steps that share the memory (the scan's length): each step
+        re-enters ``memory / (batch * feedback_steps)`` (see :mod:`meprop_jax.feedback`).
+      adaptive: adaptive k per gate (as ``Dense(adaptive=...)``; ``k`` is ``k_max`` per
+        gate); the chosen-k tap ``"k"`` in ``"meprop_adaptive"`` sums over the time steps.
+        Inside ``nn.RNN`` broadcast ``"meprop_memory"`` and ``"meprop_adaptive"`` with
+        ``"params"`` (``variable_broadcast``).
+
+    ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
+    ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
+    do ``initialize_carry`` and ``num_feature_axes``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> cell = LSTMCell(features=8, k=2)
+      >>> x = jnp.ones((3, 5))  # [batch, in]
+      >>> carry = cell.initialize_carry(jax.random.key(0), x.shape)
+      >>> params = cell.init(jax.random.key(1), carry, x)
+      >>> (c, h), y = cell.apply(params, carry, x)
+      >>> y.shape
+      (3, 8)
+    """
+
+    k: int = 0
+    mode: str = "unified"
+    sparse_bias: bool = False
+    rng_collection: str = RNG_COLLECTION
+    record: bool = False
+    feedback: float = 0.0
+    feedback_steps: int = 1
+    adaptive: AdaptiveK | None = None
+
+    @nn.compact
+    def __call__(
+        self, carry: tuple[Array, Array], inputs: Array
+    ) -> tuple[tuple[Array, Array], Array]:
+        """One step.
+
+        Args:
+          carry: ``(c, h)``, each ``[batch, features]``, e.g. from ``initialize_carry``.
+          inputs: ``[batch, in]``; all axes but the last are batch axes.
+
+        Returns:
+          ``((c', h'), h')``.
+        """
+        k = _selection.check_k(self.k)
+        mode = _selection.check_mode(self.mode)
+        c, h = carry
+        hidden = h.shape[-1]
+        if _selection.is_dense(k, 4 * hidden, groups=4) and not self.record:
+            # Nothing is dropped: run the stock cell itself, so results match it bit for bit.
+            return super().__call__(carry, inputs)
+
+        input_gates = [
+            _GateParams(hidden, False, self.kernel_init, param_dtype=self.param_dtype, name=n)(
+                jnp.shape(inputs)[-1]
+            )[0]
+            for n in _LINEN_INPUT_GATES
+        ]
+        recurrent_gates = [
+            _GateParams(
+                hidden,
+                True,
+                self.recurrent_kernel_init,
+                self.bias_init,
+                self.param_dtype,
+                name=n,
+            )(hidden)
+            for n in _LINEN_RECURRENT_GATES
+        ]
+        # Gate order i, f, g, o along the last axis: block j of z is gate j.
+        w_i = jnp.concatenate(input_gates, axis=1)
+        w_h = jnp.concatenate([w for w, _ in recurrent_gates], axis=1)
+        b = jnp.concatenate([b for _, b in recurrent_gates])
+        # Promoted as the stock cell promotes its input and its recurrent Dense layers.
+        x, w_i, _ = promote_dtype(inputs, w_i, None, dtype=self.dtype)
+        h_in, w_h, b = promote_dtype(h, w_h, b, dtype=self.dtype)
+        dtype = jnp.promote_types(x.dtype, h_in.dtype)
+        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
+        sparse = not _selection.is_dense(k, 4 * hidden, groups=4)
+        key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
+        mask, record = _mesimp_state(self, hidden) if self.record else (None, None)
+        decay = feedback.check_decay(self.feedback)
+        memory = _memory_state(self, 4 * hidden) if sparse and decay else None
+        a_tap = _adaptive_state(self) if sparse and self.adaptive is not None else None
+        z = _linear.multi_linear(
+            (x, h_in),
+            (w_i, w_h),
+            b,
+            k=k,
+            mode=mode,
+            key=key,
+            groups=4,
+            sparse_bias=self.sparse_bias,
+            record=record,
+            memory=memory,
+            decay=decay if memory is not None else 0.0,
+            adaptive=self.adaptive,
+            adaptive_tap=a_tap,
+            feedback_steps=self.feedback_steps,
+        )
+        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
+        if mask is not None:
+            new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)
+        return (new_c, new_h), new_h

@@ -1,0 +1,27 @@
+"""meProp for Flax NNX: drop-in layers, :func:`sparsify` for stock models, :class:`Optimizer`.
+
+* :class:`Linear`, :class:`LSTMCell` and :class:`Conv`: drop-ins for the stock NNX layers,
+  with the meProp arguments ``k``, ``mode``, ... (:mod:`meprop_jax.nnx.layers`, which also
+  gives the RNG convention of ``mode="random"``).
+* :func:`sparsify`: meProp layers in a stock NNX model (:mod:`meprop_jax.nnx.sparsify`).
+* :class:`Optimizer` and :class:`CompactGrads`: compact, column-sparse steps
+  (:mod:`meprop_jax.nnx.optimizer`).
+"""
+
+from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax._src.paths import SparsifiedLayer
+from meprop_jax.nnx.layers import Conv, FeedbackMemory, Linear, LSTMCell
+from meprop_jax.nnx.optimizer import CompactGrads, Optimizer
+from meprop_jax.nnx.sparsify import sparsify
+
+__all__ = [
+    "RNG_COLLECTION",
+    "CompactGrads",
+    "Conv",
+    "FeedbackMemory",
+    "LSTMCell",
+    "Linear",
+    "Optimizer",
+    "SparsifiedLayer",
+    "sparsify",
+]

@@ -1,0 +1,461 @@
+"""Flax NNX layers with meProp backward passes.
+
+``Linear`` and ``LSTMCell`` are drop-ins for ``flax.nnx.Linear`` and ``flax.nnx.LSTMCell``:
+the same constructor arguments and defaults, the same parameter structure and, for the same
+``rngs``, the same initial values, plus the meProp arguments ``k``, ``mode``, ``sparse_bias``
+and ``rng_collection``. ``k`` and ``mode`` are validated when the module is built.
+
+RNG convention for ``mode="random"`` (the other modes need no RNG): at construction, after the
+parameters are drawn, the module forks the stream ``rngs[rng_collection]`` (default
+``"meprop"``; an ``nnx.Rngs`` without that stream falls back to its ``default`` stream, as in
+``nnx.Dropout``) and keeps the fork as ``module.meprop_rngs``; every call draws one key from
+it. A ``rngs=`` call argument (``nnx.Rngs``, ``nnx.RngStream`` or a key) takes precedence.
+Inside ``nnx.RNN`` the stream is carried through the scan, so every step gets a new key.
+
+Compact updates: ``Linear(..., sparse_update=True)`` layers and :class:`Optimizer`, the NNX
+counterpart of :class:`meprop_jax.TrainState`, take column-sparse steps with the optimizers of
+:mod:`meprop_jax.optim`; the user writes the loss only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from flax.nnx.nn.recurrent import modified_orthogonal
+from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
+from jax import lax
+
+from meprop_jax._src import conv as _conv
+from meprop_jax._src import feedback as _feedback
+from meprop_jax._src import linear as _linear
+from meprop_jax._src import recurrent as _recurrent
+from meprop_jax._src import selection as _selection
+from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax.nnx.optimizer import layer_tap
+
+Array = jax.Array
+RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
+
+# The defaults of flax.nnx.Linear and flax.nnx.LSTMCell.
+_default_kernel_init = nnx.initializers.lecun_normal()
+_default_bias_init = nnx.initializers.zeros_init()
+
+
+def _fork_stream(mode: str, rngs: nnx.Rngs, rng_collection: str) -> nnx.RngStream | None:
+    """The stream random mode draws from; forked after the parameters, so they match stock."""
+    if mode != "random":
+        return nnx.data(None)
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    return rngs[rng_collection].fork()
+
+
+def _set_meprop(
+    module: nnx.Module,
+    k: int,
+    mode: str,
+    sparse_bias: bool,
+    rngs: nnx.Rngs,
+    rng_collection: str,
+) -> None:
+    """Stores the meProp settings on ``module``, after its stock parameters are built."""
+    module.k = k
+    module.mode = mode
+    module.sparse_bias = bool(sparse_bias)
+    module.rng_collection = rng_collection
+    # Not ``module.rngs``: the stock LSTM cell keeps its (deprecated) carry stream there.
+    module.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
+
+
+def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -> Array:
+    """One key from the call argument if given, else from the stream kept at construction."""
+    source = rngs if rngs is not None else stored
+    if source is None:
+        raise ValueError(
+            "mode='random' needs an RNG: build the module with rngs=nnx.Rngs(...) or pass "
+            "rngs= to the call"
+        )
+    if isinstance(source, nnx.Rngs):
+        return source[rng_collection]()
+    if isinstance(source, nnx.RngStream):
+        return source()
+    if isinstance(source, jax.Array):
+        return source
+    raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(source)}")
+
+
+class FeedbackMemory(nnx.Variable):
+    """A layer's error-feedback memory, float32 ``[out]`` (see :mod:`meprop_jax.feedback`).
+
+    Differentiate with respect to it (``nnx.DiffState(0, nnx.Any(nnx.Param, FeedbackMemory))``)
+    and write its gradient back, ``nnx.update(model, nnx.filter_state(grads, FeedbackMemory))``:
+    that gradient is the next memory. Give the optimizer the ``nnx.Param`` part only.
+    """
+
+
+class Linear(nnx.Linear):
+    """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
+
+    A drop-in for ``flax.nnx.Linear`` (``kernel [in, out]``, ``bias [out]``). In the backward
+    pass only ``k`` entries of ``g = dL/dy`` are kept and ``dx`` and ``dkernel`` are computed
+    from them alone; see :func:`meprop_jax.linear`.
+
+    Args:
+      in_features: number of input features.
+      out_features: number of output features.
+      k: output-gradient entries to keep; ``0`` (the default) and ``k >= out_features`` are
+        ordinary backprop, and the layer then runs exactly as ``flax.nnx.Linear``.
+      mode: ``"unified"`` (one column set for the batch), ``"per_example"`` or ``"random"``.
+      sparse_bias: restrict the bias gradient to the kept entries too (default: dense).
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init, dot_general,
+        promote_dtype, preferred_element_type, kernel_metadata, bias_metadata: as in
+        ``flax.nnx.Linear``; a custom ``dot_general`` is refused when ``k`` drops entries,
+        since meProp supplies its own products.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is also kept as ``self.meprop_rngs``.
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+      feedback: error-feedback decay in ``[0, 1]`` (``mode="unified"`` only; see
+        :mod:`meprop_jax.feedback`). When positive and the layer is sparse, it keeps a
+        :class:`FeedbackMemory` ``meprop_memory``, float32 ``[out_features]`` zeros at first;
+        otherwise ``meprop_memory`` is None.
+      sparse_update: keep the kernel's gradient compact inside
+        :meth:`Optimizer.value_and_grad`: the selected columns' ``[K, in]`` block and their
+        indices instead of an ``[in, out]`` array, which :meth:`Optimizer.update` applies
+        column by column (see :mod:`meprop_jax.optim`). Anywhere else (evaluation, a plain
+        ``nnx.grad``) the layer is plain meProp. No effect on a dense layer.
+
+    Raises:
+      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = Linear(5, 4, k=2, rngs=nnx.Rngs(0))
+      >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
+      {'bias': (4,), 'kernel': (5, 4)}
+      >>> layer(jnp.ones((3, 5))).shape  # [batch, out]
+      (3, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        sparse_bias: bool = False,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = _default_kernel_init,
+        bias_init: Initializer = _default_bias_init,
+        dot_general: Callable[..., Array] = lax.dot_general,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        preferred_element_type: Dtype | None = None,
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        feedback: float = 0.0,
+        sparse_update: bool = False,
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        if dot_general is not lax.dot_general and not _selection.is_dense(k, out_features):
+            raise ValueError("meprop_jax.nnx.Linear with k > 0 does not take a dot_general hook")
+        decay = _feedback.check_decay(feedback)
+        if decay and mode != "unified":
+            raise ValueError(f"feedback (error feedback) needs mode='unified', got {mode!r}")
+        super().__init__(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            dot_general=dot_general,
+            promote_dtype=promote_dtype,
+            preferred_element_type=preferred_element_type,
+            rngs=rngs,
+            kernel_metadata=kernel_metadata,
+            bias_metadata=bias_metadata,
+        )
+        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        sparse_memory = decay and not _selection.is_dense(k, out_features)
+        self.feedback = decay
+        self.sparse_update = bool(sparse_update)
+        self.meprop_memory = (
+            FeedbackMemory(_feedback.init_memory(out_features)) if sparse_memory else None
+        )
+
+    def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
+        """Applies the layer.
+
+        Args:
+          inputs: ``[..., in_features]``.
+          out_sharding: as in ``flax.nnx.Linear``; with sparsified backprop the result is
+            resharded to it after the product.
+          rngs: overrides ``self.meprop_rngs`` for ``mode="random"``.
+
+        Returns:
+          ``[..., out_features]``.
+        """
+        if _selection.is_dense(self.k, self.out_features):
+            return super().__call__(inputs, out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        tap = layer_tap(self, inputs, kernel) if self.sparse_update else None
+        y = _linear.linear(
+            inputs,
+            kernel,
+            bias,
+            k=self.k,
+            mode=self.mode,
+            key=key,
+            sparse_bias=self.sparse_bias,
+            precision=self.precision,
+            preferred_element_type=self.preferred_element_type,
+            tap=tap,
+            memory=None if self.meprop_memory is None else self.meprop_memory[...],
+            decay=0.0 if self.meprop_memory is None else self.feedback,
+        )
+        if out_sharding is not None:
+            y = jax.sharding.reshard(y, out_sharding)
+        return y
+
+
+class LSTMCell(nnx.LSTMCell):
+    r"""An LSTM cell whose gate pre-activation gradient is top-k sparsified per gate.
+
+    A drop-in for ``flax.nnx.LSTMCell``: the same submodules (``ii``, ``if_``, ``ig``, ``io``,
+    ``nnx.Linear`` without bias, and ``hi``, ``hf``, ``hg``, ``ho`` with bias), the same
+    ``initialize_carry``, usable in ``nnx.RNN`` and ``nnx.Bidirectional``. The gate
+    pre-activations ``z = x W_i + h W_h + b``, ``[batch, 4 * hidden]`` in gate order i, f, g,
+    o, are computed in one product; in the backward pass ``dL/dz`` keeps ``k`` entries in each
+    gate block (``4k`` of ``4 * hidden``) at every time step and ``dx``, ``dh``, ``dW_i`` and
+    ``dW_h`` are computed from those alone. The bias gradient stays dense unless
+    ``sparse_bias``.
+
+    This is our reading of meProp for LSTMs: the authors never released their LSTM code; we
+    sparsify the gate pre-activation gradient, ``k`` entries per gate, at every step. With
+    ``k = 0`` or ``k >= hidden_features`` the cell runs exactly as ``flax.nnx.LSTMCell``.
+
+    Args:
+      in_features: input size.
+      hidden_features: hidden size ``h``.
+      k: gradient entries kept per gate (per row, or per batch for ``"unified"``).
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      sparse_bias: restrict the bias gradient to the kept entries too.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is kept as ``self.meprop_rngs`` (one key per step).
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+      gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
+        param_dtype, carry_init, promote_dtype, keep_rngs, kernel_metadata,
+        recurrent_kernel_metadata, bias_metadata: as in ``flax.nnx.LSTMCell``.
+
+    Raises:
+      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> cell = LSTMCell(5, 8, k=2, mode="random", rngs=nnx.Rngs(0, meprop=1))
+      >>> rnn = nnx.RNN(cell)
+      >>> rnn(jnp.ones((3, 4, 5))).shape  # [batch, time, in] -> [batch, time, hidden]
+      (3, 4, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        sparse_bias: bool = False,
+        gate_fn: Callable[..., Any] = nnx.sigmoid,
+        activation_fn: Callable[..., Any] = nnx.tanh,
+        kernel_init: Initializer = _default_kernel_init,
+        recurrent_kernel_init: Initializer = modified_orthogonal,
+        bias_init: Initializer = _default_bias_init,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        carry_init: Initializer | None = None,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        keep_rngs: bool = False,
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        recurrent_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        super().__init__(
+            in_features,
+            hidden_features,
+            gate_fn=gate_fn,
+            activation_fn=activation_fn,
+            kernel_init=kernel_init,
+            recurrent_kernel_init=recurrent_kernel_init,
+            bias_init=bias_init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            carry_init=carry_init,
+            promote_dtype=promote_dtype,
+            keep_rngs=keep_rngs,
+            rngs=rngs,
+            kernel_metadata=kernel_metadata,
+            recurrent_kernel_metadata=recurrent_kernel_metadata,
+            bias_metadata=bias_metadata,
+        )
+        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+
+    def __call__(
+        self, carry: tuple[Array, Array], inputs: Array, *, rngs: RngArg = None
+    ) -> tuple[tuple[Array, Array], Array]:
+        """One step.
+
+        Args:
+          carry: ``(c, h)``, each ``[batch, hidden]``, e.g. from ``initialize_carry``.
+          inputs: ``[batch, in]``; all axes but the last are batch axes.
+          rngs: overrides ``self.meprop_rngs`` for ``mode="random"``.
+
+        Returns:
+          ``((c', h'), h')``.
+        """
+        if _selection.is_dense(self.k, 4 * self.hidden_features, groups=4):
+            # Nothing is dropped: the stock cell, bit for bit.
+            return super().__call__(carry, inputs)
+        c, h = carry
+        # Gate order i, f, g, o along the last axis: block j of z is gate j.
+        w_i = jnp.concatenate([m.kernel[...] for m in (self.ii, self.if_, self.ig, self.io)], 1)
+        recurrent = (self.hi, self.hf, self.hg, self.ho)
+        w_h = jnp.concatenate([m.kernel[...] for m in recurrent], axis=1)
+        b = jnp.concatenate([m.bias[...] for m in recurrent])
+        # Promoted as the stock cell promotes its input and its recurrent Linear layers.
+        x, w_i, _ = self.promote_dtype((inputs, w_i, None), dtype=self.dtype)
+        h_in, w_h, b = self.promote_dtype((h, w_h, b), dtype=self.dtype)
+        dtype = jnp.promote_types(x.dtype, h_in.dtype)
+        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        z = _linear.multi_linear(
+            (x, h_in),
+            (w_i, w_h),
+            b,
+            k=self.k,
+            mode=self.mode,
+            key=key,
+            groups=4,
+            sparse_bias=self.sparse_bias,
+        )
+        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
+        return (new_c, new_h), new_h
+
+
+class Conv(nnx.Conv):
+    """A convolution whose backward pass keeps only ``k`` output channels.
+
+    A drop-in for ``flax.nnx.Conv``: the same arguments, parameters (``kernel [*kernel_size,
+    in / feature_group_count, out]``, ``bias [out]``) and, for the same ``rngs``, the same
+    initial values. In the backward pass only ``k`` output channels (``k`` per group with
+    ``feature_group_count > 1``) of ``dL/dy`` are kept and the input and kernel gradients are
+    convolutions over those channels alone (see :func:`meprop_jax.conv`); the bias gradient
+    is dense. With ``k = 0`` or ``k * feature_group_count >= out_features`` the layer runs
+    exactly as ``flax.nnx.Conv``.
+
+    Args:
+      in_features, out_features, kernel_size, strides: as in ``flax.nnx.Conv``.
+      k: output channels to keep (per group); ``0`` (the default) is ordinary backprop.
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      rngs: initializes the parameters; with ``mode="random"`` a fork of
+        ``rngs[rng_collection]`` is also kept as ``self.meprop_rngs``.
+      rng_collection: the stream random mode forks (default ``"meprop"``).
+      **kwargs: every other argument of ``flax.nnx.Conv`` (``padding``, ``feature_group_count``,
+        ``mask``, ...); a custom ``conv_general_dilated`` or a ``preferred_element_type`` is
+        refused when ``k`` drops channels.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = Conv(3, 8, (3, 3), k=2, rngs=nnx.Rngs(0))
+      >>> layer.kernel.shape
+      (3, 3, 3, 8)
+      >>> layer(jnp.ones((2, 6, 6, 3))).shape  # NHWC
+      (2, 6, 6, 8)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] | None = 1,
+        *,
+        k: int = 0,
+        mode: str = "unified",
+        rngs: nnx.Rngs,
+        rng_collection: str = RNG_COLLECTION,
+        **kwargs: Any,
+    ):
+        k = _selection.check_k(k)
+        mode = _selection.check_mode(mode)
+        groups = kwargs.get("feature_group_count", 1)
+        hooked = kwargs.get("conv_general_dilated", lax.conv_general_dilated)
+        custom = hooked is not lax.conv_general_dilated or kwargs.get("preferred_element_type")
+        if custom and not _selection.is_dense(k, out_features, groups):
+            raise ValueError(
+                "meprop_jax.nnx.Conv with k > 0 takes no conv_general_dilated hook and no "
+                "preferred_element_type"
+            )
+        super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
+        _set_meprop(self, k, mode, False, rngs, rng_collection)
+
+    def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
+        """Applies the layer to ``inputs``, ``[*batch, *spatial, in]``, as ``nnx.Conv`` does.
+
+        ``rngs`` overrides ``self.meprop_rngs`` for ``mode="random"``.
+        """
+        groups = self.feature_group_count
+        if self.out_features % groups or _selection.is_dense(self.k, self.out_features, groups):
+            return super().__call__(inputs, out_sharding)
+        inputs, batch_shape, conv_kwargs = _conv.layer_geometry(self, inputs)
+        if self.mask is not None and self.mask.shape != self.kernel_shape:
+            raise ValueError(
+                "Mask needs to have the same shape as weights. "
+                f"Shapes are: {self.mask.shape}, {self.kernel_shape}"
+            )
+        kernel = self.kernel[...]
+        if self.mask is not None:
+            kernel *= self.mask
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        key = (
+            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
+            if self.mode == "random"
+            else None
+        )
+        y = _conv.conv(inputs, kernel, bias, k=self.k, mode=self.mode, key=key, **conv_kwargs)
+        if out_sharding is not None:
+            y = jax.sharding.reshard(y, out_sharding)
+        return y if batch_shape is None else jnp.reshape(y, (*batch_shape, *y.shape[1:]))

@@ -1,0 +1,170 @@
+"""meProp for stock Flax NNX models: :func:`meprop_jax.nnx.sparsify`.
+
+The NNX counterpart of :func:`meprop_jax.sparsify`. NNX layers are Python objects, so the
+selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` objects are turned, in place, into
+this package's drop-ins (:class:`meprop_jax.nnx.Linear`, :class:`~meprop_jax.nnx.Conv`,
+:class:`~meprop_jax.nnx.LSTMCell`): each object keeps its identity, its configuration and its
+parameter ``Variable`` objects, and gains the meProp settings. An LSTM cell's own gate layers
+are part of the cell and never chosen separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flax import nnx
+
+import meprop_jax.nnx.layers as mnnx
+from meprop_jax._src import paths as _paths
+from meprop_jax._src.collections import RNG_COLLECTION
+
+SparsifiedLayer = _paths.SparsifiedLayer
+
+
+def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _paths._Seen]]:
+    """Every stock supported layer of ``model`` by ``"/"``-joined path (cells' gates excluded)."""
+    stock_to_ours = {nnx.Linear: mnnx.Linear, nnx.Conv: mnnx.Conv, nnx.LSTMCell: mnnx.LSTMCell}
+    found = {}
+    for path, node in nnx.iter_graph(model):
+        ours = stock_to_ours.get(type(node))
+        if ours is None:
+            continue
+        name = "/".join(str(p) for p in path)
+        kind = type(node).__name__
+        if kind == "Linear":
+            hooked = node.dot_general is not nnx.Linear.__init__.__kwdefaults__["dot_general"]
+            seen = _paths._Seen(name, kind, node.out_features, 1, hooked and "dot_general hook")
+        elif kind == "Conv":
+            groups = node.feature_group_count
+            hooked = (
+                node.conv_general_dilated
+                is not nnx.Conv.__init__.__kwdefaults__["conv_general_dilated"]
+                or node.preferred_element_type is not None
+            )
+            issue = "conv_general_dilated hook or preferred_element_type" if hooked else None
+            if node.out_features % groups:
+                issue = "features not divisible by feature_group_count"
+            seen = _paths._Seen(name, kind, node.out_features // groups, groups, issue)
+        else:
+            seen = _paths._Seen(name, kind, node.hidden_features, 4, None)
+        found[name] = (node, ours, seen._replace(issue=seen.issue or None))
+    cells = [n for n, (_, _, s) in found.items() if s.kind == "LSTMCell"]
+    return {n: c for n, c in found.items() if not any(n.startswith(cell + "/") for cell in cells)}
+
+
+def _call_order(model: nnx.Module, candidates, example_args, example_kwargs) -> list[str]:
+    """Paths of the candidate layers in the order one abstract call of ``model`` applies them."""
+    order: list[str] = []
+    originals = {}
+
+    def recording(cls: type, path: str) -> type:
+        def __call__(self, *args, **kwargs):
+            order.append(path)
+            return cls.__call__(self, *args, **kwargs)
+
+        return type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+
+    try:
+        for path, (node, _, _) in candidates.items():
+            originals[path] = type(node)
+            node.__class__ = recording(type(node), path)
+        nnx.eval_shape(lambda m: m(*example_args, **example_kwargs), model)
+    finally:
+        for path, cls in originals.items():
+            candidates[path][0].__class__ = cls
+    return order
+
+
+def sparsify(
+    model: nnx.Module,
+    *,
+    k: int | Mapping[str, int],
+    mode: str = "unified",
+    layers: str | Sequence[str] | Callable[[str], bool] | None = None,
+    sparse_bias: bool = False,
+    example_args: Sequence[Any] | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
+    rngs: nnx.Rngs | None = None,
+    rng_collection: str = RNG_COLLECTION,
+    sparse_update: bool = False,
+) -> list[SparsifiedLayer]:
+    """Makes the layers of an NNX model meProp layers, **in place**.
+
+    The selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` objects become
+    :class:`Linear`, :class:`Conv` and :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the
+    given ``k``: the same objects, with the same parameter ``Variable`` objects and values,
+    so the forward pass and every optimizer or checkpoint that refers to them are unchanged.
+    For a sparsified copy instead, call it on ``nnx.clone(model)``. Layers that already are
+    meProp layers, and subclasses of the stock layers, are left alone.
+
+    Args:
+      model: the model, modified in place.
+      k: entries kept per layer (int, ``0`` dense) or a mapping from path pattern to ``k``.
+      mode: ``"unified"``, ``"per_example"`` or ``"random"``.
+      layers: ``None`` (every supported layer but the output layer, the last one the model
+        applies: this needs ``example_args``), glob patterns over ``"/"``-joined attribute
+        paths (e.g. ``"encoder/*"``), or a predicate on the path.
+      sparse_bias: restrict the bias gradients of linear layers and cells to the kept entries.
+      example_args: arguments of one call of ``model`` (arrays or shapes' stand-ins), used
+        for an abstract call (no computation) that finds the output layer.
+      example_kwargs: keyword arguments of that call.
+      rngs: needed for ``mode="random"``: every layer keeps a fork of
+        ``rngs[rng_collection]`` and draws one key per call from it.
+      rng_collection: the stream random mode forks.
+      sparse_update: sparsified ``nnx.Linear`` layers keep their kernel gradient compact, as
+        ``meprop_jax.nnx.Linear(sparse_update=True)`` does: :class:`meprop_jax.nnx.Optimizer`
+        then takes compact, column-sparse steps (convolutions and cells are unaffected).
+
+    Returns:
+      One :class:`~meprop_jax.SparsifiedLayer` per supported layer, in call order (with
+      ``example_args``) or path order.
+
+    Raises:
+      TypeError, ValueError: for a bad ``k``, ``mode`` or ``layers``, a pattern that matches
+        no layer, a default layer set without ``example_args``, or random mode without
+        ``rngs``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import meprop_jax
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.hidden = nnx.Linear(20, 64, rngs=rngs)
+      ...         self.out = nnx.Linear(64, 10, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.out(nnx.relu(self.hidden(x)))
+      >>> model = MLP(nnx.Rngs(0))
+      >>> for row in meprop_jax.nnx.sparsify(model, k=16, example_args=(jnp.ones((8, 20)),)):
+      ...     print(row.path, row.k, row.reason)
+      hidden 16 sparsified
+      out 0 output layer
+      >>> isinstance(model.hidden, meprop_jax.nnx.Linear)
+      True
+    """
+    opts = _paths._check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update)
+    if opts.mode == "random" and rngs is None:
+        raise ValueError("sparsify: mode='random' needs rngs=nnx.Rngs(meprop=...)")
+    candidates = _candidates(model)
+    if example_args is not None:
+        order = _call_order(model, candidates, tuple(example_args), dict(example_kwargs or {}))
+        seen = [candidates[p][2] for p in order]
+    elif opts.layers is None:
+        raise ValueError(
+            "sparsify: the default layer set spares the output layer, which only a call shows: "
+            "pass example_args=(x, ...) or choose layers= explicitly"
+        )
+    else:
+        seen = [c[2] for c in candidates.values()]
+    plan = _paths._plan(opts, seen)
+    for row in plan:
+        if row.k:
+            node, ours, _ = candidates[row.path]
+            node.__class__ = ours
+            sparse_bias = opts.sparse_bias and ours is not mnnx.Conv  # conv bias: dense
+            mnnx._set_meprop(node, row.k, opts.mode, sparse_bias, rngs, rng_collection)
+            if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
+                node.feedback, node.meprop_memory = 0.0, None
+                node.sparse_update = opts.sparse_update
+    return plan

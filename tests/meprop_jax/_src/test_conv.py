@@ -1,0 +1,315 @@
+"""meProp convolutions: ``meprop_jax.conv`` and the Linen ``meprop_jax.Conv``.
+
+Gradients against the masked-cotangent reference (the dense convolution VJP of a cotangent
+whose unselected output channels are zeroed), over strides, padding, dilations, feature groups
+and layouts; the cost on the jaxpr (no backward convolution spans every output channel); stock
+parity of ``Conv`` (parameters, initial values and, at ``k = 0``, gradients, bit for bit).
+"""
+
+import doctest
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax import lax
+
+import meprop_jax
+from meprop_jax import linen as mlinen
+from meprop_jax import nnx as mnnx
+from meprop_jax._src import conv as _conv
+from meprop_jax._src import selection as _selection
+
+MODES = ("unified", "per_example", "random")
+
+
+def reference_mask(g: np.ndarray, k: int, mode: str, groups: int, key, dn) -> np.ndarray:
+    """The kept entries of ``g`` (a bool array of its shape), computed independently."""
+    batch_axis, feature_axis = dn.out_spec[:2]
+    g_bf = np.moveaxis(np.abs(np.asarray(g, np.float64)), (batch_axis, feature_axis), (0, -1))
+    n, out = g_bf.shape[0], g_bf.shape[-1]
+    width = out // groups
+    per_example = g_bf.reshape(n, -1, out).sum(axis=1)  # [batch, out]
+    keep = np.zeros((n, out), bool)
+    if mode == "random":
+        keep = np.asarray(_selection.random_mask(key, (n, out), k, groups))
+    for j in range(groups):
+        block = slice(j * width, (j + 1) * width)
+        if mode == "unified":
+            top = np.argsort(-per_example[:, block].sum(axis=0), kind="stable")[:k]
+            keep[:, j * width + top] = True
+        elif mode == "per_example":
+            for row in range(n):
+                top = np.argsort(-per_example[row, block], kind="stable")[:k]
+                keep[row, j * width + top] = True
+    shape = [1] * g.ndim
+    shape[batch_axis], shape[feature_axis] = n, out
+    return np.broadcast_to(keep.reshape(shape), g.shape)
+
+
+CASES = {
+    # name: (x shape, kernel shape, conv kwargs)
+    "nhwc_same": ((2, 7, 6, 5), (3, 3, 5, 24), dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))),
+    "strided_valid": (
+        (3, 9, 8, 4),
+        (3, 2, 4, 10),
+        dict(window_strides=(2, 3), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+    ),
+    "explicit_padding_dilations": (
+        (2, 6, 7, 3),
+        (3, 3, 3, 9),
+        dict(
+            padding=((1, 2), (0, 1)),
+            lhs_dilation=(2, 1),
+            rhs_dilation=(1, 2),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        ),
+    ),
+    "groups": (
+        (2, 6, 6, 4),
+        (3, 3, 2, 12),
+        dict(feature_group_count=2, dimension_numbers=("NHWC", "HWIO", "NHWC")),
+    ),
+    "nchw": ((2, 5, 7, 6), (11, 5, 3, 3), dict(dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+    "conv1d": (
+        (4, 11, 3),
+        (5, 3, 13),
+        dict(window_strides=2, dimension_numbers=("NWC", "WIO", "NWC")),
+    ),
+    "conv3d": (
+        (2, 4, 5, 3, 2),
+        (2, 3, 2, 2, 7),
+        dict(padding="VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")),
+    ),
+}
+
+
+def conv_vjp(x, w, b, g, fn):
+    @jax.jit  # one compiled program: much faster than op-by-op dispatch
+    def run(x, w, b, g):
+        y, vjp = jax.vjp(fn, x, w, b)
+        return y, vjp(g)
+
+    return run(x, w, b, g)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_conv_matches_masked_cotangent_reference(name, mode):
+    x_shape, w_shape, kwargs = CASES[name]
+    k = 1 + len(name) % 2  # k = 1 and k = 2 across the cases
+    kx, kw, kb, kg, krand = jax.random.split(jax.random.key(hash((name, mode, k)) % 2**31), 5)
+    dn = lax.conv_dimension_numbers(x_shape, w_shape, kwargs["dimension_numbers"])
+    out = w_shape[dn.rhs_spec[0]]
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, w_shape)
+    b = jax.random.normal(kb, (out,))
+    dense = functools.partial(_conv._forward, _cfg(x, w, kwargs))
+    y_ref = dense(x, w, b)
+    g = jax.random.normal(kg, y_ref.shape)
+    key = krand if mode == "random" else None
+    sparse = lambda x, w, b: meprop_jax.conv(x, w, b, k=k, mode=mode, key=key, **kwargs)
+    y, (dx, dw, db) = conv_vjp(x, w, b, g, sparse)
+    groups = kwargs.get("feature_group_count", 1)
+    mask = reference_mask(np.asarray(g), k, mode, groups, krand, dn)
+    assert mask.sum() < g.size  # something was dropped
+    g_masked = jnp.where(mask, g, 0.0)
+    _, (dx_ref, dw_ref, _) = conv_vjp(x, w, b, g_masked, dense)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+    lead = tuple(a for a in range(g.ndim) if a != dn.out_spec[1])
+    np.testing.assert_allclose(db, jnp.sum(g, axis=lead), rtol=1e-6)  # dense bias gradient
+    # Kernel gradient: zero outside the kept channels, which are k (per group) for unified.
+    out_axis = dn.rhs_spec[0]
+    touched = np.any(np.asarray(dw) != 0, axis=tuple(a for a in range(w.ndim) if a != out_axis))
+    if mode == "unified":
+        assert touched.sum() == k * groups
+
+
+def _cfg(x, w, kwargs):
+    rank = x.ndim - 2
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, kwargs["dimension_numbers"])
+    padding = kwargs.get("padding", "SAME")
+    return _conv._ConvConfig(
+        0,
+        "unified",
+        _conv._tuple(kwargs.get("window_strides", 1), rank),
+        padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
+        _conv._tuple(kwargs.get("lhs_dilation"), rank),
+        _conv._tuple(kwargs.get("rhs_dilation"), rank),
+        dn,
+        kwargs.get("feature_group_count", 1),
+        None,
+    )
+
+
+@pytest.mark.parametrize("mode", ["per_example", "random"])
+def test_per_example_union_covers_every_channel(mode):
+    """batch * k >= out: the union spans all channels; still the masked reference."""
+    x = jax.random.normal(jax.random.key(0), (6, 5, 5, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 8))
+    g = jax.random.normal(jax.random.key(2), (6, 5, 5, 8))
+    key = jax.random.key(3)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    fn = lambda x, w: meprop_jax.conv(x, w, k=2, mode=mode, key=key, dimension_numbers=dn)
+    _, vjp = jax.vjp(fn, x, w)
+    dx, dw = vjp(g)
+    mask = reference_mask(np.asarray(g), 2, mode, 1, key, dn)
+    dense = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+    _, vjp_ref = jax.vjp(dense, x, w)
+    dx_ref, dw_ref = vjp_ref(jnp.where(mask, g, 0.0))
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+
+
+def _convs(jaxpr):
+    found = []
+
+    def visit(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found.append(eqn)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    if hasattr(sub, "jaxpr"):
+                        visit(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_backward_convolutions_avoid_full_channel_count(mode, layout):
+    out, k = 24, 3  # 24 appears in no other dimension, and batch * k = 6 < 24
+    if layout == "NHWC":
+        x_shape, w_shape, dn = (2, 7, 6, 5), (3, 3, 5, out), ("NHWC", "HWIO", "NHWC")
+    else:
+        x_shape, w_shape, dn = (2, 5, 7, 6), (out, 5, 3, 3), ("NCHW", "OIHW", "NCHW")
+    x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+    key = jax.random.key(0)
+
+    def loss(x, w):
+        y = meprop_jax.conv(x, w, k=k, mode=mode, key=key, dimension_numbers=dn)
+        return jnp.sum(y * y)
+
+    convs = _convs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w))
+    full = [e for e in convs if any(out in v.aval.shape for v in (*e.invars, *e.outvars))]
+    assert len(convs) == 3  # forward, dx, dkernel
+    assert len(full) == 1  # the forward convolution only
+    assert full[0].outvars[0].aval.shape[dn[2].index("C")] == out
+
+
+# --------------------------------------------------------------------------- Linen Conv
+
+LAYER_CASES = [
+    dict(features=6, kernel_size=(3, 3)),
+    dict(features=6, kernel_size=(3, 3), strides=2, padding="VALID", use_bias=False),
+    dict(features=8, kernel_size=(3,), padding="CAUSAL", kernel_dilation=2),
+    dict(features=6, kernel_size=(2, 3), padding="CIRCULAR", strides=(1, 2)),
+    dict(features=6, kernel_size=(2, 3), padding=((1, 1), (0, 2)), input_dilation=(1, 2)),
+    dict(features=8, kernel_size=(3, 3), feature_group_count=2),
+    dict(features=6, kernel_size=(3, 3), mask=jnp.triu(jnp.ones((3, 3, 4, 6)))),
+]
+
+
+def _input(fields, batch=(2,)):
+    rank = len(fields["kernel_size"])
+    return jax.random.normal(jax.random.key(7), (*batch, *([6] * rank), 4))
+
+
+@pytest.mark.parametrize("fields", LAYER_CASES)
+def test_conv_layer_is_the_stock_layer_at_k0(fields):
+    x = _input(fields, batch=(2, 3))  # two batch axes, flattened as the stock layer does
+    stock, ours = nn.Conv(**fields), meprop_jax.Conv(**fields)
+    params = stock.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(0), x), params)
+    loss = lambda module: lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.value_and_grad(loss(ours))(params),
+        jax.value_and_grad(loss(stock))(params),
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fields", LAYER_CASES)
+def test_conv_layer_forward_is_stock_and_backward_sparse(fields, mode):
+    x = _input(fields)
+    stock = nn.Conv(**fields)
+    ours = meprop_jax.Conv(**fields, k=1, mode=mode)
+    params = stock.init(jax.random.key(0), x)
+    rngs = {"meprop": jax.random.key(5)}
+    y = ours.apply(params, x, rngs=rngs)
+    np.testing.assert_array_equal(y, stock.apply(params, x))
+    grads = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x, rngs=rngs))))(params)
+    dense = jax.grad(lambda p: jnp.sum(jnp.sin(stock.apply(p, x))))(params)
+    kernel = np.asarray(grads["params"]["kernel"])
+    channels = np.any(kernel != 0, axis=tuple(range(kernel.ndim - 1)))
+    groups = fields.get("feature_group_count", 1)
+    assert 0 < channels.sum() < fields["features"]
+    if mode == "unified":
+        assert channels.sum() == groups
+    if "bias" in dense["params"]:
+        np.testing.assert_allclose(grads["params"]["bias"], dense["params"]["bias"], rtol=1e-5)
+
+
+def test_conv_layer_errors():
+    x = jnp.ones((1, 5, 5, 2))
+    with pytest.raises(ValueError, match="mode"):
+        meprop_jax.Conv(4, (3, 3), k=1, mode="top").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        meprop_jax.Conv(4, (3, 3), k=-1).init(jax.random.key(0), x)
+    w, dn = jnp.ones((3, 3, 2, 4)), ("NHWC", "HWIO", "NHWC")
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        meprop_jax.conv(x, w, k=1, mode="random", dimension_numbers=dn)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        meprop_jax.conv(x, w, jnp.ones(3), k=1, dimension_numbers=dn)
+    with pytest.raises(ValueError, match="feature_group_count"):
+        meprop_jax.conv(x, w, k=1, feature_group_count=3, dimension_numbers=dn)
+
+
+def test_doctests():
+    for module in (_conv, mlinen.conv):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0, module.__name__
+        assert result.failed == 0, module.__name__
+
+
+# --------------------------------------------------------------------------- NNX Conv
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_nnx_conv_matches_stock_and_linen(k, mode):
+    fields = dict(strides=2, padding="CIRCULAR", feature_group_count=2)
+    x = jax.random.normal(jax.random.key(7), (3, 7, 7, 4))
+    stock = nnx.Conv(4, 8, (3, 3), **fields, rngs=nnx.Rngs(0))
+    ours = mnnx.Conv(4, 8, (3, 3), **fields, k=k, mode=mode, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(stock, nnx.Param))
+    assert_trees_equal(nnx.to_pure_dict(nnx.state(ours, nnx.Param)), params)
+    np.testing.assert_array_equal(ours(x), stock(x))
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    grads = nnx.to_pure_dict(nnx.grad(loss)(ours))
+    if k == 0:
+        assert_trees_equal(grads, nnx.to_pure_dict(nnx.grad(loss)(stock)))
+        return
+    linen = meprop_jax.Conv(8, (3, 3), **fields, k=k, mode=mode)
+    linen_loss = lambda p: jnp.sum(jnp.sin(linen.apply({"params": p}, x)))
+    assert_trees_equal(grads, jax.grad(linen_loss)(params))
+    if mode == "unified":  # k channels in each of the 2 groups
+        assert np.any(grads["kernel"] != 0, axis=(0, 1, 2)).sum() == 2 * k
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
