@@ -7,7 +7,7 @@ from pathlib import Path
 
 from experiments.common.errors import DataError
 
-__all__ = ["ENV_VAR", "GZIP_MAGIC", "gunzip_if_needed", "read_bytes"]
+__all__ = ["ENV_VAR", "GZIP_MAGIC", "gunzip_if_needed", "read_bytes", "recorded_path"]
 
 #: The environment variable naming the folder that holds the experiments' data.
 ENV_VAR = "MEPROP_DATA_DIR"
@@ -43,3 +43,32 @@ def gunzip_if_needed(raw: bytes, source: str) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{source}: corrupt or truncated gzip data: {exc}") from exc
+
+
+def recorded_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` as a run's record stores it: no machine's folders in it.
+
+    Relative to the data folder (``$MEPROP_DATA_DIR``) when it lies there, for example
+    ``mnist`` or ``ptb-dep-sample/train.conllx.gz``; relative to the working directory when
+    it lies there (a run folder such as ``runs/...``); otherwise its last part, the file or
+    folder name. A non-path value (``"tfds"``) and None pass through.
+
+    Args:
+        path: the path a run read or wrote.
+
+    Returns:
+        The path to store, or None.
+    """
+    if path is None:
+        return None
+    given = Path(path)
+    if not given.is_absolute() and ".." not in given.parts:
+        return given.as_posix()
+    resolved = given.resolve()
+    roots = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
+    for root in [*roots, Path.cwd()]:
+        try:
+            return resolved.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return resolved.name

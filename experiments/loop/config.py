@@ -13,6 +13,7 @@ import jax
 import optax
 
 from experiments.common import ConfigError, require
+from experiments.common.files import recorded_path
 from experiments.loop import distributed
 from meprop_jax import optim
 
@@ -44,6 +45,12 @@ RESUMABLE_CHANGES = frozenset(
         "progress",
         "data_dir",
         "eval_batch_size",
+        # Where the data was read from, and when to stop: neither changes an epoch's numbers.
+        "patience",
+        "data_source",
+        "train_file",
+        "dev_file",
+        "test_file",
     }
 )
 
@@ -71,6 +78,9 @@ class TrainConfig:
       progress: show a tqdm bar; None shows one when stderr is a terminal.
       sparse_update: compact meProp gradients and column-sparse optimizer updates (see the
         module docstring); the task's model must have compact-gradient taps.
+      patience: early stopping: end the run once the dev metric has not improved for this
+        many epochs (the best epoch is at least ``patience`` epochs before the last); 0 runs
+        every epoch. The test score is still read at the best dev epoch.
     """
 
     out: Path
@@ -88,6 +98,7 @@ class TrainConfig:
     chunk_steps: int = 0
     progress: bool | None = None
     sparse_update: bool = False
+    patience: int = 0
 
     @property
     def learning_rate(self) -> float:
@@ -97,7 +108,7 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy, with the learning rate resolved."""
         d = dataclasses.asdict(self)
-        d["out"] = str(self.out)
+        d["out"] = recorded_path(self.out)
         d["lr"] = self.learning_rate
         return d
 
@@ -205,6 +216,7 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     require(cfg.timing_batches >= 0, f"--timing-batches must be >= 0, got {cfg.timing_batches}")
     require(cfg.chunk_steps >= 0, f"--chunk-steps must be >= 0, got {cfg.chunk_steps}")
+    require(cfg.patience >= 0, f"--patience must be >= 0 (0 disables it), got {cfg.patience}")
     require(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
     resolve_devices(cfg.devices)
 
@@ -234,6 +246,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config>)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --out")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        metavar="P",
+        help="early stopping: end the run once dev has not improved for P epochs; test is "
+        "still read at the best dev epoch (default 0 = run every epoch)",
+    )
     g.add_argument(
         "--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)"
     )
@@ -286,6 +306,7 @@ def train_config_from_args(args: argparse.Namespace, default_out: Path) -> Train
         timing_batches=args.timing_batches,
         chunk_steps=args.chunk_steps,
         sparse_update=args.sparse_update,
+        patience=args.patience,
     )
     validate_config(cfg)
     return cfg

@@ -69,6 +69,7 @@ from experiments.loop.results import (
     SPLITS,
     best_epoch,
     log_epoch,
+    patience_exhausted,
     plot,
     results_payload,
     summary_line,
@@ -250,6 +251,13 @@ def _epochs(
     saved_epoch = len(history)
     status = "complete"
     for epoch in range(first, cfg.epochs + 1):
+        if patience_exhausted(history, cfg.patience, run.metric):
+            best = best_epoch(history, run.metric)["epoch"]
+            run.log(
+                f"early stop after epoch {epoch - 1}: dev {run.metric} has not improved since "
+                f"epoch {best} (--patience {cfg.patience})"
+            )
+            break
         if run.stop.requested:
             status = "interrupted"
             break

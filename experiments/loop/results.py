@@ -41,6 +41,17 @@ def best_epoch(history: Sequence[Mapping[str, Any]], metric: str = "acc") -> dic
     return {"epoch": best["epoch"], **{f"{s}_{n}": best[f"{s}_{n}"] for n in names for s in SPLITS}}
 
 
+def patience_exhausted(
+    history: Sequence[Mapping[str, Any]], patience: int, metric: str = "acc"
+) -> bool:
+    """The early-stopping rule: dev ``metric`` has not improved for ``patience`` epochs (the
+    best epoch, the first on ties as in :func:`best_epoch`, lies at least ``patience`` epochs
+    before the last). Always False for ``patience`` 0 (off)."""
+    if patience <= 0 or not history:
+        return False
+    return history[-1]["epoch"] - best_epoch(history, metric)["epoch"] >= patience
+
+
 def mean_timing(history: Sequence[Mapping[str, Any]], field: str) -> float | None:
     values = [r["timing"][field] for r in history if r["timing"].get(field) is not None]
     return float(np.mean(values)) if values else None
@@ -99,8 +110,9 @@ def results_payload(
     metric: str = "acc",
 ) -> dict[str, Any]:
     """Everything ``results.json`` holds: config, per-epoch metrics, best epoch, mean
-    timings and the platform."""
-    return {
+    timings and the platform; with ``--patience``, ``early_stop`` says whether the rule
+    ended the run (``stopped_after_epoch``, None when every epoch ran)."""
+    payload = {
         "config": dict(config),
         "status": status,
         "epochs": list(history),
@@ -114,6 +126,13 @@ def results_payload(
         "devices": [str(d) for d in mesh.devices.flat],
         "num_devices": int(mesh.devices.size),
     }
+    patience = int(config.get("patience") or 0)
+    if patience:
+        stopped = status == "complete" and len(history) < config["epochs"]
+        stopped = stopped and patience_exhausted(history, patience, metric)
+        after = history[-1]["epoch"] if stopped else None
+        payload["early_stop"] = {"patience": patience, "stopped_after_epoch": after}
+    return payload
 
 
 def log_epoch(

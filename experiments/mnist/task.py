@@ -19,6 +19,7 @@ import optax
 
 from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
+from experiments.common.files import recorded_path
 from experiments.common.models import MLP
 from experiments.common.state_hooks import StateHooks
 from experiments.mnist.cnn import CNN, DEFAULT_CHANNELS
@@ -230,13 +231,14 @@ class MnistTask(StateHooks):
             del settings["adaptive"]
         if self.settings.network != "cnn":
             settings = {k: v for k, v in settings.items() if k not in _CNN_FIELDS}
+        settings["data_dir"] = recorded_path(settings["data_dir"])  # no machine paths
         return {
             **settings,
             "input_dim": int(self.data.train_x.shape[1]),
             "train_size": len(self.data.train_x),
             "dev_size": len(self.data.dev_x),
             "test_size": len(self.data.test_x),
-            "data_source": self.data.source,
+            "data_source": recorded_path(self.data.source),
         }
 
 

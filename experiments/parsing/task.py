@@ -24,6 +24,7 @@ import optax
 
 from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
+from experiments.common.files import recorded_path
 from experiments.common.state_hooks import StateHooks
 from experiments.corpora.treebank import Tree
 from experiments.parsing import decoder
@@ -408,6 +409,8 @@ class ParsingTask(StateHooks):
         return {
             **dataclasses.asdict(self.settings),
             **d.files,
+            # Relative to the data folder: a record names no machine's folders.
+            **{f: recorded_path(d.files[f]) for f in ("train_file", "dev_file", "test_file")},
             "labelled": d.vocab.labelled,
             "num_labels": len(d.vocab.labels),
             "num_transitions": self.model.num_transitions,

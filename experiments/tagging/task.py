@@ -14,6 +14,7 @@ import numpy as np
 from experiments import loop
 from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
+from experiments.common.files import recorded_path
 from experiments.common.state_hooks import StateHooks
 from experiments.corpora.conll import DataError, Sentence, read_tagged, split_dev
 from experiments.tagging.batching import MIN_BUCKET, batch_arrays, bucket_ladder, bucketize
@@ -248,9 +249,10 @@ class TaggingTask(StateHooks):
         return {
             **settings,
             "corpus": f.corpus,
-            "train_file": str(f.train),
-            "dev_file": None if f.dev is None else str(f.dev),
-            "test_file": str(f.test),
+            # Relative to the data folder: a record names no machine's folders.
+            "train_file": recorded_path(f.train),
+            "dev_file": recorded_path(f.dev),
+            "test_file": recorded_path(f.test),
             "format": f.format,
             "tag_column": f.tag_column,
             "train_sentences": len(d.train),

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.common import ConfigError
 from experiments.loop import driver
-from experiments.loop.results import best_epoch
+from experiments.loop.results import best_epoch, patience_exhausted
 from experiments.loop.signals import StopFlag
 from experiments.loop.task import RunResult
 from tests.experiments.loop.toy import (
@@ -209,6 +209,7 @@ def test_uneven_batch_over_devices_rejected(tmp_path: Path) -> None:
         ({"devices": 0}, "--devices"),
         ({"timing_batches": -1}, "--timing-batches"),
         ({"checkpoint_every": 0}, "--checkpoint-every"),
+        ({"patience": -1}, "--patience"),
         ({"resume": True, "overwrite": True}, "--resume"),
     ],
 )
@@ -235,3 +236,38 @@ def test_resume_command() -> None:
     assert cmd == "python -m experiments.mnist --k 20 --out 'runs/a b' --resume"
     cmd = driver.resume_command("experiments.mnist", ["--out", "r", "--resume"], Path("r"))
     assert cmd == "python -m experiments.mnist --out r --resume"
+
+
+def test_patience_stops_once_dev_has_not_improved(tmp_path: Path) -> None:
+    """A learning rate too small to change any prediction: dev stays at its epoch-1 value,
+    so with patience 2 the run ends after epoch 3 of 10, complete, tested at epoch 1."""
+    lines: list[str] = []
+    result = driver.train(
+        ToyTask(), config(tmp_path, epochs=10, lr=1e-12, patience=2), log=lines.append
+    )
+    assert result.status == "complete"
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert len({r["dev_acc"] for r in result.history}) == 1
+    assert result.best["epoch"] == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "complete" and saved["config"]["patience"] == 2
+    assert saved["early_stop"] == {"patience": 2, "stopped_after_epoch": 3}
+    assert saved["best"]["test_acc"] == result.history[0]["test_acc"]
+    assert any("early stop after epoch 3" in line for line in lines)
+    # Off by default: every epoch runs and the record has no early_stop entry.
+    plain = driver.train(ToyTask(), config(tmp_path / "plain", epochs=4, lr=1e-12), log=quiet)
+    assert len(plain.history) == 4
+    assert "early_stop" not in json.loads((tmp_path / "plain" / "results.json").read_text())
+
+
+def test_patience_rule() -> None:
+    def history(devs):
+        return [{"epoch": i + 1, "dev_acc": d, "test_acc": d} for i, d in enumerate(devs)]
+
+    assert not patience_exhausted(history([90, 91, 91, 91]), 0)  # off
+    assert not patience_exhausted([], 3)
+    # Best at epoch 2 (a tie later does not count as an improvement).
+    assert patience_exhausted(history([90, 91, 91, 91]), 2)
+    assert not patience_exhausted(history([90, 91, 91, 91]), 3)
+    assert not patience_exhausted(history([90, 91, 90, 92]), 1)
+    assert patience_exhausted(history([95, 91, 90, 92, 93, 94]), 5)
