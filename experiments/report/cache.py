@@ -1,12 +1,15 @@
-"""The run cache: code versions, cache keys, run folders, reuse and resumption, and the
-time estimate (the runners are in :mod:`experiments.report.runners`).
+"""The run cache: cache keys, run folders, reuse and resumption, code versions and the
+time estimate (the runners are in :mod:`experiments.report.runners`, the committed records
+in :mod:`experiments.report.records`).
 
-A run lives in ``<cache>/<task>/<key>/`` where ``key`` hashes the task, its flags, the seed
-and the code version of its training path (the source files of ``meprop_jax/``,
+A run trains in ``<cache>/<task>/<key>/`` where ``key`` hashes the task, its flags and the
+seed. The code version of its training path (a hash of the source files of ``meprop_jax/``,
 ``experiments/loop/``, ``experiments/common/``, ``experiments/corpora/`` and the task's
-package). A run whose ``results.json`` says ``complete`` is reused, never rerun; one with a
-checkpoint is continued with ``--resume`` (restarted with ``--overwrite`` if that fails);
-anything else starts afresh.
+package) is recorded with the run, not keyed: a grid that takes days keeps its finished runs
+while the code moves on, and the report says which code versions its records come from. A
+run whose ``results.json`` says ``complete`` is reused, never rerun; one with a checkpoint
+is continued with ``--resume`` (restarted with ``--overwrite`` if that fails); anything else
+starts afresh.
 """
 
 from __future__ import annotations
@@ -62,14 +65,15 @@ def code_version(root: Path, task: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(spec: RunSpec, code: str) -> str:
-    """The run's identity: task, flags, seed and code version (nothing else)."""
-    payload = {"task": spec.task, "args": list(spec.args), "seed": spec.seed, "code": code}
+def cache_key(spec: RunSpec) -> str:
+    """The run's identity: task, flags and seed (nothing else)."""
+    payload = {"task": spec.task, "args": list(spec.args), "seed": spec.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_dir(cache: Path, spec: RunSpec, code: str) -> Path:
-    return cache / spec.task / cache_key(spec, code)
+def run_dir(cache: Path, spec: RunSpec) -> Path:
+    """Where ``spec`` trains (checkpoints, log) in the run cache ``cache``."""
+    return cache / spec.task / cache_key(spec)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -1,17 +1,24 @@
-"""``python -m experiments.report``: runs (or reuses) the grids and writes the report."""
+"""``python -m experiments.report``: runs (or reuses) the grids and writes the report.
+
+The committed records under ``<out>/runs/`` are the cache (:mod:`experiments.report.records`):
+a run with a record there is reused; any other run trains in the run cache (``--cache``),
+resuming from its checkpoint if it has one, and its record is copied to ``<out>/runs/`` as
+soon as it finishes (``--commit-each`` also commits it, with the rewritten report).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.common import ConfigError
-from experiments.report import cache, grids, runners
+from experiments.report import cache, grids, records, runners
 
 DEFAULT_OUT = Path("docs/report")
+QUICK_OUT = Path("runs/report-quick")  # a smoke run never writes over the committed report
 DEFAULT_CACHE = Path("runs/report-cache")
 DEFAULT_SEEDS = 3
 QUICK_SEEDS = 1
@@ -42,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline, not results",
     )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})"
+        "--out",
+        type=Path,
+        default=None,
+        help=f"report folder, with the run records under runs/ (default {DEFAULT_OUT}; "
+        f"{QUICK_OUT} with --quick)",
     )
     parser.add_argument(
         "--cache",
@@ -57,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-only",
         action="store_true",
         help="write the report from the finished runs, run nothing (the rest shows as not run)",
+    )
+    parser.add_argument(
+        "--commit-each",
+        action="store_true",
+        help="after each finished run, rewrite the report and git-commit it with the run's "
+        "record (only those files; other staged changes stay staged), so that a grid left "
+        "running in the background keeps what it has done",
     )
     return parser
 
@@ -86,26 +104,53 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="run", file=sys.stderr, dynamic_ncols=True)
 
 
+class Grid:
+    """The runs of the selected grids: where each one's record goes (``records``) and where
+    it trains (``work``)."""
+
+    def __init__(self, specs: Sequence[grids.RunSpec], out: Path, cache_dir: Path):
+        self.specs = list(specs)
+        self.records = {s: records.record_dir(out, s) for s in self.specs}
+        self.work = {s: cache.run_dir(cache_dir, s) for s in self.specs}
+
+    def recorded(self, spec: grids.RunSpec) -> bool:
+        return records.is_recorded(spec, self.records[spec])
+
+    def dirs(self) -> dict[grids.RunSpec, Path]:
+        """Each run's folder now: its record once finished, else its run-cache folder."""
+        return {s: self.records[s] if self.recorded(s) else self.work[s] for s in self.specs}
+
+
 def run_grids(
-    specs: Sequence[grids.RunSpec],
-    dirs: Mapping[grids.RunSpec, Path],
+    grid: Grid,
     runner: cache.Runner,
+    root: Path,
+    on_record: Callable[[grids.RunSpec, dict[grids.RunSpec, cache.Outcome]], None] | None = None,
 ) -> dict[grids.RunSpec, cache.Outcome]:
-    """Runs what is not finished, in order, under a progress bar."""
-    done = sum(cache.is_complete(s, dirs[s]) for s in specs)
+    """Runs what has no record, in order, under a progress bar; copies each finished run's
+    record into place and then calls ``on_record(spec, outcomes so far)``."""
+    specs = grid.specs
     outcomes: dict[grids.RunSpec, cache.Outcome] = {}
-    with _progress(len(specs), done) as bar:
+    with _progress(len(specs), sum(grid.recorded(s) for s in specs)) as bar:
         for spec in specs:
-            if cache.is_complete(spec, dirs[spec]):
-                outcomes[spec] = cache.Outcome(spec, dirs[spec], "reused")
+            if grid.recorded(spec):
+                outcomes[spec] = cache.Outcome(spec, grid.records[spec], "reused")
                 continue
             bar.set_postfix_str(" ".join(spec.command()[2:])[-70:])
-            outcome = cache.ensure_run(spec, dirs[spec], runner)
-            outcomes[spec] = outcome
+            outcome = cache.ensure_run(spec, grid.work[spec], runner)
             if outcome.status == "failed":
-                bar.write(f"failed: {' '.join(spec.command())} (see {dirs[spec] / cache.LOG_FILE})")
+                outcomes[spec] = outcome
+                bar.write(
+                    f"failed: {' '.join(spec.command())} (see {outcome.directory / cache.LOG_FILE})"
+                )
+            else:  # ran now, or finished earlier in the run cache without a record
+                code = records.code_record(root, spec.task)
+                target = records.publish(spec, grid.work[spec], grid.records[spec], code)
+                outcomes[spec] = cache.Outcome(spec, target, outcome.status)
+                if on_record is not None:
+                    on_record(spec, outcomes)
             bar.update(1)
-            left = cache.estimate(specs, dirs)
+            left = cache.estimate(specs, grid.dirs())
             bar.set_description(f"~{cache.format_duration(left.seconds)} left")
     return outcomes
 
@@ -165,10 +210,13 @@ def main(
     if flags is None:
         flags = {t: help_flags(t, args.cache, codes[t], forked=args.quick) for t in tasks}
     selected = [grids.check_flags(g, flags) for g in built]
-    specs = cache.unique(s for g in selected if not g.skipped for s in g.specs())
-    dirs = {s: cache.run_dir(args.cache, s, codes[s.task]) for s in specs}
-    est = cache.estimate(specs, dirs)
-    print_plan(selected, dirs, est, commands=args.dry_run)
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    grid = Grid(
+        cache.unique(s for g in selected if not g.skipped for s in g.specs()), out, args.cache
+    )
+    specs = grid.specs
+    est = cache.estimate(specs, grid.dirs())
+    print_plan(selected, grid.dirs(), est, commands=args.dry_run)
     if args.dry_run:
         return 0
     if runner is None:
@@ -178,27 +226,47 @@ def main(
             if args.quick
             else runners.subprocess_runner(args.cache)
         )
+    from experiments.report import write
+
+    def write_report(outcomes: Mapping[grids.RunSpec, cache.Outcome]) -> Path:
+        pending = {s: cache.Outcome(s, grid.work[s], "not run") for s in specs}
+        return write.write_report(
+            out,
+            selected,
+            grid.dirs(),
+            {**pending, **outcomes},
+            quick=args.quick,
+            seeds=seeds,
+            stray=records.stray(out, specs),
+        )
+
+    def commit_record(spec: grids.RunSpec, outcomes: Mapping[grids.RunSpec, cache.Outcome]) -> None:
+        readme = write_report(outcomes)
+        paths = [grid.records[spec], readme, *(out / name for name in write.FIGURE_FILES)]
+        command = " ".join(spec.command()[3:])
+        refused = records.commit(paths, f"report run: {spec.task} {command}", root)
+        if refused:
+            print(f"git commit of {grid.records[spec]} refused: {refused}", file=sys.stderr)
+
     start = time.perf_counter()
     try:
         if args.write_only:
             outcomes = {
-                s: cache.Outcome(
-                    s, dirs[s], "reused" if cache.is_complete(s, dirs[s]) else "not run"
-                )
-                for s in specs
+                s: cache.Outcome(s, grid.records[s], "reused") for s in specs if grid.recorded(s)
             }
         else:
-            outcomes = run_grids(specs, dirs, runner)
+            on_record = commit_record if args.commit_each else None
+            outcomes = run_grids(grid, runner, root, on_record)
     except (cache.Interrupted, KeyboardInterrupt) as exc:
         print(
-            f"\ninterrupted ({exc or 'Ctrl-C'}); finished runs are kept in {args.cache}: run "
-            "the same command again to resume",
+            f"\ninterrupted ({exc or 'Ctrl-C'}); finished runs are recorded in "
+            f"{out / records.RECORDS_DIR} and checkpoints kept in {args.cache}: run the same "
+            "command again to resume",
             file=sys.stderr,
         )
         return 130
-    from experiments.report import write
-
-    readme = write.write_report(args.out, selected, dirs, outcomes, quick=args.quick, seeds=seeds)
+    readme = write_report(outcomes)
+    outcomes = {**{s: cache.Outcome(s, grid.work[s], "not run") for s in specs}, **outcomes}
     failed = sum(o.status == "failed" for o in outcomes.values())
     print(
         f"report: {readme} ({len(outcomes)} runs, {failed} failed, "

@@ -1,5 +1,5 @@
 """The report's PNG figures (matplotlib, Agg): Figure 4's three panels, test accuracy
-against k, and learning curves of dense and meProp."""
+against k, learning curves of dense and meProp, and meSimp's hidden size over training."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.common.mesimp import prune_events
 from experiments.report import paper
 from experiments.report.tables import CellResult, finder
 
 FIGURE4_FILE = "figure4.png"
 ACCURACY_VS_K_FILE = "accuracy_vs_k.png"
 LEARNING_CURVES_FILE = "learning_curves.png"
+MESIMP_SIZES_FILE = "mesimp_sizes.png"
 
 
 def _pyplot():
@@ -115,14 +117,15 @@ def accuracy_vs_k(series: Mapping[str, tuple[Sequence[CellResult], str]], path: 
 
 
 def _curve(result: CellResult) -> tuple[np.ndarray, np.ndarray] | None:
-    """Epochs and the dev metric per epoch, averaged over the seeds that reached it."""
+    """Epochs and the dev metric per epoch, averaged over the seeds that reached it (runs
+    stopped early are shorter)."""
     histories = [r.results.get("epochs") or [] for r in result.finished]
-    n = min((len(h) for h in histories), default=0)
+    n = max((len(h) for h in histories), default=0)
     if n == 0:
         return None
     key = f"dev_{result.metric}"
-    values = np.array([[h[i][key] for i in range(n)] for h in histories])
-    return np.arange(1, n + 1), values.mean(axis=0)
+    values = [np.mean([h[i][key] for h in histories if len(h) > i]) for i in range(n)]
+    return np.arange(1, n + 1), np.array(values)
 
 
 def learning_curves(
@@ -146,6 +149,51 @@ def learning_curves(
         ax.set(title=title, xlabel="epoch", ylabel=f"dev {metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _size_curve(results: dict) -> tuple[list[float], list[float]]:
+    """meSimp's hidden size (mean over layers) after each prune, against training progress
+    in epochs (prune ``p`` of ``P`` in epoch ``e`` at ``e - 1 + p / P``), from 500 units at 0."""
+    events = prune_events(results)
+    per_epoch: dict[int, int] = {}
+    for e in events:
+        per_epoch[e["epoch"]] = max(per_epoch.get(e["epoch"], 0), e["prune"])
+    full = results.get("config", {}).get("hidden", 500)
+    xs, ys = [0.0], [float(full)]
+    for e in events:
+        xs.append(e["epoch"] - 1 + e["prune"] / per_epoch[e["epoch"]])
+        ys.append(float(np.mean(e["sizes"])))
+    return xs, ys
+
+
+def mesimp_sizes(
+    panels: Sequence[tuple[str, Sequence[CellResult], float | None]], path: Path
+) -> bool:
+    """meSimp's hidden size over training, one panel per ``(title, meSimp cells, the
+    paper's average size)``, a line per seed; False (nothing written) without a run."""
+    panels = [p for p in panels if any(c.finished for c in p[1])]
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (title, cells, paper_size) in zip(axes[0], panels, strict=True):
+        for i, cell in enumerate(cells):
+            label = cell.cell.key.get("mode", "meSimp")
+            for j, run in enumerate(cell.finished):
+                xs, ys = _size_curve(run.results)
+                best = (run.results.get("best") or {}).get("epoch")
+                ax.plot(xs, ys, color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
+                if best is not None:
+                    ax.axvline(best, color=f"C{i}", ls=":", alpha=0.4)
+        if paper_size is not None:
+            ax.axhline(paper_size, color="k", ls="--", alpha=0.6, label="paper (average)")
+        ax.set(title=title, xlabel="epoch", ylabel="hidden units (mean over layers)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,6 +20,7 @@ from experiments.report.tables import (
     ratio_stat,
     relative,
     run_links,
+    seeds_note,
     verdict,
 )
 
@@ -227,44 +228,56 @@ def table6(results: Sequence[CellResult], out: Path) -> str:
     return markdown(PAIR_HEADER, rows)
 
 
+MESIMP_LABELS = {"mnist": "MNIST", "pos": "POS, PTB sample", "parsing": "Parsing (UAS)"}
+
+
 def mesimp(results: Sequence[CellResult], out: Path) -> str:
     find = finder(results)
-    dense = find(model="dense")
-    p = paper.MESIMP_MNIST
     rows = []
-    for result in results:
-        if result.cell.key.get("model") != "mesimp":
-            continue
-        paper_diff = p["test"] - p["dense_test"]
-        diff, _, text = compare(dense, result, "test", paper_diff)
-        size = result.stat("size")
-        rows.append(
-            [
-                f"meSimp k={p['k']}, {result.cell.key.get('mode')}",
-                f"{p['dimension']} ({100 * p['dimension'] / p['hidden']:.1f}%)",
-                linked(fmt_stat(size, 1), result, out),
-                fmt_paper(p["test"]),
-                cell_text(result, "test", out),
-                f"{fmt(paper_diff, sign=True)} / {fmt(diff, sign=True)}",
-                text,
-                run_links(result, out),
-            ]
-        )
+    for task, p in paper.MESIMP.items():
+        dense = find(paper_task=task, model="dense")
+        for result in results:
+            key = result.cell.key
+            if key.get("model") != "mesimp" or key.get("paper_task") != task:
+                continue
+            paper_diff = p["test"] - p["dense_test"]
+            diff, spread, text = compare(dense, result, "test", paper_diff)
+            size = result.stat("size")
+            rows.append(
+                [
+                    f"{MESIMP_LABELS[task]}, meSimp k={p['k']:.0f}, {key.get('mode')}",
+                    f"{p['dimension']:.0f} ({100 * p['dimension'] / p['hidden']:.1f}%)",
+                    linked(fmt_stat(size, 1), result, out) + seeds_note(result),
+                    fmt_paper(p["dense_test"]),
+                    cell_text(dense, "test", out),
+                    fmt_paper(p["test"]),
+                    cell_text(result, "test", out),
+                    f"{fmt(paper_diff, sign=True)} / {fmt(diff, sign=True)}"
+                    + ("" if spread is None else f" (spread {spread:.2f})"),
+                    text,
+                    f"{run_links(dense, out)} / {run_links(result, out)}",
+                ]
+            )
     header = [
         "setting",
         "paper hidden size",
-        "ours mean hidden size at the best dev epoch",
-        "paper test",
-        "ours test",
+        "ours: mean hidden size at the best dev epoch",
+        "paper dense",
+        "ours dense",
+        "paper meSimp",
+        "ours meSimp",
         "Δ vs dense (paper / ours)",
         "verdict: meSimp no worse than dense",
-        "runs",
+        "runs (dense / meSimp)",
     ]
-    line = (
-        f"Dense MLP (h=500, same minibatch and clipping): paper {p['dense_test']:.2f}, ours "
-        f"{cell_text(dense, 'test', out)}" + (f" ({run_links(dense, out)})." if dense else ".")
+    return "\n\n".join(
+        [
+            "The authors' meSimp table (README of their meSimp repository) beside ours; each "
+            "dense arm has the meSimp arm's flags but k = 0 and no meSimp, and the same "
+            "schedule. Hidden size: units kept per hidden layer, averaged over the layers.",
+            markdown(header, rows),
+        ]
     )
-    return "\n\n".join([line, markdown(header, rows)])
 
 
 def feedback(results: Sequence[CellResult], out: Path) -> str:
@@ -292,22 +305,73 @@ def feedback(results: Sequence[CellResult], out: Path) -> str:
     )
 
 
-def speed(results: Sequence[CellResult], out: Path, max_lines: int = 80) -> str:
-    parts = []
+def _paper_speed(record: dict) -> str:
+    """The paper's figure beside one bench record: Table 1's CPU backprop speedups for
+    per-example top-k, Table 7's GPU speedup at the same k for unified top-k."""
+    if record.get("section") == "per-example" and record.get("mode") == "per_example":
+        return " / ".join(f"{t} {x:g}x" for t, x in paper.CPU_SPEEDUP.items()) + " (CPU)"
+    if record.get("mode") == "unified" and record.get("k") in paper.TABLE7:
+        return f"{paper.TABLE7[record['k']][1]:g}x (GPU, h=8192)"
+    return "—"
+
+
+def _bench_rows(records: Sequence[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        shape = f"{r.get('d_in', '?')}→{r.get('d_out', '?')}"
+        ratio = r.get("ratio_vs_dense")
+        rows.append(
+            [
+                str(r.get("batch", "—")),
+                shape,
+                str(r.get("k", "—")),
+                str(r.get("mode", "—")),
+                fmt(r.get("median_ms"), 3),
+                "—" if ratio is None else f"{ratio:.2f}x",
+                _paper_speed(r),
+            ]
+        )
+    return rows
+
+
+BENCH_HEADER = (
+    "batch",
+    "shape",
+    "k",
+    "mode",
+    "median ms",
+    "ours: speedup vs dense",
+    "paper",
+)
+
+
+def speed(results: Sequence[CellResult], out: Path) -> str:
+    """Each bench section's records as a table, beside the paper's figures: Table 1's CPU
+    backprop speedups (MNIST 21.4x, POS 65.4x, parsing 18.6x; per-example top-k) and
+    Table 7's GPU speedups (unified top-k, h = 8192, batch 1024)."""
+    table7 = ", ".join(f"k={k}: {x:g}x" for k, (_, x) in paper.TABLE7.items())
+    parts = [
+        "Speedups are ratios against dense from the same interleaved run (see each record's "
+        "load average). The paper's CPU figures are Table 1's backprop speedups per epoch in "
+        "its authors' C# code (MNIST 21.4x, POS 65.4x, parsing 18.6x), beside the "
+        "per-example section's rows; its GPU Table 7 (GTX 1080, unified top-k, synthetic data, batch "
+        f"1024, h = 8192, dense {paper.TABLE7_DENSE_MS:.2f} ms) gives {table7}, beside our "
+        "unified rows at the same k."
+    ]
     for result in results:
         section = result.cell.key.get("section")
         run = result.runs[0]
-        command = " ".join(run.spec.command())
-        parts.append(f"**{section}** (`{command}`)")
-        if not cache.is_complete(run.spec, run.directory):
-            parts.append(f"Not finished yet (run folder `{run.directory.name}` in the run cache).")
+        parts.append(f"**{section}** (`{' '.join(run.spec.command())}`)")
+        record = cache.read_json(run.directory / cache.BENCH_FILE)
+        if not cache.is_complete(run.spec, run.directory) or record is None:
+            parts.append("Missing: this section has not run yet.")
             continue
-        lines = (run.directory / cache.LOG_FILE).read_text().splitlines()
-        lines = [line for line in lines if not line.startswith("$ ")][-max_lines:]
-        parts.append("```\n" + "\n".join(lines) + "\n```")
-        parts.append(
-            f"Records: [{cache.BENCH_FILE}]({relative(run.directory / cache.BENCH_FILE, out)})."
-        )
+        load = record.get("load_average")
+        if load:
+            parts.append(f"Load average while it ran: {', '.join(f'{x:.1f}' for x in load)}.")
+        parts.append(markdown(BENCH_HEADER, _bench_rows(record.get("records") or [])))
+        link = relative(run.directory / cache.BENCH_FILE, out)
+        parts.append(f"Record: [{cache.BENCH_FILE}]({link}).")
     return "\n\n".join(parts)
 
 

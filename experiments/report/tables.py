@@ -203,11 +203,18 @@ def linked(text: str, result: CellResult | None, out: Path) -> str:
     return f"[{text}]({relative(finished[0].directory / cache.RESULTS_FILE, out)})"
 
 
+def seeds_note(result: CellResult | None) -> str:
+    """`` (2 of 3 seeds)`` for a cell that has fewer finished runs than seeds, else ``""``."""
+    if result is None or not result.finished or len(result.finished) == len(result.runs):
+        return ""
+    return f" ({len(result.finished)} of {len(result.runs)} seeds)"
+
+
 def cell_text(result: CellResult | None, field: str, out: Path, digits: int = 2) -> str:
     stat = None if result is None else result.stat(field)
     if stat is None or stat.mean is None:
         return "—"  # nothing to link to: the run did not record it
-    return linked(fmt_stat(stat, digits), result, out)
+    return linked(fmt_stat(stat, digits), result, out) + seeds_note(result)
 
 
 def run_links(result: CellResult | None, out: Path) -> str:

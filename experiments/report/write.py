@@ -1,42 +1,22 @@
-"""Writes ``<out>/README.md`` and the figures from the grids' run folders."""
+"""Writes ``<out>/README.md`` and the figures from the committed run records (and the run
+cache's folders of the runs not finished yet)."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from experiments.report import cache, figures, grids, paper, sections, tables
 
 README = "README.md"
-#: The report's own copy of each finished run's record, so that its links work wherever the
-#: report folder goes (the run folders in the cache also hold checkpoints).
-RECORDS_DIR = "runs"
-
-
-def publish_records(out: Path, dirs: Mapping[grids.RunSpec, Path]) -> dict[grids.RunSpec, Path]:
-    """Copies each finished run's record (``results.json``; a bench section's JSON and log)
-    to ``out/runs/<task>/<run>/`` and returns the run folders to link: the copies, or the
-    cache's folder for a run that has not finished."""
-    records = out / RECORDS_DIR
-    if records.is_dir():
-        shutil.rmtree(records)  # only runs of this report, not of an earlier grid
-    published = {}
-    for spec, directory in dirs.items():
-        if not cache.is_complete(spec, directory):
-            published[spec] = directory
-            continue
-        target = records / spec.task / directory.name
-        target.mkdir(parents=True)
-        names = (
-            (cache.BENCH_FILE, cache.LOG_FILE) if spec.task == "bench" else (cache.RESULTS_FILE,)
-        )
-        for name in names:
-            shutil.copyfile(directory / name, target / name)
-        published[spec] = target
-    return published
+FIGURE_FILES: tuple[str, ...] = (
+    figures.FIGURE4_FILE,
+    figures.ACCURACY_VS_K_FILE,
+    figures.LEARNING_CURVES_FILE,
+    figures.MESIMP_SIZES_FILE,
+)
 
 
 def commands(grid: grids.Grid) -> list[str]:
@@ -85,10 +65,68 @@ def _figures(out: Path, results: Mapping[str, list[tables.CellResult]]) -> list[
         ]
         if figures.learning_curves(panels, out / figures.LEARNING_CURVES_FILE):
             parts.append(
-                f"![Dev accuracy per epoch, dense against meProp (Adam, mean over seeds)]"
-                f"({figures.LEARNING_CURVES_FILE})"
+                f"![Dev accuracy per epoch, dense against meProp (Adam, mean over the seeds "
+                f"that reached the epoch)]({figures.LEARNING_CURVES_FILE})"
+            )
+    ms = results.get("mesimp")
+    if ms:
+        panels = []
+        for task, label in sections.MESIMP_LABELS.items():
+            cells = [r for r in ms if r.cell.matches(paper_task=task, model="mesimp")]
+            panels.append((label, cells, paper.MESIMP[task]["dimension"]))
+        if figures.mesimp_sizes(panels, out / figures.MESIMP_SIZES_FILE):
+            parts.append(
+                f"![meSimp: hidden units after each prune, one line per seed; dotted: the "
+                f"best dev epoch; dashed: the authors' average size]({figures.MESIMP_SIZES_FILE})"
             )
     return parts
+
+
+def missing_cells(
+    selected: Sequence[grids.Grid], results: Mapping[str, list[tables.CellResult]]
+) -> list[str]:
+    """One line per cell with fewer finished runs than seeds: its grid, setting and count."""
+    lines = []
+    for grid in selected:
+        if grid.skipped:
+            lines.append(f"- {grid.name}: every cell (skipped: {grid.skipped})")
+            continue
+        lines += [f"- {grid.name}: {note}" for note in grid.left_out]
+        for result in results[grid.name]:
+            done, total = len(result.finished), len(result.runs)
+            if done == total:
+                continue
+            key = result.cell.key
+            setting = ", ".join(f"{k}={v}" for k, v in key.items() if k != "task")
+            count = "not run" if total == 1 else f"{done} of {total} seeds"
+            lines.append(f"- {grid.name}: {key.get('task')}, {setting}: {count}")
+    return lines
+
+
+def _stray_note(stray: Sequence[Path]) -> list[str]:
+    if not stray:
+        return []
+    return [
+        f"- {len(stray)} committed records under `runs/` belong to no cell of these grids "
+        "(earlier grids'); they stay as records and are not used here."
+    ]
+
+
+def _code_note(dirs: Mapping[grids.RunSpec, Path]) -> str:
+    """Which code versions the finished records ran on, per task."""
+    versions: dict[str, set[str]] = {}
+    for spec, directory in dirs.items():
+        meta = cache.read_json(directory / cache.SPEC_FILE) or {}
+        if cache.is_complete(spec, directory) and meta.get("code_version"):
+            versions.setdefault(spec.task, set()).add(meta["code_version"])
+    if not versions:
+        return "- Code: no finished record yet."
+    parts = [f"{task} {len(v)}" for task, v in sorted(versions.items())]
+    return (
+        "- Code: a record is reused whatever code has changed since it ran; its `spec.json` "
+        "names the code version (a hash of the task's training sources) and the commit it "
+        f"ran on. Code versions among the finished records: {', '.join(parts)}."
+    )
 
 
 def _load() -> str:
@@ -116,11 +154,18 @@ def write_report(
     *,
     quick: bool,
     seeds: int,
+    stray: Sequence[Path] = (),
 ) -> Path:
-    """Writes ``out/README.md`` (and the figures) and returns its path."""
+    """Writes ``out/README.md`` (and the figures) and returns its path.
+
+    Args:
+      dirs: each run's folder: its committed record once finished, else its run-cache folder.
+      stray: committed record folders that belong to no cell of these grids.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    spent = cache.run_time(list(dirs), dirs)  # before the records move: the timings stay
-    dirs = publish_records(out, dirs)
+    for name in FIGURE_FILES:  # a figure without runs now is not drawn: no stale copy stays
+        (out / name).unlink(missing_ok=True)
+    spent = cache.run_time(list(dirs), dirs)
     results = {g.name: tables.collect(g, dirs) for g in selected if not g.skipped}
     pending = [o for o in outcomes.values() if o.status == "not run"]
     failed = [o for o in outcomes.values() if o.status == "failed"]
@@ -153,15 +198,32 @@ def write_report(
         f"{sum(o.status == 'reused' for o in outcomes.values())} reused, {len(failed)} failed"
         + (f", {len(pending)} not run yet (written with `--write-only`)." if pending else "."),
         _run_time_note(spent, len(outcomes)),
+        _code_note(dirs),
+        *_stray_note(stray),
         "- Commands run from the repository root with `MEPROP_DATA_DIR` naming the data "
         "folder; each section lists the command behind each of its settings.",
         "",
     ]
+    missing = missing_cells(selected, results)
+    lines += ["", "## Missing cells", ""]
+    if missing:
+        lines += [
+            f"{len(missing)} settings have fewer finished runs than seeds (their table "
+            "cells show how many seeds they average, or —). Running the same command "
+            "again continues the grid from the committed records.",
+            "",
+            *missing,
+            "",
+        ]
+    else:
+        lines += [f"None: every setting has its {seeds} seeds.", ""]
     for grid in selected:
         lines += [f"## {grid.title}", ""]
         if grid.skipped:
             lines += [f"Skipped: {grid.skipped}.", ""]
             continue
+        for note in grid.left_out:
+            lines += [f"Missing: {note}.", ""]
         lines += [sections.RENDERERS[grid.name](results[grid.name], out), ""]
         lines += commands(grid)
     figure_parts = _figures(out, results)

@@ -24,9 +24,14 @@ def results(spec: grids.RunSpec, status: str = "complete", epochs: int = 2) -> d
         timing |= {"update_s": 0.05, "train_wall_s": 1.0, "eval_s": 0.1, "compile_s": 0.0}
         record = {"epoch": e, "loss": 1.0 / e, "timing": timing}
         record |= {f"dev_{metric}": _score(spec, e), f"test_{metric}": _score(spec, e) - 0.3}
+        if "--mesimp" in spec.args:  # two prunes an epoch, as the quick grid asks
+            sizes = [[500 - 60 * (2 * e + p), 500 - 40 * (2 * e + p)] for p in (-1, 0)]
+            record["events"] = [
+                {"epoch": e, "prune": p + 1, "sizes": z, "widths": z} for p, z in enumerate(sizes)
+            ]
         history.append(record)
     payload = {
-        "config": {"task": spec.task, "seed": spec.seed},
+        "config": {"task": spec.task, "seed": spec.seed, "hidden": 500},
         "status": status,
         "epochs": history,
         "best": best_epoch(history, metric),
@@ -50,7 +55,11 @@ class StubRunner:
         self.calls.append((spec, mode))
         (directory / cache.LOG_FILE).write_text("stub log\n")
         if spec.task == "bench":
-            (directory / cache.BENCH_FILE).write_text(json.dumps({"records": []}))
+            record = {"section": spec.args[1], "batch": 10, "d_in": 784, "d_out": 500}
+            record |= {"k": 20, "mode": "per_example"}
+            record |= {"median_ms": 0.25, "ratio_vs_dense": 2.0}
+            payload = {"load_average": [1.0, 0.5, 0.25], "records": [record]}
+            (directory / cache.BENCH_FILE).write_text(json.dumps(payload))
             return 0
         if len(self.calls) - 1 == self.interrupt_at:
             (directory / cache.CHECKPOINT_DIR / "1").mkdir(parents=True)

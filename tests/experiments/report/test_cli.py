@@ -30,11 +30,13 @@ def test_quick_report_end_to_end(tmp_path):
     assert len(specs) < sum(len(g.specs()) for g in grids.build(grids.GRID_NAMES, 1, True))
     report = tmp_path / "report"
     text = (report / "README.md").read_text()
-    for name in ("figure4.png", "accuracy_vs_k.png", "learning_curves.png"):
+    for name in ("figure4.png", "accuracy_vs_k.png", "learning_curves.png", "mesimp_sizes.png"):
         assert (report / name).stat().st_size > 1000
         assert f"({name})" in text
     # The paper's numbers sit beside ours, with the verdicts.
     assert "97.82" in text and "98.01" in text and "Quick run" in text
+    # The bench records' table, beside the paper's CPU speedups.
+    assert "| 10 | 784→500 | 20 | per_example | 0.250 | 2.00x | mnist 21.4x / pos 65.4x" in text
     assert re.search(r"\| (holds|within seed spread|does not hold) \|", text)
     links = re.findall(r"\]\(([^)]+results\.json)\)", text)
     assert len(links) > 20
@@ -51,7 +53,7 @@ def test_quick_report_end_to_end(tmp_path):
 )
 def test_quick_grid_with_real_training_runs(tmp_path):
     """``--quick --only table6`` with the real runner: two MNIST subprocesses (about 30 s)
-    whose numbers reach the written table."""
+    whose numbers reach the written table, and whose records are committed beside it."""
     argv = ["--quick", "--only", "table6", "--out", str(tmp_path / "report")]
     assert cli.main([*argv, "--cache", str(tmp_path / "cache")]) == 0
     runs = sorted((tmp_path / "cache" / "mnist").glob("*/results.json"))
@@ -60,12 +62,16 @@ def test_quick_grid_with_real_training_runs(tmp_path):
     for path in runs:
         results = json.loads(path.read_text())
         assert results["status"] == "complete" and len(results["epochs"]) == 2
+        # No machine paths: the data folder by its name, the patience the grid asked for.
+        assert results["config"]["data_source"] == "mnist"
+        assert results["config"]["patience"] == grids.PATIENCE
         tests.append(f"{results['best']['test_acc']:.2f}")
     text = (tmp_path / "report" / "README.md").read_text()
     # The Table 6 section only ("Table 6" also appears in the settings notes above it).
     table6 = text[text.index("## Table 6") :].split("\n## ")[0]
     assert "not run yet" not in table6
     assert all(test in table6 for test in tests), (tests, table6)
+    assert len(list((tmp_path / "report" / "runs" / "mnist").glob("*/results.json"))) == 2
 
 
 def test_an_interrupted_grid_resumes_where_it_stopped(tmp_path, capsys):
@@ -87,7 +93,7 @@ def test_only_runs_the_named_grids(tmp_path):
     assert {s.task for s, _ in runner.calls} == {"bench", "mnist"}
     assert [s for s, _ in runner.calls] == _quick_specs(["table6", "speed"])
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "Table 6" in text and "Table 5" not in text and "Speed" in text
+    assert "## Table 6" in text and "## Table 5" not in text and "## Speed" in text
 
 
 def test_only_rejects_an_unknown_grid(tmp_path, capsys):
@@ -135,8 +141,16 @@ def test_the_tasks_command_lines_have_every_flag_the_grids_use(task, capsys):
         getattr(importlib.import_module(f"experiments.{task}.{module}"), entry)(["--help"])
     known = grids.parse_help_flags(capsys.readouterr().out)
     assert "--seed" in known or task == "bench"
-    assert all_flags(quick=True)[task] <= known
-    assert all_flags(quick=False)[task] <= known
+    # The speed grid's cells are independent: a section the bench lacks is left out (and
+    # the report says so); every other flag must be there.
+    optional = {"--section=per-example"}
+    assert all_flags(quick=True)[task] - optional <= known
+    assert all_flags(quick=False)[task] - optional <= known
+    if task == "bench":
+        speed = grids.check_flags(grids.build(["speed"], 1, False)[0], {"bench": known})
+        kept = {c.key["section"] for c in speed.cells}
+        assert kept >= {"layer", "steps", "mesimp"}
+        assert len(kept) + len(speed.left_out) == len(grids.BENCH_SECTIONS)
 
 
 def test_write_only_reports_finished_runs_and_runs_nothing(tmp_path):
