@@ -104,7 +104,7 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="run", file=sys.stderr, dynamic_ncols=True)
 
 
-class Grid:
+class Runs:
     """The runs of the selected grids: where each one's record goes (``records``) and where
     it trains (``work``)."""
 
@@ -122,7 +122,7 @@ class Grid:
 
 
 def run_grids(
-    grid: Grid,
+    grid: Runs,
     runner: cache.Runner,
     root: Path,
     on_record: Callable[[grids.RunSpec, dict[grids.RunSpec, cache.Outcome]], None] | None = None,
@@ -211,7 +211,7 @@ def main(
         flags = {t: help_flags(t, args.cache, codes[t], forked=args.quick) for t in tasks}
     selected = [grids.check_flags(g, flags) for g in built]
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    grid = Grid(
+    grid = Runs(
         cache.unique(s for g in selected if not g.skipped for s in g.specs()), out, args.cache
     )
     specs = grid.specs

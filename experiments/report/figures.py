@@ -157,7 +157,8 @@ def learning_curves(
 
 def _size_curve(results: dict) -> tuple[list[float], list[float]]:
     """meSimp's hidden size (mean over layers) after each prune, against training progress
-    in epochs (prune ``p`` of ``P`` in epoch ``e`` at ``e - 1 + p / P``), from 500 units at 0."""
+    in epochs (prune ``p`` of ``P`` in epoch ``e`` at ``e - 1 + p / P``): from the full size
+    at 0 to the end of the run's last epoch, a step at each prune."""
     events = prune_events(results)
     per_epoch: dict[int, int] = {}
     for e in events:
@@ -167,6 +168,10 @@ def _size_curve(results: dict) -> tuple[list[float], list[float]]:
     for e in events:
         xs.append(e["epoch"] - 1 + e["prune"] / per_epoch[e["epoch"]])
         ys.append(float(np.mean(e["sizes"])))
+    last = max((r["epoch"] for r in results.get("epochs", [])), default=0)
+    if last > xs[-1]:
+        xs.append(float(last))
+        ys.append(ys[-1])
     return xs, ys
 
 
@@ -186,7 +191,14 @@ def mesimp_sizes(
             for j, run in enumerate(cell.finished):
                 xs, ys = _size_curve(run.results)
                 best = (run.results.get("best") or {}).get("epoch")
-                ax.plot(xs, ys, color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
+                ax.plot(
+                    xs,
+                    ys,
+                    drawstyle="steps-post",
+                    color=f"C{i}",
+                    alpha=0.8,
+                    label=label if j == 0 else None,
+                )
                 if best is not None:
                     ax.axvline(best, color=f"C{i}", ls=":", alpha=0.4)
         if paper_size is not None:

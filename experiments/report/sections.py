@@ -354,9 +354,9 @@ def speed(results: Sequence[CellResult], out: Path) -> str:
         "Speedups are ratios against dense from the same interleaved run (see each record's "
         "load average). The paper's CPU figures are Table 1's backprop speedups per epoch in "
         "its authors' C# code (MNIST 21.4x, POS 65.4x, parsing 18.6x), beside the "
-        "per-example section's rows; its GPU Table 7 (GTX 1080, unified top-k, synthetic data, batch "
-        f"1024, h = 8192, dense {paper.TABLE7_DENSE_MS:.2f} ms) gives {table7}, beside our "
-        "unified rows at the same k."
+        "per-example section's rows; its GPU Table 7 (GTX 1080, unified top-k, synthetic "
+        f"data, batch 1024, h = 8192, dense {paper.TABLE7_DENSE_MS:.2f} ms) gives {table7}, "
+        "beside our unified rows at the same k."
     ]
     for result in results:
         section = result.cell.key.get("section")

@@ -193,3 +193,14 @@ def test_mesimp_dense_arms_are_table1_runs():
     grid = grids.build(["mesimp"], 3, False)[0]
     for task in ("pos", "parsing"):
         assert set(grid.find(paper_task=task, model="dense").specs) <= table1
+
+
+def test_mesimp_size_curve_steps_through_the_prunes_to_the_last_epoch():
+    from experiments.report.figures import _size_curve
+
+    events = [{"epoch": 1, "prune": p, "sizes": [400 - 100 * p, 300], "widths": []} for p in (1, 2)]
+    results = {
+        "config": {"hidden": 500},
+        "epochs": [{"epoch": 1, "events": events}, {"epoch": 2}, {"epoch": 3}],
+    }
+    assert _size_curve(results) == ([0.0, 0.5, 1.0, 3.0], [500.0, 300.0, 250.0, 250.0])
