@@ -205,7 +205,7 @@ def write_report(
         "",
     ]
     missing = missing_cells(selected, results)
-    lines += ["", "## Missing cells", ""]
+    lines += ["## Missing cells", ""]
     if missing:
         lines += [
             f"{len(missing)} settings have fewer finished runs than seeds (their table "
