@@ -16,6 +16,13 @@ gather takes the union of the batch's selections, padded to the static size
 ``min(batch * k, out)`` with unselected channels (whose gradient is zero). With
 ``feature_group_count = G`` the output channels form ``G`` groups and ``k`` channels are kept
 in each, so the gathered kernel keeps its group structure. The bias gradient is dense.
+
+Channels are ranked, and non-finite gradients handled, exactly as :func:`meprop_jax.linear`
+ranks and handles columns (see :mod:`meprop_jax._src.selection`): scores in float32, or in
+the gradient's own dtype when it is wider; a channel holding a NaN or ±inf ranks first, a
+channel of ``dkernel`` is non-finite exactly when that channel of ``g`` holds one (NaN
+where the selection missed it), and in unified mode ``dx`` is NaN throughout once a group
+holds more than ``k`` such channels.
 """
 
 from __future__ import annotations
@@ -91,23 +98,29 @@ def _union_channels(mask: Array, groups: int, size: int) -> Array:
     return (order + jnp.arange(groups)[:, None] * width).reshape(-1)
 
 
-def _select(cfg: _ConvConfig, g: Array, key: Array | None) -> tuple[Array, Array]:
-    """The kept channels and the cotangent restricted to them (zero elsewhere)."""
+def _select(cfg: _ConvConfig, g: Array, key: Array | None, non_finite: Array):
+    """The kept channels and the cotangent restricted to them (zero elsewhere).
+
+    The rules of :mod:`meprop_jax._src.selection`, with the channels as columns: unified
+    ranks ``column_scores`` over batch and space, the per-example rules rank each example's
+    own ``column_scores`` over space, and channels holding a NaN or ±inf rank first.
+    """
     batch_axis, feature_axis = cfg.dimension_numbers.out_spec[:2]
     groups = cfg.feature_group_count
     if cfg.mode == "unified":
-        return _selection.unified_columns(jnp.moveaxis(g, feature_axis, -1), cfg.k, groups), g
+        g_last = jnp.moveaxis(g, feature_axis, -1)
+        return _selection.unified_columns(g_last, cfg.k, groups, non_finite=non_finite), g
     per_example = jnp.moveaxis(g, (batch_axis, feature_axis), (0, -1))
-    scores = jnp.sum(
-        jnp.abs(per_example.astype(jnp.float32)), axis=tuple(range(1, per_example.ndim - 1))
-    )  # [batch, out]
+    scores = jax.vmap(_selection.column_scores)(per_example)  # [batch, out]
     if cfg.mode == "random":
-        mask = _selection.random_mask(key, scores.shape, cfg.k, groups)
+        mask = _selection.random_mask(key, scores.shape, cfg.k, groups, g=scores)
     else:
         mask = _selection.per_example_mask(scores, cfg.k, groups)
+    # As in meprop_jax.linear: an example keeps its non-finite channels past its k too.
+    keep = mask | ~jnp.isfinite(scores)
     shape = [1] * g.ndim
     shape[batch_axis], shape[feature_axis] = mask.shape
-    g = jnp.where(mask.reshape(shape), g, jnp.zeros((), g.dtype))
+    g = jnp.where(keep.reshape(shape), g, jnp.zeros((), g.dtype))
     size = min(mask.shape[0] * cfg.k, mask.shape[1] // groups)
     return _union_channels(mask, groups, size), g
 
@@ -116,13 +129,24 @@ def _meprop_conv_bwd(cfg: _ConvConfig, residuals, g: Array):
     x, kernel, bias, key = residuals
     feature_axis = cfg.dimension_numbers.out_spec[1]
     kernel_out_axis = cfg.dimension_numbers.rhs_spec[0]
-    channels, g_kept = _select(cfg, g, key)
+    non_finite = _selection.non_finite_columns(jnp.moveaxis(g, feature_axis, -1))  # [out]
+    channels, g_kept = _select(cfg, g, key, non_finite)
     g_cols = jnp.take(g_kept, channels, axis=feature_axis)
+    if cfg.mode == "unified":
+        # Non-finite channels past the k kept must not leave dx looking healthy.
+        g_last = jnp.moveaxis(g_cols, feature_axis, -1)
+        flagged = _selection.flag_dropped_non_finite(
+            non_finite, g_last, cfg.k, cfg.feature_group_count
+        )
+        g_cols = jnp.moveaxis(flagged, -1, feature_axis)
     kernel_cols = jnp.take(kernel, channels, axis=kernel_out_axis)
     # Transposes, not jax.vjp: a vjp would also stage the (unused) narrow forward product.
     (dx,) = jax.linear_transpose(lambda x_: _convolve(cfg, x_, kernel_cols), x)(g_cols)
     (dkernel_cols,) = jax.linear_transpose(lambda w_: _convolve(cfg, x, w_), kernel_cols)(g_cols)
-    dkernel = jnp.zeros_like(jnp.moveaxis(kernel, kernel_out_axis, 0))
+    # A non-finite channel that the selection missed is NaN, as dense backprop makes it.
+    out_first = jnp.moveaxis(kernel, kernel_out_axis, 0)
+    flag = non_finite.reshape((-1,) + (1,) * (out_first.ndim - 1))
+    dkernel = jnp.where(flag, jnp.nan, jnp.zeros_like(out_first))
     dkernel = dkernel.at[channels].set(
         jnp.moveaxis(dkernel_cols, kernel_out_axis, 0), unique_indices=True
     )

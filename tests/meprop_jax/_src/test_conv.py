@@ -206,6 +206,51 @@ def test_backward_convolutions_avoid_full_channel_count(mode, layout):
     assert full[0].outvars[0].aval.shape[dn[2].index("C")] == out
 
 
+def normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_non_finite_channels_are_flagged_as_linear_flags_columns(mode, layout):
+    # NaN or inf in channels 1, 3 and 5 of example 0, k = 1: every one of them must show in
+    # dkernel (meprop_jax.linear's rule for its columns), not only the one selected.
+    x = normal(1, (2, 5, 5, 3))
+    w, g = normal(2, (3, 3, 3, 8)), normal(3, (2, 5, 5, 8))
+    g = g.at[0, 2, 2, 1].set(jnp.nan).at[0, 0, 1, 3].set(jnp.inf).at[0, 4, 4, 5].set(jnp.nan)
+    dn = ("NHWC", "HWIO", "NHWC")
+    if layout == "NCHW":
+        x, w, g = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), g.transpose(0, 3, 1, 2)
+        dn = ("NCHW", "OIHW", "NCHW")
+    fn = functools.partial(
+        meprop_jax.conv, k=1, mode=mode, key=jax.random.key(0), dimension_numbers=dn
+    )
+    _, (dx, dw, db) = conv_vjp(x, w, jnp.zeros(8), g, fn)
+    out_axis = dn[1].index("O")
+    bad_channels = np.any(~np.isfinite(np.moveaxis(np.asarray(dw), out_axis, 0)), axis=(1, 2, 3))
+    assert np.flatnonzero(bad_channels).tolist() == [1, 3, 5]
+    assert np.flatnonzero(~np.isfinite(np.asarray(db))).tolist() == [1, 3, 5]
+    bad_examples = np.any(~np.isfinite(np.asarray(dx)), axis=(1, 2, 3))
+    if mode == "unified":  # more than k non-finite channels: all of dx, as in linear
+        assert bad_examples.tolist() == [True, True]
+    else:  # each example's own selection: example 1 stays finite
+        assert bad_examples.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+def test_channels_are_ranked_in_the_gradients_precision(mode):
+    # Channel 1's gradient is larger by 1e-12, which float32 cannot tell from channel 0's.
+    with jax.enable_x64(True):
+        x, w = jnp.ones((1, 1, 1, 1), jnp.float64), jnp.ones((1, 1, 1, 2), jnp.float64)
+        g = jnp.array([1.0, 1.0 + 1e-12], jnp.float64).reshape(1, 1, 1, 2)
+        fn = functools.partial(
+            meprop_jax.conv, k=1, mode=mode, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        dw = jax.vjp(lambda w: fn(x, w), w)[1](g)[0]
+        assert dw.dtype == jnp.float64
+        assert dw.reshape(-1).tolist() == [0.0, 1.0 + 1e-12]
+
+
 # --------------------------------------------------------------------------- Linen Conv
 
 LAYER_CASES = [
