@@ -34,3 +34,31 @@ def persistent_compilation_cache(path: Path) -> Iterator[None]:
         for name, value in before.items():
             jax.config.update(name, value)
         cc.reset_cache()
+
+
+def forward_products(fn, *args) -> list[tuple]:
+    """Every product (``dot_general``) and convolution of ``fn(*args)``'s program, sorted.
+
+    Each is named by its primitive, its operands' shapes and dtypes and its parameters, so
+    two programs with equal lists contract the same operands the same way: the float
+    rounding of their products is the same on any CPU.
+    """
+    from jax.extend import core
+
+    found = []
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                operands = tuple((v.aval.shape, str(v.aval.dtype)) for v in eqn.invars)
+                params = tuple(sorted((name, repr(value)) for name, value in eqn.params.items()))
+                found.append((eqn.primitive.name, operands, params))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sorted(found)

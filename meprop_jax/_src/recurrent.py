@@ -1,14 +1,95 @@
-"""The LSTM cell update shared by the Linen and NNX cells, once the pre-activation is known."""
+"""The LSTM cell step of every meProp LSTM cell: Linen, NNX and :func:`meprop_jax.sparsify`.
+
+The gate pre-activations are computed as the stock Flax cells compute them, so the forward
+pass is theirs bit for bit, and their backward pass keeps ``k`` columns per gate (see
+:func:`meprop_jax.multi_linear`, ``groups=4``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from meprop_jax._src.projection import project
+
 Array = jax.Array
+
+#: ``promote(arrays) -> arrays``: a framework's dtype promotion of ``(inputs, kernel, bias)``,
+#: as the stock cell's gate layers apply it.
+Promote = Callable[[tuple[Array | None, ...]], tuple[Array | None, ...]]
+
+
+def _stock_gates(fused: bool):
+    """The stock cells' gate pre-activations, ``[..., 4 * hidden]``, gates i, f, g, o."""
+
+    def per_gate(xs, kernels, biases):
+        # flax's LSTMCell (Linen and NNX): one Dense per gate and input, summed per gate.
+        x, h = xs
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        gates = []
+        for w_i, w_h, b in zip(*kernels, biases, strict=True):
+            z_h = jax.lax.dot_general(h, w_h, dims)
+            z_h += jnp.reshape(b, (1,) * (z_h.ndim - 1) + (-1,))
+            gates.append(jax.lax.dot_general(x, w_i, dims) + z_h)
+        return jnp.concatenate(gates, axis=-1)
+
+    def concatenated(xs, kernels, biases):
+        # flax.linen.OptimizedLSTMCell: one product per input over the concatenated kernels.
+        (x, h), (w_i, w_h) = xs, kernels
+        z_h = jnp.dot(h, jnp.concatenate(w_h, axis=-1))
+        z_h += jnp.reshape(jnp.concatenate(biases, axis=-1), (1,) * (z_h.ndim - 1) + (-1,))
+        return z_h + jnp.dot(x, jnp.concatenate(w_i, axis=-1))
+
+    return concatenated if fused else per_gate
+
+
+def lstm_step(
+    carry: tuple[Array, Array],
+    inputs: Array,
+    input_kernels: Sequence[Array],
+    recurrent_kernels: Sequence[Array],
+    biases: Sequence[Array],
+    *,
+    promote: Promote,
+    gate_fn: Callable[..., Any],
+    activation_fn: Callable[..., Any],
+    fused: bool = False,
+    mask: Array | None = None,
+    **meprop: Any,
+) -> tuple[tuple[Array, Array], Array]:
+    """One step of an LSTM cell whose gate pre-activation gradient keeps ``k`` per gate.
+
+    Args:
+      carry: ``(c, h)``, each ``[batch, hidden]``.
+      inputs: ``[batch, in]``.
+      input_kernels: the gates' ``[in, hidden]`` input kernels, in order i, f, g, o.
+      recurrent_kernels: their ``[hidden, hidden]`` recurrent kernels.
+      biases: their ``[hidden]`` biases (the recurrent layers' in the stock cells).
+      promote: the framework's dtype promotion, applied per gate layer as the stock cell does.
+      gate_fn, activation_fn: as in the stock cells.
+      fused: compute the forward pass as ``flax.linen.OptimizedLSTMCell`` does.
+      mask: optional ``[hidden]`` meSimp mask that multiplies the new ``c`` and ``h``.
+      **meprop: the keyword arguments of :func:`meprop_jax._src.projection.project` (``k``,
+        ``mode``, ``key``, ``sparse_bias``, ``record``, ``memory``, ...).
+
+    Returns:
+      ``((c', h'), h')``.
+    """
+    c, h = carry
+    x = promote((inputs, input_kernels[0], None))[0]
+    w_i = tuple(promote((inputs, w, None))[1] for w in input_kernels)
+    promoted = [promote((h, w, b)) for w, b in zip(recurrent_kernels, biases, strict=True)]
+    h_in = promoted[0][0]
+    w_h = tuple(w for _, w, _ in promoted)
+    b = tuple(b for _, _, b in promoted)
+    z = project(_stock_gates(fused), (x, h_in), (w_i, w_h), b, groups=4, **meprop)
+    new_c, new_h = lstm_update(z, c, gate_fn, activation_fn)
+    if mask is not None:
+        new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)
+    return (new_c, new_h), new_h
 
 
 def lstm_update(

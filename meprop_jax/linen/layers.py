@@ -48,6 +48,27 @@ def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap
     return mask, tap
 
 
+def compact_tap_state(
+    module: nn.Module, inputs: Array, kernel: Array, k: int, mode: str
+) -> _taps.CompactGrad | None:
+    """A sparse Dense layer's zero compact-gradient tap, or None when ``apply`` has none.
+
+    The tap is made when ``"meprop_taps"`` is mutable (``init``, or ``apply`` with
+    ``mutable=["meprop_taps"]``), with the shape of this call's ``inputs [..., in]`` and
+    ``kernel [in, out]``; otherwise it is read if ``apply`` was given it (training) and the
+    layer is plain meProp if not (evaluation). :func:`meprop_jax.sparsify` shares it.
+    """
+    if not (
+        module.has_variable(TAP_COLLECTION, "kernel")
+        or module.is_mutable_collection(TAP_COLLECTION)
+    ):
+        return None
+    make_tap = lambda: _taps.compact_tap(
+        *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
+    )
+    return module.variable(TAP_COLLECTION, "kernel", make_tap).value
+
+
 def _memory_state(module: nn.Module, columns: int) -> Array | None:
     """The layer's error-feedback memory, or None when ``apply`` was given none (evaluation)."""
     collection = feedback.MEMORY_COLLECTION
@@ -151,13 +172,11 @@ class Dense(nn.Dense):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         sparse = not _selection.is_dense(k, self.features)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
-        tap = None
-        has_tap = self.is_initializing() or self.has_variable(TAP_COLLECTION, "kernel")
-        if self.sparse_update and sparse and has_tap:
-            make_tap = lambda: _taps.compact_tap(
-                *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
-            )
-            tap = self.variable(TAP_COLLECTION, "kernel", make_tap).value
+        tap = (
+            compact_tap_state(self, inputs, kernel, k, mode)
+            if self.sparse_update and sparse
+            else None
+        )
         mask, record = _mesimp_state(self, self.features) if self.record else (None, None)
         decay = feedback.check_decay(self.feedback)
         memory = _memory_state(self, self.features) if sparse and decay else None
@@ -311,8 +330,7 @@ class LSTMCell(nn.LSTMCell):
         """
         k = _selection.check_k(self.k)
         mode = _selection.check_mode(self.mode)
-        c, h = carry
-        hidden = h.shape[-1]
+        hidden = carry[1].shape[-1]
         if _selection.is_dense(k, 4 * hidden, groups=4) and not self.record:
             # Nothing is dropped: run the stock cell itself, so results match it bit for bit.
             return super().__call__(carry, inputs)
@@ -334,38 +352,29 @@ class LSTMCell(nn.LSTMCell):
             )(hidden)
             for n in _LINEN_RECURRENT_GATES
         ]
-        # Gate order i, f, g, o along the last axis: block j of z is gate j.
-        w_i = jnp.concatenate(input_gates, axis=1)
-        w_h = jnp.concatenate([w for w, _ in recurrent_gates], axis=1)
-        b = jnp.concatenate([b for _, b in recurrent_gates])
-        # Promoted as the stock cell promotes its input and its recurrent Dense layers.
-        x, w_i, _ = promote_dtype(inputs, w_i, None, dtype=self.dtype)
-        h_in, w_h, b = promote_dtype(h, w_h, b, dtype=self.dtype)
-        dtype = jnp.promote_types(x.dtype, h_in.dtype)
-        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
         sparse = not _selection.is_dense(k, 4 * hidden, groups=4)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
         mask, record = _mesimp_state(self, hidden) if self.record else (None, None)
         decay = feedback.check_decay(self.feedback)
         memory = _memory_state(self, 4 * hidden) if sparse and decay else None
-        a_tap = _adaptive_state(self) if sparse and self.adaptive is not None else None
-        z = _linear.multi_linear(
-            (x, h_in),
-            (w_i, w_h),
-            b,
+        return _recurrent.lstm_step(
+            carry,
+            inputs,
+            input_gates,
+            [w for w, _ in recurrent_gates],
+            [b for _, b in recurrent_gates],
+            promote=lambda arrays: promote_dtype(*arrays, dtype=self.dtype),
+            gate_fn=self.gate_fn,
+            activation_fn=self.activation_fn,
+            mask=mask,
             k=k,
             mode=mode,
             key=key,
-            groups=4,
             sparse_bias=self.sparse_bias,
             record=record,
             memory=memory,
             decay=decay if memory is not None else 0.0,
             adaptive=self.adaptive,
-            adaptive_tap=a_tap,
+            adaptive_tap=_adaptive_state(self) if sparse and self.adaptive is not None else None,
             feedback_steps=self.feedback_steps,
         )
-        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
-        if mask is not None:
-            new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)
-        return (new_c, new_h), new_h

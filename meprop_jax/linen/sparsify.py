@@ -46,7 +46,6 @@ Example: a stock MLP, meProp in one line (the default spares the output layer).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -60,8 +59,7 @@ from flax.linen.dtypes import promote_dtype
 
 from meprop_jax._src import linear as _linear
 from meprop_jax._src import recurrent as _recurrent
-from meprop_jax._src import taps as _taps
-from meprop_jax._src.collections import RNG_COLLECTION, TAP_COLLECTION
+from meprop_jax._src.collections import RNG_COLLECTION
 from meprop_jax._src.paths import (
     SparsifiedLayer,
     _check_options,
@@ -69,7 +67,9 @@ from meprop_jax._src.paths import (
     _plan,
     _Seen,
 )
+from meprop_jax._src.projection import project
 from meprop_jax.linen.conv import linen_conv_call
+from meprop_jax.linen.layers import compact_tap_state
 
 Array = jax.Array
 
@@ -172,56 +172,6 @@ def _cache_key(args, kwargs):
 # --------------------------------------------------------------------------- the ops
 
 
-@dataclasses.dataclass(frozen=True)
-class _Projection:
-    """A layer's meProp backward around its own, stock forward expression.
-
-    ``forward(xs, kernels, biases)`` is the stock layer's expression, so the forward pass is
-    bit-identical; the backward pass is ``multi_linear``'s on the blocks' concatenation.
-    ``kernels[i]`` holds input ``i``'s blocks, each ``[in_i, *features]``; ``biases`` holds one
-    ``[*features]`` bias per block, or is empty. Blocks are the groups of the selection.
-    """
-
-    forward: Callable[..., Array]
-    cfg: _linear._Config
-    n_feature_axes: int
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _project(spec: _Projection, xs, kernels, biases, key):
-    return spec.forward(xs, kernels, biases)
-
-
-def _project_fwd(spec: _Projection, xs, kernels, biases, key):
-    return spec.forward(xs, kernels, biases), (xs, kernels, biases, key)
-
-
-def _project_bwd(spec: _Projection, residuals, g: Array):
-    xs, kernels, biases, key = residuals
-    n = spec.n_feature_axes
-    g = g.reshape((*g.shape[: g.ndim - n], -1))
-    flat = lambda w: w.reshape((w.shape[0], -1))
-    joined = tuple(jnp.concatenate([flat(w) for w in blocks], axis=1) for blocks in kernels)
-    bias = jnp.concatenate([b.reshape(-1) for b in biases]) if biases else None
-    # The first three cotangents: inputs, kernels, bias (compact taps are not used here).
-    dxs, dws, db = _linear._meprop_bwd(spec.cfg, (xs, joined, bias, key), g)[:3]
-
-    def split(full: Array, like: Sequence[Array], axis: int):
-        pieces = jnp.split(full, len(like), axis=axis)
-        return tuple(p.reshape(w.shape) for p, w in zip(pieces, like, strict=True))
-
-    d_kernels = tuple(split(dw, blocks, 1) for dw, blocks in zip(dws, kernels, strict=True))
-    d_biases = split(db, biases, 0) if biases else ()
-    return dxs, d_kernels, d_biases, None
-
-
-_project.defvjp(_project_fwd, _project_bwd)
-
-
-def _config(opts: _Options, k: int, groups: int, precision=None) -> _linear._Config:
-    return _linear._Config(k, opts.mode, groups, opts.sparse_bias, precision, None)
-
-
 def _key(module: nn.Module, opts: _Options) -> Array | None:
     return module.make_rng(opts.rng_collection) if opts.mode == "random" else None
 
@@ -240,13 +190,7 @@ def _dense(module: nn.Dense, opts: _Options, k: int, inputs: Array) -> Array:
     kernel = _param(module, "kernel", (jnp.shape(inputs)[-1], module.features))
     bias = _param(module, "bias", (module.features,)) if module.use_bias else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-    tap = None
-    has_tap = module.has_variable(TAP_COLLECTION, "kernel")
-    if opts.sparse_update and (has_tap or module.is_mutable_collection(TAP_COLLECTION)):
-        make_tap = lambda: _taps.compact_tap(
-            *kernel.shape, k=k, mode=opts.mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
-        )
-        tap = module.variable(TAP_COLLECTION, "kernel", make_tap).value
+    tap = compact_tap_state(module, inputs, kernel, k, opts.mode) if opts.sparse_update else None
     return _linear.linear(
         inputs,
         kernel,
@@ -275,9 +219,18 @@ def _dense_general(module: nn.DenseGeneral, opts: _Options, k: int, inputs: Arra
             y += jnp.reshape(biases[0], (1,) * (x.ndim - 1) + features)
         return y
 
-    spec = _Projection(forward, _config(opts, k, 1, precision), len(features))
-    biases = (bias,) if bias is not None else ()
-    return _project(spec, (inputs,), ((kernel,),), biases, _key(module, opts))
+    return project(
+        forward,
+        (inputs,),
+        ((kernel,),),
+        (bias,) if bias is not None else (),
+        k=k,
+        mode=opts.mode,
+        key=_key(module, opts),
+        feature_ndim=len(features),
+        sparse_bias=opts.sparse_bias,
+        precision=precision,
+    )
 
 
 def _cell_params(module: nn.Module, prefix: str) -> list[tuple[Array, Array | None]]:
@@ -290,39 +243,23 @@ def _cell_params(module: nn.Module, prefix: str) -> list[tuple[Array, Array | No
 
 
 def _lstm(module: nn.Module, opts: _Options, k: int, carry, inputs: Array):
-    c, h = carry
-    optimized = isinstance(module, nn.OptimizedLSTMCell)
-    dtype = module.dtype
-    # Promoted as the stock cell's Dense layers (or its concatenated products) promote them.
-    w_i = [promote_dtype(inputs, w, None, dtype=dtype)[1] for w, _ in _cell_params(module, "i")]
-    promoted_h = [promote_dtype(h, w, b, dtype=dtype) for w, b in _cell_params(module, "h")]
-    x = promote_dtype(inputs, _cell_params(module, "i")[0][0], None, dtype=dtype)[0]
-    h_in = promoted_h[0][0]
-    w_h = [w for _, w, _ in promoted_h]
-    biases = tuple(b for _, _, b in promoted_h)
-
-    def forward(xs, kernels, biases):
-        x, h_in = xs
-        (w_i, w_h) = kernels
-        if optimized:
-            # nn.OptimizedLSTMCell: one product per input over the concatenated kernels.
-            z_h = jnp.dot(h_in, jnp.concatenate(w_h, axis=-1))
-            z_h += jnp.reshape(jnp.concatenate(biases, axis=-1), (1,) * (z_h.ndim - 1) + (-1,))
-            z_x = jnp.dot(x, jnp.concatenate(w_i, axis=-1))
-            return z_h + z_x
-        # nn.LSTMCell: one Dense per gate and input, summed per gate.
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        gates = []
-        for wi, wh, b in zip(w_i, w_h, biases, strict=True):
-            zh = jax.lax.dot_general(h_in, wh, dims)
-            zh += jnp.reshape(b, (1,) * (zh.ndim - 1) + (-1,))
-            gates.append(jax.lax.dot_general(x, wi, dims) + zh)
-        return jnp.concatenate(gates, axis=-1)
-
-    spec = _Projection(forward, _config(opts, k, 4), 1)
-    z = _project(spec, (x, h_in), (tuple(w_i), tuple(w_h)), biases, _key(module, opts))
-    new_c, new_h = _recurrent.lstm_update(z, c, module.gate_fn, module.activation_fn)
-    return (new_c, new_h), new_h
+    input_gates = [w for w, _ in _cell_params(module, "i")]
+    recurrent_gates = _cell_params(module, "h")
+    return _recurrent.lstm_step(
+        carry,
+        inputs,
+        input_gates,
+        [w for w, _ in recurrent_gates],
+        [b for _, b in recurrent_gates],
+        promote=lambda arrays: promote_dtype(*arrays, dtype=module.dtype),
+        gate_fn=module.gate_fn,
+        activation_fn=module.activation_fn,
+        fused=isinstance(module, nn.OptimizedLSTMCell),
+        k=k,
+        mode=opts.mode,
+        key=_key(module, opts),
+        sparse_bias=opts.sparse_bias,
+    )
 
 
 def _conv_layer(module: nn.Conv, opts: _Options, k: int, inputs: Array) -> Array:

@@ -343,34 +343,26 @@ class LSTMCell(nnx.LSTMCell):
         if _selection.is_dense(self.k, 4 * self.hidden_features, groups=4):
             # Nothing is dropped: the stock cell, bit for bit.
             return super().__call__(carry, inputs)
-        c, h = carry
-        # Gate order i, f, g, o along the last axis: block j of z is gate j.
-        w_i = jnp.concatenate([m.kernel[...] for m in (self.ii, self.if_, self.ig, self.io)], 1)
         recurrent = (self.hi, self.hf, self.hg, self.ho)
-        w_h = jnp.concatenate([m.kernel[...] for m in recurrent], axis=1)
-        b = jnp.concatenate([m.bias[...] for m in recurrent])
-        # Promoted as the stock cell promotes its input and its recurrent Linear layers.
-        x, w_i, _ = self.promote_dtype((inputs, w_i, None), dtype=self.dtype)
-        h_in, w_h, b = self.promote_dtype((h, w_h, b), dtype=self.dtype)
-        dtype = jnp.promote_types(x.dtype, h_in.dtype)
-        x, h_in, w_i, w_h, b = (a.astype(dtype) for a in (x, h_in, w_i, w_h, b))
         key = (
             _draw_key(rngs, self.meprop_rngs, self.rng_collection)
             if self.mode == "random"
             else None
         )
-        z = _linear.multi_linear(
-            (x, h_in),
-            (w_i, w_h),
-            b,
+        return _recurrent.lstm_step(
+            carry,
+            inputs,
+            [m.kernel[...] for m in (self.ii, self.if_, self.ig, self.io)],
+            [m.kernel[...] for m in recurrent],
+            [m.bias[...] for m in recurrent],
+            promote=lambda arrays: self.promote_dtype(arrays, dtype=self.dtype),
+            gate_fn=self.gate_fn,
+            activation_fn=self.activation_fn,
             k=self.k,
             mode=self.mode,
             key=key,
-            groups=4,
             sparse_bias=self.sparse_bias,
         )
-        new_c, new_h = _recurrent.lstm_update(z, c, self.gate_fn, self.activation_fn)
-        return (new_c, new_h), new_h
 
 
 class Conv(nnx.Conv):

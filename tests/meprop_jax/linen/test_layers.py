@@ -17,6 +17,7 @@ from flax import linen as nn
 
 import meprop_jax
 from meprop_jax import linen as mlinen
+from tests.helpers import forward_products
 
 MODES = ("unified", "per_example", "random")
 # nn.RNN hands the scanned cell only the "params" stream unless told otherwise.
@@ -153,6 +154,22 @@ def test_dense_bfloat16():
     assert np.sum(np.any(kernel_grad != 0, axis=0)) == 2  # unified: two columns survive
 
 
+def test_dense_and_sparsify_make_the_same_taps_the_same_way():
+    # One rule for both: a tap is made where "meprop_taps" is mutable, and read otherwise.
+    x = normal(1, (4, 5))
+    hand = mlinen.Dense(6, k=2, sparse_update=True)
+    variables = hand.init(jax.random.key(0), x)
+    params = {"params": variables["params"]}
+    _, made = hand.apply(params, x, mutable=["meprop_taps"])
+    assert_trees_equal(made, {"meprop_taps": variables["meprop_taps"]})
+    assert "meprop_taps" in hand.apply(params, x, mutable=True)[1]
+    assert hand.apply(params, x, mutable=["mesimp"])[1] == {}  # evaluation: no tap
+    stock = nn.Dense(6)
+    sparse_apply = meprop_jax.sparsify(stock.apply, k=2, layers="*", sparse_update=True)
+    _, from_stock = sparse_apply(params, x, mutable=["meprop_taps"])
+    assert_trees_equal(from_stock, made)
+
+
 # ---------------------------------------------------------------------------------- LSTMCell
 
 H = 8  # hidden size
@@ -204,11 +221,16 @@ def test_lstm_dense_k_is_stock_bit_for_bit(k):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_lstm_sparse_forward_matches_stock(mode):
+def test_lstm_sparse_forward_is_the_stock_program(mode):
+    # The same products as the stock cell (one per gate and input), so the same rounding on
+    # any CPU, not only equal outputs on this one.
     params = stock_params()
-    cell = mlinen.LSTMCell(H, k=2, mode=mode)
-    out = cell.apply(params, (C0, H0), XS[0], rngs={"meprop": jax.random.key(0)})
-    assert_trees_close(out, nn.LSTMCell(H).apply(params, (C0, H0), XS[0]), rtol=1e-6, atol=1e-7)
+    rngs = {"meprop": jax.random.key(0)}
+    ours = functools.partial(mlinen.LSTMCell(H, k=2, mode=mode).apply, rngs=rngs)
+    stock = nn.LSTMCell(H).apply
+    args = (params, (C0, H0), XS[0])
+    assert forward_products(ours, *args) == forward_products(stock, *args)
+    assert_trees_equal(ours(*args), stock(*args))
 
 
 @pytest.mark.parametrize("mode", MODES)
