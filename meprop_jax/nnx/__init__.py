@@ -3,7 +3,8 @@
 * :class:`Linear`, :class:`LSTMCell` and :class:`Conv`: drop-ins for the stock NNX layers,
   with the meProp arguments ``k``, ``mode``, ... (:mod:`meprop_jax.nnx.layers`, which also
   gives the RNG convention of ``mode="random"``).
-* :func:`sparsify`: meProp layers in a stock NNX model (:mod:`meprop_jax.nnx.sparsify`).
+* :func:`sparsify`: a copy of a stock NNX model with meProp layers
+  (:mod:`meprop_jax.nnx.sparsify`).
 * :class:`Optimizer` and :class:`CompactGrads`: compact, column-sparse steps
   (:mod:`meprop_jax.nnx.optimizer`).
 """
@@ -12,7 +13,7 @@ from meprop_jax._src.collections import RNG_COLLECTION
 from meprop_jax._src.paths import SparsifiedLayer
 from meprop_jax.nnx.layers import Conv, FeedbackMemory, Linear, LSTMCell
 from meprop_jax.nnx.optimizer import CompactGrads, Optimizer
-from meprop_jax.nnx.sparsify import sparsify
+from meprop_jax.nnx.sparsify import SparsifiedModel, sparsify
 
 __all__ = [
     "RNG_COLLECTION",
@@ -23,5 +24,6 @@ __all__ = [
     "Linear",
     "Optimizer",
     "SparsifiedLayer",
+    "SparsifiedModel",
     "sparsify",
 ]

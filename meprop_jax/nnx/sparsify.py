@@ -1,17 +1,19 @@
 """meProp for stock Flax NNX models: :func:`meprop_jax.nnx.sparsify`.
 
-The NNX counterpart of :func:`meprop_jax.sparsify`. NNX layers are Python objects, so the
-selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` objects are turned, in place, into
-this package's drop-ins (:class:`meprop_jax.nnx.Linear`, :class:`~meprop_jax.nnx.Conv`,
-:class:`~meprop_jax.nnx.LSTMCell`): each object keeps its identity, its configuration and its
-parameter ``Variable`` objects, and gains the meProp settings. An LSTM cell's own gate layers
-are part of the cell and never chosen separately.
+The NNX counterpart of :func:`meprop_jax.sparsify`. It returns a sparsified copy of the model
+(as ``nnx.clone`` copies it) in which the selected ``nnx.Linear``, ``nnx.Conv`` and
+``nnx.LSTMCell`` layers are this package's drop-ins (:class:`meprop_jax.nnx.Linear`,
+:class:`~meprop_jax.nnx.Conv`, :class:`~meprop_jax.nnx.LSTMCell`) with the same
+configuration and parameter values. The model it is given is left as it was, so every
+``graphdef`` taken from it still describes it: one taken before the call never turns a
+sparsified model back into the dense one behind the user's back. An LSTM cell's own gate
+layers are part of the cell and never chosen separately.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 
@@ -21,13 +23,34 @@ from meprop_jax._src.collections import RNG_COLLECTION
 
 SparsifiedLayer = _paths.SparsifiedLayer
 
+# The layers sparsify converts, stock or already meProp, and the meProp class of each.
+_OURS = {
+    nnx.Linear: mnnx.Linear,
+    nnx.Conv: mnnx.Conv,
+    nnx.LSTMCell: mnnx.LSTMCell,
+    mnnx.Linear: mnnx.Linear,
+    mnnx.Conv: mnnx.Conv,
+    mnnx.LSTMCell: mnnx.LSTMCell,
+}
+
+
+class SparsifiedModel(NamedTuple):
+    """The result of :func:`sparsify`.
+
+    Attributes:
+      model: the sparsified copy of the model.
+      layers: one :class:`~meprop_jax.SparsifiedLayer` per supported layer, with its ``k``.
+    """
+
+    model: nnx.Module
+    layers: list[SparsifiedLayer]
+
 
 def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _paths._Seen]]:
-    """Every stock supported layer of ``model`` by ``"/"``-joined path (cells' gates excluded)."""
-    stock_to_ours = {nnx.Linear: mnnx.Linear, nnx.Conv: mnnx.Conv, nnx.LSTMCell: mnnx.LSTMCell}
+    """Every supported layer of ``model`` by ``"/"``-joined path (cells' gates excluded)."""
     found = {}
     for path, node in nnx.iter_graph(model):
-        ours = stock_to_ours.get(type(node))
+        ours = _OURS.get(type(node))
         if ours is None:
             continue
         name = "/".join(str(p) for p in path)
@@ -88,18 +111,19 @@ def sparsify(
     rngs: nnx.Rngs | None = None,
     rng_collection: str = RNG_COLLECTION,
     sparse_update: bool = False,
-) -> list[SparsifiedLayer]:
-    """Makes the layers of an NNX model meProp layers, **in place**.
+) -> SparsifiedModel:
+    """A copy of an NNX model whose layers are meProp layers; ``model`` is left unchanged.
 
-    The selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` objects become
+    In the copy, the selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` layers are
     :class:`Linear`, :class:`Conv` and :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the
-    given ``k``: the same objects, with the same parameter ``Variable`` objects and values,
-    so the forward pass and every optimizer or checkpoint that refers to them are unchanged.
-    For a sparsified copy instead, call it on ``nnx.clone(model)``. Layers that already are
-    meProp layers, and subclasses of the stock layers, are left alone.
+    given ``k``, the same configuration and the same parameter values, so the forward pass
+    is the stock one (the same products, bit for bit). Layers that already are meProp layers
+    (hand-built, or from an earlier ``sparsify``) take the new ``k`` and mode too, ``0`` where
+    the new plan leaves them dense, and are reported like the others; other subclasses of the
+    stock layers are left alone. Build optimizers and take ``graphdef``s from the copy.
 
     Args:
-      model: the model, modified in place.
+      model: the model; it is not modified.
       k: entries kept per layer (int, ``0`` dense) or a mapping from path pattern to ``k``.
       mode: ``"unified"``, ``"per_example"`` or ``"random"``.
       layers: ``None`` (every supported layer but the output layer, the last one the model
@@ -117,8 +141,8 @@ def sparsify(
         then takes compact, column-sparse steps (convolutions and cells are unaffected).
 
     Returns:
-      One :class:`~meprop_jax.SparsifiedLayer` per supported layer, in call order (with
-      ``example_args``) or path order.
+      A :class:`SparsifiedModel`: the copy, and one :class:`~meprop_jax.SparsifiedLayer` per
+      supported layer, in call order (with ``example_args``) or path order.
 
     Raises:
       TypeError, ValueError: for a bad ``k``, ``mode`` or ``layers``, a pattern that matches
@@ -136,16 +160,21 @@ def sparsify(
       ...     def __call__(self, x):
       ...         return self.out(nnx.relu(self.hidden(x)))
       >>> model = MLP(nnx.Rngs(0))
-      >>> for row in meprop_jax.nnx.sparsify(model, k=16, example_args=(jnp.ones((8, 20)),)):
+      >>> x = jnp.ones((8, 20))
+      >>> sparse, layers = meprop_jax.nnx.sparsify(model, k=16, example_args=(x,))
+      >>> for row in layers:
       ...     print(row.path, row.k, row.reason)
       hidden 16 sparsified
       out 0 output layer
-      >>> isinstance(model.hidden, meprop_jax.nnx.Linear)
-      True
+      >>> type(sparse.hidden).__name__, type(model.hidden).__name__  # the copy, the model
+      ('Linear', 'Linear')
+      >>> isinstance(sparse.hidden, meprop_jax.nnx.Linear), bool((sparse(x) == model(x)).all())
+      (True, True)
     """
     opts = _paths._check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update)
     if opts.mode == "random" and rngs is None:
         raise ValueError("sparsify: mode='random' needs rngs=nnx.Rngs(meprop=...)")
+    model = nnx.clone(model)
     candidates = _candidates(model)
     if example_args is not None:
         order = _call_order(model, candidates, tuple(example_args), dict(example_kwargs or {}))
@@ -159,12 +188,19 @@ def sparsify(
         seen = [c[2] for c in candidates.values()]
     plan = _paths._plan(opts, seen)
     for row in plan:
-        if row.k:
-            node, ours, _ = candidates[row.path]
-            node.__class__ = ours
-            sparse_bias = opts.sparse_bias and ours is not mnnx.Conv  # conv bias: dense
-            mnnx._set_meprop(node, row.k, opts.mode, sparse_bias, rngs, rng_collection)
+        node, ours, _ = candidates[row.path]
+        if type(node) is ours:  # a meProp layer takes the new k, 0 included
+            _set_meprop(node, ours, row.k, opts, rngs)
+        elif row.k:
+            node.__class__ = ours  # a layer of the private copy, in no graphdef yet
             if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
                 node.feedback, node.meprop_memory = 0.0, None
-                node.sparse_update = opts.sparse_update
-    return plan
+            _set_meprop(node, ours, row.k, opts, rngs)
+    return SparsifiedModel(model, plan)
+
+
+def _set_meprop(node: nnx.Module, ours: type, k: int, opts: _paths._Options, rngs) -> None:
+    sparse_bias = opts.sparse_bias and ours is not mnnx.Conv  # conv bias: dense
+    mnnx._set_meprop(node, k, opts.mode, sparse_bias, rngs, opts.rng_collection)
+    if ours is mnnx.Linear:
+        node.sparse_update = opts.sparse_update

@@ -161,7 +161,7 @@ def test_gradients_are_compact_outside_jit_too():
 def test_sparsified_stock_model_steps_like_hand_built_layers():
     x0 = jnp.ones((BATCH, IN))
     stock, hand = MLP(nnx.Rngs(0), stock=True), MLP(nnx.Rngs(0))
-    rows = mnnx.sparsify(stock, k=K, sparse_update=True, example_args=(x0,))
+    stock, rows = mnnx.sparsify(stock, k=K, sparse_update=True, example_args=(x0,))
     assert [(r.path, r.k) for r in rows] == [("hidden/0", K), ("hidden/1", K), ("out", 0)]
     assert stock.hidden[0].sparse_update and not hasattr(stock.out, "sparse_update")
     tx = optim.sparse_adam(1e-2)
