@@ -7,15 +7,41 @@ import tempfile
 from pathlib import Path
 
 import jax
+import pytest
 
 # The tests' programs are tiny and compiled once or twice each, so the time goes into
 # compiling them: XLA's CPU backend at its lowest optimization level compiles about twice as
 # fast (the whole suite uses half the CPU time). It changes how fast the code runs, not what it
 # computes. Set before the backend starts, and inherited by the experiments the tests start.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+# MEPROP_TEST_XLA_DEFAULT=1 leaves XLA at its default level, as users run the code: .ci/run's
+# second opinion runs the tests marked ``xla_default`` so (see XLA_DEFAULT_MODULES).
+XLA_DEFAULT = os.environ.get("MEPROP_TEST_XLA_DEFAULT") == "1"
+if not XLA_DEFAULT and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
+
+# The modules marked ``xla_default``: those that test what the optimizing compiler rewrites,
+# the linear op's layout barriers (lax.optimization_barrier) and sharded products, and the
+# in-place column updates of donated buffers by the compact optimizers, the Linen TrainState
+# and the NNX Optimizer. The layers above them run the same ops: their tests would add
+# compile time, not coverage of what the optimizing passes change.
+XLA_DEFAULT_MODULES = frozenset(
+    {
+        "tests/meprop_jax/_src/test_linear.py",
+        "tests/meprop_jax/test_optim.py",
+        "tests/meprop_jax/linen/test_train_state.py",
+        "tests/meprop_jax/nnx/test_optimizer.py",
+    }
+)
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.resolve().relative_to(_ROOT).as_posix() in XLA_DEFAULT_MODULES:
+            item.add_marker(pytest.mark.xla_default)
+
 
 # Must run before any JAX computation so that the sharding tests see eight devices.
 jax.config.update("jax_num_cpu_devices", 8)
