@@ -22,28 +22,24 @@ Array = jax.Array
 Promote = Callable[[tuple[Array | None, ...]], tuple[Array | None, ...]]
 
 
-def _stock_gates(fused: bool):
-    """The stock cells' gate pre-activations, ``[..., 4 * hidden]``, gates i, f, g, o."""
+def _per_gate(xs, kernels, biases) -> Array:
+    """flax's ``LSTMCell`` (Linen and NNX): one Dense per gate and input, summed per gate."""
+    x, h = xs
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    gates = []
+    for w_i, w_h, b in zip(*kernels, biases, strict=True):
+        z_h = jax.lax.dot_general(h, w_h, dims)
+        z_h += jnp.reshape(b, (1,) * (z_h.ndim - 1) + (-1,))
+        gates.append(jax.lax.dot_general(x, w_i, dims) + z_h)
+    return jnp.concatenate(gates, axis=-1)
 
-    def per_gate(xs, kernels, biases):
-        # flax's LSTMCell (Linen and NNX): one Dense per gate and input, summed per gate.
-        x, h = xs
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        gates = []
-        for w_i, w_h, b in zip(*kernels, biases, strict=True):
-            z_h = jax.lax.dot_general(h, w_h, dims)
-            z_h += jnp.reshape(b, (1,) * (z_h.ndim - 1) + (-1,))
-            gates.append(jax.lax.dot_general(x, w_i, dims) + z_h)
-        return jnp.concatenate(gates, axis=-1)
 
-    def concatenated(xs, kernels, biases):
-        # flax.linen.OptimizedLSTMCell: one product per input over the concatenated kernels.
-        (x, h), (w_i, w_h) = xs, kernels
-        z_h = jnp.dot(h, jnp.concatenate(w_h, axis=-1))
-        z_h += jnp.reshape(jnp.concatenate(biases, axis=-1), (1,) * (z_h.ndim - 1) + (-1,))
-        return z_h + jnp.dot(x, jnp.concatenate(w_i, axis=-1))
-
-    return concatenated if fused else per_gate
+def _concatenated(xs, kernels, biases) -> Array:
+    """``flax.linen.OptimizedLSTMCell``: one product per input over the joined kernels."""
+    (x, h), (w_i, w_h) = xs, kernels
+    z_h = jnp.dot(h, jnp.concatenate(w_h, axis=-1))
+    z_h += jnp.reshape(jnp.concatenate(biases, axis=-1), (1,) * (z_h.ndim - 1) + (-1,))
+    return z_h + jnp.dot(x, jnp.concatenate(w_i, axis=-1))
 
 
 def lstm_step(
@@ -85,7 +81,8 @@ def lstm_step(
     h_in = promoted[0][0]
     w_h = tuple(w for _, w, _ in promoted)
     b = tuple(b for _, _, b in promoted)
-    z = project(_stock_gates(fused), (x, h_in), (w_i, w_h), b, groups=4, **meprop)
+    forward = _concatenated if fused else _per_gate  # the stock cells' gate pre-activations
+    z = project(forward, (x, h_in), (w_i, w_h), b, groups=4, **meprop)
     new_c, new_h = lstm_update(z, c, gate_fn, activation_fn)
     if mask is not None:
         new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)
