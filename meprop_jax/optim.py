@@ -1,37 +1,54 @@
-"""Column-sparse optimizers for meProp layers whose weight gradients stay compact.
+"""Optax optimizers lifted to compact meProp kernel gradients: :func:`compact`.
 
-Two update rules are available, and they differ for Adam:
+Two update rules are available, and they differ for optimizers with momentum:
 
 * **The authors' rule (the default everywhere in this package).** A meProp layer hands autodiff
   a dense ``[in, out]`` weight gradient that is zero outside the selected columns, and a stock
-  optimizer (``optax.adam``, ...) updates every weight densely. With Adam, weights whose
-  gradient is zero this step still move through their momentum, exactly as in the authors'
-  code (Sun et al. 2017 feed the masked gradient to an unmodified dense Adam). Nothing here is
-  needed for it: ``meprop_jax.Dense(k=...)`` plus any optax optimizer.
+  optax optimizer updates every weight densely. With Adam, weights whose gradient is zero this
+  step still move through their momentum, exactly as in the authors' code (Sun et al. 2017
+  feed the masked gradient to an unmodified dense Adam). Nothing here is needed for it:
+  ``meprop_jax.Dense(k=...)`` plus any optax optimizer.
 
 * **The compact rule (this module, opt-in).** ``meprop_jax.Dense(..., sparse_update=True)``
-  keeps its kernel gradient compact, as the selected column indices plus a ``[K, in]`` block
-  (a :class:`meprop_jax.CompactGrad`), and the optimizers below update only those
-  columns of the kernel and of its optimizer state; nothing of size ``[in, out]`` is built or
-  swept in the step. Adam is **lazy**: the moments and weights of unselected columns are left
-  untouched (bit-identical), so a column that is not selected does not move, unlike the
-  authors' rule. Bias correction uses the global step count (as TensorFlow's ``LazyAdam`` and
-  PyTorch's ``SparseAdam`` do), so when every column is selected at every step the lazy update
-  is exactly dense ``optax.adam``; a column that is selected rarely gets its moments' bias
-  corrected for the global step, not for the number of times it was selected. AdaGrad and SGD
-  leave a weight with zero gradient where it is anyway, so for them the two rules agree.
+  keeps its kernel gradient compact, the selected columns' ``[K, in]`` block and their indices
+  (a :class:`CompactGrad` tap gradient), and :func:`compact` runs an optax transformation on
+  those columns only: it gathers the selected columns of the kernel and of every
+  parameter-shaped leaf of the optimizer state, calls ``tx.update`` on the ``[K, in]`` blocks
+  (every other parameter as it is), and scatters the results back. Nothing of size
+  ``[in, out]`` is built or swept in the step. The update is **lazy**: unselected columns of
+  a compact kernel and of its state do not move, bit for bit. For SGD without momentum and
+  AdaGrad a zero gradient moves nothing anyway, so the two rules agree; Adam's, AdamW's,
+  RMSProp's and momentum's moments of unselected columns do not decay, and AdamW's weight
+  decay shrinks the selected columns only. Step counts are scalars shared by all columns, so
+  bias corrections and learning-rate schedules see the global step (as TensorFlow's
+  ``LazyAdam`` and PyTorch's ``SparseAdam`` do); with every column selected at every step the
+  compact rule is the stock optimizer exactly.
 
-Every leaf that is not a compact meProp kernel (biases, the dense output layer, ``k = 0``
-layers) is updated densely by the same rule. ``clip`` clips gradients element-wise to
-``[-clip, clip]`` (``optax.clip``), the compact blocks and the dense gradients alike.
+What lifts: a transformation whose state leaves are either scalars (counts) or sit in
+subtrees shaped like the parameters (``mu``, ``nu``, ``trace``, ``sum_of_squares``, ...), and
+whose update of a column depends on that column and on scalars only: ``optax.adam``, ``adamw``,
+``adagrad``, ``sgd`` (with or without momentum), ``rmsprop``, ``clip``, schedules, and chains
+of them. ``optax.clip_by_global_norm`` lifts as well: the global norm of the compact blocks is
+that of the masked dense gradient, whose other entries are zero. :func:`compact` refuses a
+state it cannot split into columns (factored or otherwise reshaped state, such as
+``optax.adafactor``'s). Transformations that look at whole parameters or whole updates
+(``optax.lamb``, ``lars``, ``scale_by_trust_ratio``, a global-norm clip *after* the optimizer)
+have parameter-shaped state or none and cannot be told apart: do not lift them.
+``optax.MultiSteps`` is lifted by its own rule (see :func:`compact`).
 
 ``update`` returns new parameters, not updates: optax's ``apply_updates`` is a dense add over
 every weight, and avoiding exactly that is the point; the kernels' selected columns are
 scattered into the parameters instead. Run the step under ``jax.jit`` with the parameters and
 the state donated (or inside ``lax.scan``) so that the scatters update the buffers in place.
-The state of a kernel given to :meth:`SparseOptimizer.init` with its tap is stored transposed,
-``[out, in]`` (:class:`TransposedSlots`), so that a kernel column is a contiguous row of the
-state; on a CPU that makes the state's gathers and scatters several times cheaper.
+The state of a kernel given to ``init`` with its tap is stored transposed, ``[out, in]``
+(:class:`Transposed`), so that a kernel column is a contiguous row of the state; on a CPU that
+makes the state's gathers and scatters several times cheaper.
+
+Compact gradients cannot be added: a tap gradient that is a sum or a mean of several (a layer
+applied twice, microbatch gradients added up, ``lax.pmean`` over devices) is correct only
+where every summand selected the same columns. ``update`` checks this at run time from the
+tap's ``selected`` channel and stops the program with an error naming the kernel otherwise;
+accumulate with ``compact(optax.MultiSteps(...))`` instead.
 
 A whole training step::
 
@@ -40,7 +57,7 @@ A whole training step::
     model = MLP(...)  # meprop_jax.Dense(features, k=k, sparse_update=True) hidden layers
     variables = model.init(key, x_batch)  # the training batch shape, for per-example taps
     params, taps = variables["params"], variables[optim.TAP_COLLECTION]
-    opt = optim.sparse_adam(1e-3)
+    opt = optim.compact(optax.adam(1e-3))
     state = opt.init(params, taps)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -60,10 +77,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from meprop_jax._src import compact as _compact
 from meprop_jax._src.collections import TAP_COLLECTION
+from meprop_jax._src.compact import SparseState, Transposed, param_layout
 from meprop_jax._src.taps import CompactGrad, compact_tap, compact_width
 
 Array = jax.Array
@@ -75,9 +93,11 @@ __all__ = [
     "CompactGrad",
     "SparseOptimizer",
     "SparseState",
-    "TransposedSlots",
+    "Transposed",
+    "compact",
     "compact_tap",
     "compact_width",
+    "param_layout",
     "sparse_adagrad",
     "sparse_adam",
     "sparse_sgd",
@@ -85,186 +105,70 @@ __all__ = [
 ]
 
 
-class TransposedSlots(NamedTuple):
-    """Optimizer state of a compact meProp kernel, each array stored ``[out, in]``."""
-
-    arrays: tuple[Array, ...]
-
-
-class SparseState(NamedTuple):
-    """State of a :class:`SparseOptimizer`.
-
-    Attributes:
-      count: int32 number of updates made so far (the global step of Adam's bias correction
-        and of learning-rate schedules).
-      slots: the parameter tree with every leaf replaced by a tuple of its state arrays
-        (Adam: ``(mu, nu)``, AdaGrad: ``(sum_of_squares,)``, SGD: ``()``), or by
-        :class:`TransposedSlots` for a compact meProp kernel.
-    """
-
-    count: Array
-    slots: PyTree
-
-
-class _Rule(NamedTuple):
-    """An element-wise update rule, layout-agnostic: it sees matching arrays of any shape."""
-
-    init: Callable[[Array], tuple[Array, ...]]
-    # (grad, slots, count after this step) -> (update to add to the parameter, new slots)
-    step: Callable[[Array, tuple[Array, ...], Array], tuple[Array, tuple[Array, ...]]]
-
-
 class SparseOptimizer(NamedTuple):
-    """An optimizer that updates compact meProp kernels column by column.
+    """An optax transformation lifted to compact kernel gradients (see :func:`compact`).
 
     Attributes:
       init: ``init(params, taps=None) -> SparseState``. ``taps`` (the ``"meprop_taps"``
-        collection from ``model.init``) marks the kernels that will receive compact gradients,
-        whose state is then stored ``[out, in]``; without it every state array has its
-        parameter's layout (still correct, with slower column gathers).
+        collection from ``model.init``, or any tree with a :class:`CompactGrad` at each
+        kernel's path) marks the kernels that will receive compact gradients, whose state is
+        then stored ``[out, in]``; without it every state array has its parameter's layout
+        (still correct, with slower column gathers).
       update: ``update(grads, state, params, taps=None) -> (new_params, new_state)``.
         ``grads`` has the structure of ``params``; its entries for kernels that have a tap
         gradient in ``taps`` are ignored (``None`` from :func:`value_and_compact_grad`).
-        ``taps`` holds the taps' gradients, :class:`CompactGrad` leaves at the kernels' paths.
+        ``taps`` holds the taps' gradients, :class:`CompactGrad` leaves at the kernels' paths;
+        a kernel without one needs a dense gradient in ``grads``.
+      tx: the optax transformation (or ``optax.MultiSteps``) it lifts.
     """
 
     init: Callable[..., SparseState]
     update: Callable[..., tuple[PyTree, SparseState]]
+    tx: Any = None
 
 
-def _path_key(path) -> str:
-    return jax.tree_util.keystr(path)
+def compact(tx: optax.GradientTransformation | optax.MultiSteps) -> SparseOptimizer:
+    """Lifts an optax transformation to compact meProp kernel gradients.
 
+    ``update`` gathers the selected columns of each compact kernel and of every
+    parameter-shaped state leaf as ``[K, in]`` rows, runs ``tx.update`` on them (dense
+    parameters as they are), and scatters the rows back; scalar state (counts) is ``tx``'s
+    own, so schedules and bias corrections see the global step. See the module docstring for
+    the lazy semantics and for which transformations lift.
 
-def _compact_leaves(taps: PyTree) -> dict[str, CompactGrad]:
-    if taps is None:
-        return {}
-    is_tap = lambda x: isinstance(x, CompactGrad)
-    leaves = jax.tree_util.tree_flatten_with_path(taps, is_leaf=is_tap)[0]
-    bad = [_path_key(p) for p, leaf in leaves if not is_tap(leaf)]
-    if bad:
-        raise ValueError(f"taps must hold CompactGrad leaves only; got other leaves at {bad}")
-    return {_path_key(p): leaf for p, leaf in leaves}
+    ``optax.MultiSteps(inner, every_k_schedule=n)`` is lifted as gradient accumulation: each
+    mini-step adds its compact block into a ``[out, in]`` accumulator (and marks its columns);
+    every ``n``-th step the union of the marked columns (at most ``min(n * K, out)``) is
+    gathered, averaged (or summed, ``use_grad_mean=False``) and given to the lifted
+    ``inner``, and those accumulator rows are reset. Parameters change on those steps only,
+    as with ``optax.MultiSteps`` on dense gradients; with SGD the result is the same. ``n``
+    must be an int; ``should_skip_update_fn`` is not supported. Pass the ``MultiSteps`` object
+    itself: its ``gradient_transformation()``, alone or in a chain, is refused, since its
+    accumulator and whole-tree reset cannot be split into columns.
 
+    Args:
+      tx: an ``optax.GradientTransformation``, an ``optax.MultiSteps``, or an already lifted
+        :class:`SparseOptimizer` (returned as it is).
 
-def _learning_rate(learning_rate: ScalarOrSchedule, count: Array, dtype) -> Array | float:
-    """``-learning_rate`` as optax's ``scale_by_learning_rate`` applies it."""
-    if callable(learning_rate):
-        return jnp.asarray(-1 * learning_rate(count), dtype=dtype)
-    return -1 * learning_rate
+    Returns:
+      a :class:`SparseOptimizer`.
 
-
-def _make(rule: _Rule, learning_rate: ScalarOrSchedule, clip: float | None) -> SparseOptimizer:
-    def prepare(g: Array, dtype) -> Array:
-        g = g.astype(dtype)
-        return g if clip is None else jnp.clip(g, -clip, clip)
-
-    def init(params: PyTree, taps: PyTree = None) -> SparseState:
-        compact = _compact_leaves(taps)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        _check_paths(compact, {_path_key(p) for p, _ in flat})
-        slots = [
-            TransposedSlots(rule.init(p.T)) if _path_key(path) in compact else rule.init(p)
-            for path, p in flat
-        ]
-        return SparseState(jnp.zeros([], jnp.int32), treedef.unflatten(slots))
-
-    def update(grads, state: SparseState, params, taps=None):
-        compact = _compact_leaves(taps)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        _check_paths(compact, {_path_key(p) for p, _ in flat})
-        grads = dict(
-            (_path_key(p), g)
-            for p, g in jax.tree_util.tree_flatten_with_path(grads, is_leaf=lambda x: x is None)[0]
+    Raises:
+      TypeError: if ``tx`` is none of these.
+      ValueError: from ``init``, if ``tx``'s state cannot be split into columns.
+    """
+    if isinstance(tx, SparseOptimizer):
+        return tx
+    if isinstance(tx, optax.MultiSteps):
+        init, update = _compact.lift_multi_steps(tx)
+        return SparseOptimizer(init, update, tx)
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            "compact(tx) takes an optax GradientTransformation or optax.MultiSteps, got "
+            f"{type(tx).__name__}"
         )
-        slots = treedef.flatten_up_to(state.slots)
-        count = optax.safe_increment(state.count)
-        after = _after(grads, taps)
-        new_params, new_slots = [], []
-        for (path, p), s in zip(flat, slots, strict=True):
-            key = _path_key(path)
-            lr = _learning_rate(learning_rate, state.count, p.dtype)  # optax's count: pre-step
-            if key in compact:
-                p, s = _column_update(rule, prepare, lr, p, s, compact[key], count, after)
-            else:
-                g = grads.get(key)
-                if g is None:
-                    raise ValueError(f"no gradient for {key}, which has no tap either")
-                delta, s = rule.step(prepare(g, p.dtype), s, count)
-                p = jnp.asarray(p + lr * delta).astype(p.dtype)
-            new_params.append(p)
-            new_slots.append(s)
-        return treedef.unflatten(new_params), SparseState(count, treedef.unflatten(new_slots))
-
-    return SparseOptimizer(init, update)
-
-
-def _check_paths(compact: dict[str, CompactGrad], param_keys: set[str]) -> None:
-    missing = sorted(set(compact) - param_keys)
-    if missing:
-        raise ValueError(f"taps at {missing} match no parameter (pass params and taps trees)")
-
-
-def _after(grads: PyTree, taps: PyTree) -> Array:
-    """An int32 zero that XLA cannot tell from data depending on every gradient.
-
-    XLA decides whether a scatter may update a donated kernel in place before it schedules
-    the step, from data dependencies alone. The backward pass also reads a meProp kernel (its
-    selected columns, for ``dx``), and nothing makes the kernel's own scatter depend on that
-    read, so XLA copies the whole kernel first, which costs more than the rest of the update.
-    Bounding the scatter indices by ``width + _after(...)`` (a no-op: the indices are below
-    ``width``) makes every scatter depend on every gradient, hence on every read before it.
-    NaN-safe: the result is a count of NaNs, never NaN itself.
-    """
-    firsts = [jnp.ravel(a)[0] for a in jax.tree.leaves((grads, taps)) if jnp.size(a)]
-    return sum((jnp.isnan(a).astype(jnp.int32) for a in firsts), jnp.zeros([], jnp.int32))
-
-
-def _column_update(
-    rule: _Rule, prepare, lr, p: Array, slots, tap: CompactGrad, count: Array, after: Array
-):
-    """Updates the columns ``tap.cols`` of ``p`` ``[in, out]`` and of its state only.
-
-    The rule runs on ``[K, in]`` rows (the block's layout). Padding entries of ``cols``
-    (``>= out``) gather clamped garbage and are dropped by the scatters; the other indices are
-    distinct, so the scatters are plain writes.
-    """
-    cols = tap.cols.astype(jnp.int32)
-    cols = jnp.minimum(cols, p.shape[1] + cols.shape[0] + after)  # no-op; see _after
-    g = prepare(tap.block, p.dtype)
-    scatter = dict(mode="drop", unique_indices=True)
-    if isinstance(slots, TransposedSlots):  # state [out, in]: the columns are its rows
-        old = tuple(a.at[cols].get(mode="clip") for a in slots.arrays)
-        delta, new = rule.step(g, old, count)
-        new = tuple(a.at[cols].set(n, **scatter) for a, n in zip(slots.arrays, new, strict=True))
-        slots = TransposedSlots(new)
-    else:
-        old = tuple(a.at[:, cols].get(mode="clip").T for a in slots)
-        delta, new = rule.step(g, old, count)
-        slots = tuple(a.at[:, cols].set(n.T, **scatter) for a, n in zip(slots, new, strict=True))
-    # p + lr * delta in p's dtype, as optax.apply_updates computes it, column by column.
-    return _add_rows_as_columns(p, cols, (lr * delta).astype(p.dtype)), slots
-
-
-def _add_rows_as_columns(p: Array, cols: Array, rows: Array) -> Array:
-    """``p.at[:, cols].add(rows.T)`` without materializing the transpose; drops ``cols >= out``."""
-    dnums = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(1,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1,)
-    )
-    return jax.lax.scatter_add(
-        p,
-        cols[:, None],
-        rows,
-        dnums,
-        indices_are_sorted=False,
-        unique_indices=True,
-        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
-
-
-def _power(decay: float, count: Array) -> Array:
-    """``decay**count`` in float32, as optax computes it, under strict dtype promotion too."""
-    return jax.lax.pow(jnp.asarray(decay, jnp.float32), count)
+    init, update = _compact.lift(tx)
+    return SparseOptimizer(init, update, tx)
 
 
 def sparse_adam(
@@ -274,33 +178,8 @@ def sparse_adam(
     eps: float = 1e-8,
     clip: float | None = None,
 ) -> SparseOptimizer:
-    """Adam, lazy on compact meProp kernels and dense elsewhere.
-
-    The same arithmetic as ``optax.adam(learning_rate, b1, b2, eps)`` (identical to it when
-    there are no taps or every column is selected at every step), except that a compact
-    kernel's unselected columns keep their weights and moments unchanged; bias correction uses
-    the global step count (see the module docstring).
-
-    Args:
-      learning_rate: a float or an optax schedule (called with the step count, from 0).
-      b1: decay of the first moment.
-      b2: decay of the second moment.
-      eps: added to the denominator.
-      clip: clip every gradient entry to ``[-clip, clip]`` first; ``None`` disables.
-    """
-
-    def init(p: Array) -> tuple[Array, ...]:
-        return jnp.zeros_like(p), jnp.zeros_like(p)
-
-    def step(g: Array, slots, count: Array):
-        mu, nu = slots
-        mu = (1 - b1) * g + b1 * mu
-        nu = (1 - b2) * (g * g) + b2 * nu
-        mu_hat = mu / (1 - _power(b1, count)).astype(mu.dtype)
-        nu_hat = nu / (1 - _power(b2, count)).astype(nu.dtype)
-        return mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps), (mu, nu)
-
-    return _make(_Rule(init, step), learning_rate, clip)
+    """Lazy Adam: ``compact(optax.adam(...))``, after ``optax.clip(clip)`` if ``clip`` is set."""
+    return compact(_clipped(optax.adam(learning_rate, b1, b2, eps), clip))
 
 
 def sparse_adagrad(
@@ -309,37 +188,24 @@ def sparse_adagrad(
     eps: float = 1e-7,
     clip: float | None = None,
 ) -> SparseOptimizer:
-    """AdaGrad (``optax.adagrad``'s arithmetic), column-sparse on compact meProp kernels.
+    """``compact(optax.adagrad(...))``, after ``optax.clip(clip)`` when ``clip`` is given.
 
     A zero gradient changes neither an AdaGrad accumulator nor its weight, so this equals
     ``optax.adagrad`` on the masked dense gradient, without sweeping the unselected columns.
     """
-
-    def init(p: Array) -> tuple[Array, ...]:
-        return (jnp.full_like(p, initial_accumulator_value),)
-
-    def step(g: Array, slots, count: Array):
-        del count
-        (acc,) = slots
-        acc = g * g + acc
-        scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + eps), 0.0)
-        return scale * g, (acc,)
-
-    return _make(_Rule(init, step), learning_rate, clip)
+    return compact(_clipped(optax.adagrad(learning_rate, initial_accumulator_value, eps), clip))
 
 
 def sparse_sgd(learning_rate: ScalarOrSchedule, clip: float | None = None) -> SparseOptimizer:
-    """Plain SGD (``optax.sgd`` without momentum), column-sparse on compact meProp kernels."""
+    """``compact(optax.sgd(learning_rate))``, after ``optax.clip(clip)`` when ``clip`` is given.
 
-    def init(p: Array) -> tuple[Array, ...]:
-        del p
-        return ()
+    Equal to ``optax.sgd`` on the masked dense gradient.
+    """
+    return compact(_clipped(optax.sgd(learning_rate), clip))
 
-    def step(g: Array, slots, count: Array):
-        del count
-        return g, slots
 
-    return _make(_Rule(init, step), learning_rate, clip)
+def _clipped(tx: optax.GradientTransformation, clip: float | None):
+    return tx if clip is None else optax.chain(optax.clip(clip), tx)
 
 
 def value_and_compact_grad(
@@ -360,9 +226,9 @@ def value_and_compact_grad(
     """
 
     def wrapped(params, taps, *args, **kwargs):
-        compact = _compact_leaves(taps)
+        compact_keys = _compact.tap_leaves(taps)
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        tapped = [_path_key(path) in compact for path, _ in flat]
+        tapped = [_compact._key(path) in compact_keys for path, _ in flat]
         free = [p for (_, p), t in zip(flat, tapped, strict=True) if not t]
         fixed = [p for (_, p), t in zip(flat, tapped, strict=True) if t]
 

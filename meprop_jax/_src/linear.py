@@ -39,6 +39,7 @@ from meprop_jax._src.taps import (
     _check_taps,
     _record_counts,
     _record_dense,
+    selected_columns,
 )
 
 Array = jax.Array
@@ -247,18 +248,22 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     if bias is None:
         db = None
     counts = _record_counts(g, selected, cfg.groups) if cfg.record else None
+    dense = tuple(b.T if cfg.compact else b for b in blocks)  # compact blocks: [K, in] rows
+    dws = tuple(
+        d if cols is None else _scatter_columns(w, d, cols, non_finite)
+        for w, d in zip(kernels, dense, strict=True)
+    )
     if not cfg.compact:
-        dws = tuple(
-            b if cols is None else _scatter_columns(w, b, cols, non_finite)
-            for w, b in zip(kernels, blocks, strict=True)
-        )
         return dxs, dws, db, None, None, counts, chosen
-    # Compact: the kernels' cotangents are symbolic zeros; the blocks go to the taps.
+    # Compact: the blocks go to the taps. The kernels still get the masked dense gradient, so
+    # that a loss differentiated with respect to the kernels and not the taps trains them;
+    # a step that never reads it (optim.value_and_compact_grad) has it compiled away.
     if cols is None:
         cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
+    seen = selected_columns(cols, g.shape[-1])
     cols = cols.astype(jnp.float32)
-    taps = tuple(CompactGrad(b, cols) for b in blocks)
-    return dxs, (None,) * len(kernels), db, None, taps, counts, chosen
+    taps = tuple(CompactGrad(b, cols, seen) for b in blocks)
+    return dxs, dws, db, None, taps, counts, chosen
 
 
 _meprop.defvjp(_meprop_fwd, _meprop_bwd)

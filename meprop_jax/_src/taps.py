@@ -27,7 +27,7 @@ _MAX_COLUMNS = 2**24
 class CompactGrad(NamedTuple):
     """A kernel gradient that is zero outside a few columns: ``dW[:, cols[j]] = block[j]``.
 
-    As a *tap* (an input of :func:`linear`), both arrays are zeros of the right shape and their
+    As a *tap* (an input of :func:`linear`), the arrays are zeros of the right shape and their
     values are ignored; their cotangents, taken by ``jax.grad``, are the compact gradient.
 
     Attributes:
@@ -38,10 +38,46 @@ class CompactGrad(NamedTuple):
       cols: ``[K]`` float32 column indices, all distinct. An entry ``>= out`` is padding (its
         ``block`` row is zero) and names no column. Float rather than int because autodiff
         gives integer inputs no cotangent; float32 is exact for ``out + K < 2**24``.
+      selected: ``[out]`` float32, 1 at every column in ``cols`` and 0 elsewhere. Autodiff adds
+        up the cotangents of a tap used twice (and ``lax.pmean`` averages them), which adds
+        up the indices too; this channel lets :func:`decode_columns` tell a sum or mean of
+        gradients that selected the same columns (still exact) from one of gradients that
+        selected different ones (meaningless).
     """
 
     block: Array
     cols: Array
+    selected: Array
+
+
+def decode_columns(grad: CompactGrad, out: int) -> tuple[Array, Array]:
+    """The int32 column indices of a compact gradient, and whether they can be trusted.
+
+    A tap gradient is the sum (or, after ``lax.pmean``, the mean) of ``n >= 1`` backward
+    passes' compact gradients. It stands for the sum of their dense gradients exactly when all
+    of them had the same ``cols``; then ``selected`` is ``s`` times an indicator (``s = n``
+    for a sum, 1 for a mean) and ``cols / s`` are the columns. The check: ``cols / s`` are
+    non-negative integers, and scattering ``s`` at each of them (padding dropped) rebuilds
+    ``selected``. That holds only if every pass selected the same set of columns in the same
+    slots: the largest column of the set is the mean of a slot only where every pass has it
+    there, and so on down the set.
+
+    Returns:
+      ``(cols [K] int32, ok [] bool)``: with ``ok`` false the columns are meaningless.
+    """
+    _, cols, selected = grad
+    scale = jnp.max(selected, initial=0.0)
+    c = cols / jnp.where(scale > 0, scale, 1.0)
+    whole = jnp.round(c)
+    idx = jnp.where(jnp.isfinite(whole), whole, -1.0).astype(jnp.int32)
+    rebuilt = jnp.zeros((out,), jnp.float32).at[idx].add(scale, mode="drop")
+    ok = jnp.all(c == whole) & jnp.all(c >= 0) & jnp.all(rebuilt == selected)
+    return jnp.minimum(idx, out + jnp.arange(idx.shape[0], dtype=jnp.int32)), ok
+
+
+def selected_columns(cols: Array, out: int) -> Array:
+    """The ``selected`` channel of a single backward pass: ``[out]`` float32 indicator."""
+    return jnp.zeros((out,), jnp.float32).at[cols].set(1.0, mode="drop")
 
 
 class RecordTap(NamedTuple):
@@ -159,7 +195,11 @@ def compact_tap(
     depends on ``batch_shape`` (see :func:`compact_width`), so it fits one batch shape only.
     """
     width = compact_width(out_features, k=k, mode=mode, groups=groups, batch_shape=batch_shape)
-    return CompactGrad(jnp.zeros((width, in_features), dtype), jnp.zeros((width,), jnp.float32))
+    return CompactGrad(
+        jnp.zeros((width, in_features), dtype),
+        jnp.zeros((width,), jnp.float32),
+        jnp.zeros((out_features,), jnp.float32),
+    )
 
 
 def _check_record(record, units: int) -> RecordTap:
@@ -192,17 +232,25 @@ def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[C
     if out + width >= _MAX_COLUMNS:
         raise ValueError(f"compact gradients need out + K < 2**24, got out={out}, K={width}")
     for i, (tap, w) in enumerate(zip(taps, kernels, strict=True)):
-        block, cols = tap
+        if not isinstance(tap, CompactGrad):
+            raise ValueError(
+                f"taps[{i}] must be a CompactGrad, got {type(tap).__name__}. Build it with "
+                "compact_tap()."
+            )
+        block, cols, selected = tap
         if (
             block.shape != (width, w.shape[0])
             or block.dtype != w.dtype
             or cols.shape != (width,)
             or cols.dtype != jnp.float32
+            or selected.shape != (out,)
+            or selected.dtype != jnp.float32
         ):
             hint = "" if mode == "unified" else f" (mode={mode!r}: K depends on the batch shape)"
             raise ValueError(
                 f"taps[{i}] must be CompactGrad(block {w.dtype}[{width}, {w.shape[0]}], cols "
-                f"float32[{width}]){hint}; got block {block.dtype}{list(block.shape)} and cols "
-                f"{cols.dtype}{list(cols.shape)}. Build it with compact_tap()."
+                f"float32[{width}], selected float32[{out}]){hint}; got block "
+                f"{block.dtype}{list(block.shape)}, cols {cols.dtype}{list(cols.shape)} and "
+                f"selected {selected.dtype}{list(selected.shape)}. Build it with compact_tap()."
             )
     return tuple(CompactGrad(*tap) for tap in taps)

@@ -33,6 +33,22 @@ from meprop_jax._src.collections import (
 Array = jax.Array
 
 
+def claim_tap(module: nn.Module) -> None:
+    """Refuses a second call of one tapped layer in one ``init`` or ``apply``, at trace time.
+
+    Both calls would write their compact gradients into the same tap, where autodiff adds
+    them up: the sum of two column sets' indices names no column.
+    """
+    if getattr(module, "_meprop_tap_claimed", False):
+        name = "/".join(module.scope.path) if module.scope is not None else module.name
+        raise ValueError(
+            f"layer {name!r} (sparse_update=True) was applied twice in one step: a compact "
+            "gradient needs exactly one call per step (no weight sharing or scan over one "
+            "layer); build it with sparse_update=False"
+        )
+    object.__setattr__(module, "_meprop_tap_claimed", True)  # this bound copy: one apply
+
+
 def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap | None]:
     """Declares a layer's meSimp variables; returns its ``[units]`` mask and its record tap.
 
@@ -56,7 +72,8 @@ def compact_tap_state(
     The tap is made when ``"meprop_taps"`` is mutable (``init``, or ``apply`` with
     ``mutable=["meprop_taps"]``), with the shape of this call's ``inputs [..., in]`` and
     ``kernel [in, out]``; otherwise it is read if ``apply`` was given it (training) and the
-    layer is plain meProp if not (evaluation). :func:`meprop_jax.sparsify` shares it.
+    layer is plain meProp if not (evaluation). A second call with the tap raises (see
+    :func:`claim_tap`). :func:`meprop_jax.sparsify` shares it.
     """
     if not (
         module.has_variable(TAP_COLLECTION, "kernel")
@@ -66,7 +83,9 @@ def compact_tap_state(
     make_tap = lambda: _taps.compact_tap(
         *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
     )
-    return module.variable(TAP_COLLECTION, "kernel", make_tap).value
+    tap = module.variable(TAP_COLLECTION, "kernel", make_tap).value
+    claim_tap(module)
+    return tap
 
 
 def _memory_state(module: nn.Module, columns: int) -> Array | None:
@@ -105,8 +124,10 @@ class Dense(nn.Dense):
         the layer is dense (``k = 0`` or ``k >= features``: no tap) or when ``apply`` is given
         no ``"meprop_taps"`` (e.g. at evaluation). For ``"per_example"`` and ``"random"`` the
         tap's width ``min(batch * k, features)`` depends on the batch shape: ``init`` with the
-        training batch shape. Apply the layer once per step (no weight sharing or ``scan``
-        over a shared tap).
+        training batch shape. Apply the layer once per step: a second call with the taps
+        raises (no weight sharing, no ``scan`` over a shared tap). Differentiating with
+        respect to the kernel instead of the tap gives the masked dense gradient, as without
+        ``sparse_update``.
       record: keep meSimp's activity record (see :mod:`meprop_jax.mesimp`). ``init`` also
         creates ``hits`` (int32 ``[features]``), ``examples`` (int32 scalar) and ``mask``
         (float32 ``[features]``, ones) in the ``"mesimp"`` collection and a zero

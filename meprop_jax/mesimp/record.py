@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from meprop_jax import optim
 from meprop_jax._src.collections import MESIMP_COLLECTION, RECORD_TAP_COLLECTION
 from meprop_jax._src.taps import RecordTap, record_tap
 from meprop_jax.mesimp.shrink import _is_record
@@ -170,19 +169,17 @@ def _reset(node: Any) -> Any:
         return node._replace(mu=_zeros(node.mu), nu=_zeros(node.nu))
     if isinstance(node, optax.ScaleByRssState):
         return node._replace(sum_of_squares=_zeros(node.sum_of_squares))
-    if isinstance(node, optim.SparseState):
-        return node._replace(slots=_zeros(node.slots))
     return node
 
 
 def reset_moments(opt_state: PyTree) -> PyTree:
     """Zeroes the optimizer's moments and keeps its step count (the authors' ``Opt.Prepare``).
 
-    Adam's (and AdamW's) ``mu`` and ``nu``, AdaGrad's ``sum_of_squares`` (to 0, as the
-    authors' AdaGrad starts, not to optax's ``initial_accumulator_value``) and the slots of
-    :mod:`meprop_jax.optim`'s optimizers become zeros; step counts, and with them Adam's bias
-    correction and learning-rate schedules, carry on. Other states are returned unchanged.
-    Pure and jittable.
+    Adam's (and AdamW's) ``mu`` and ``nu`` and AdaGrad's ``sum_of_squares`` (to 0, as the
+    authors' AdaGrad starts, not to optax's ``initial_accumulator_value``) become zeros,
+    wherever they are (inside :func:`meprop_jax.optim.compact`'s state too); step counts, and
+    with them Adam's bias correction and learning-rate schedules, carry on. Other states are
+    returned unchanged. Pure and jittable.
     """
-    moment_states = (optax.ScaleByAdamState, optax.ScaleByRssState, optim.SparseState)
+    moment_states = (optax.ScaleByAdamState, optax.ScaleByRssState)
     return jax.tree.map(_reset, opt_state, is_leaf=lambda n: isinstance(n, moment_states))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meprop_jax._src.compact import param_layout
 from meprop_jax._src.trees import _gather_dense, _get, _mirror_map, _path, _replace, _take
 
 Array = jax.Array
@@ -108,8 +109,10 @@ def shrink(
       params: the parameter tree; ``layers`` name ``{"kernel" [in, out], "bias" [out]}`` nodes.
       opt_state: any optimizer state; every subtree with the structure and shapes of
         ``params`` (``optax.adam``'s ``mu`` and ``nu``, ...) is gathered like the parameters,
-        the rest (step counts) is kept. States that do not mirror the parameters (the
-        transposed state of :mod:`meprop_jax.optim`) are not supported.
+        the rest (step counts) is kept. The state of :func:`meprop_jax.optim.compact`, whose
+        compact kernels' leaves are stored ``[out, in]``, is gathered in the parameters'
+        layout and stored back transposed (not during ``MultiSteps`` accumulation: its
+        per-kernel column marks are not gathered).
       keep: ``[features]`` bool keep set of every hidden layer (``layers[:-1]``), by its
         ``"/"``-joined path, e.g. ``keep_sets(prune(record))``.
       layers: the layers' paths in ``params``, e.g. ``["hidden_0", "hidden_1", "output"]``.
@@ -158,8 +161,14 @@ def _shrink(params, opt_state, keep, layers, pad_to: int | None, record) -> Shru
             new_record = _new_record(new_record, path, idx, n)
     widths = tuple(len(idx) for idx in plan)
     return Shrunk(
-        gather(params), _mirror_map(gather, params, opt_state), new_record, tuple(units), widths
+        gather(params), _gather_state(gather, params, opt_state), new_record, tuple(units), widths
     )
+
+
+def _gather_state(gather, params: PyTree, opt_state: PyTree) -> PyTree:
+    """``opt_state`` with its parameter mirrors gathered, in the parameters' layout."""
+    plain, restore = param_layout(opt_state)
+    return restore(_mirror_map(gather, params, plain))
 
 
 def export(
@@ -249,5 +258,5 @@ def shrink_lstm(
 
     new_record = None if record is None else _new_record(record, path, idx, units)
     return Shrunk(
-        gather(params), _mirror_map(gather, params, opt_state), new_record, (units,), (len(idx),)
+        gather(params), _gather_state(gather, params, opt_state), new_record, (units,), (len(idx),)
     )

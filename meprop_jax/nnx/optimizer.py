@@ -6,8 +6,8 @@ block and their indices (a :class:`meprop_jax.CompactGrad`), whenever it runs in
 :meth:`Optimizer.value_and_grad`; anywhere else (evaluation, a plain ``nnx.grad``) it is an
 ordinary meProp layer. The optimizer builds the zero taps that receive the compact gradients,
 differentiates the loss with respect to them and to every other parameter (never the tapped
-kernels), and :meth:`Optimizer.update` updates the selected kernel columns only, with a
-column-sparse optimizer from :mod:`meprop_jax.optim`.
+kernels), and :meth:`Optimizer.update` updates the selected kernel columns only, with an optax
+optimizer lifted by :func:`meprop_jax.optim.compact`.
 
 The taps are arguments of the differentiated function, not model state, so the layers need no
 batch shape up front: each traced step first runs one abstract call of the loss (no
@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from flax.nnx import filterlib
 
@@ -150,9 +151,11 @@ class Optimizer(nnx.Pytree):
     In the style of ``flax.nnx.Optimizer``: it holds the optimizer state of the ``wrt``
     variables and updates the model in place. :meth:`value_and_grad` differentiates a loss
     with compact gradients for every ``meprop_jax.nnx.Linear(..., sparse_update=True)`` layer,
-    and :meth:`update` applies ``tx`` (``optim.sparse_adam``, ``sparse_adagrad`` or
-    ``sparse_sgd``), which changes only the selected columns of those kernels and of their
-    optimizer state; every other variable is updated densely. The step equals the Linen
+    and :meth:`update` applies ``tx`` (any optax transformation that
+    :func:`meprop_jax.optim.compact` lifts, e.g. ``optax.adam(1e-3)`` or
+    ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))``), which changes only
+    the selected columns of those kernels and of their optimizer state; every other variable
+    is updated densely. The step equals the Linen
     :class:`meprop_jax.TrainState`'s on the same model and data.
 
     Each ``sparse_update`` layer must be applied once per step (no weight sharing, no scan
@@ -161,7 +164,7 @@ class Optimizer(nnx.Pytree):
 
     Attributes:
       step: ``OptState`` uint32, the number of updates made.
-      tx: the column-sparse optimizer.
+      tx: the lifted optimizer (:class:`meprop_jax.optim.SparseOptimizer`).
       opt_state: its state (:class:`meprop_jax.optim.SparseState`), as ``OptState`` variables.
       wrt: the filter of the variables it updates.
 
@@ -176,7 +179,7 @@ class Optimizer(nnx.Pytree):
       ...     def __call__(self, x):
       ...         return self.out(nnx.relu(self.hidden(x)))
       >>> model = MLP(nnx.Rngs(0))
-      >>> optimizer = mnnx.Optimizer(model, optim.sparse_adam(1e-2))
+      >>> optimizer = mnnx.Optimizer(model, optax.adam(1e-2))
       >>> @nnx.jit
       ... def train_step(model, optimizer, x, y):
       ...     def loss_fn(model):
@@ -194,37 +197,41 @@ class Optimizer(nnx.Pytree):
     """
 
     def __init__(
-        self, model: nnx.Module, tx: optim.SparseOptimizer, *, wrt: filterlib.Filter = nnx.Param
+        self,
+        model: nnx.Module,
+        tx: optim.SparseOptimizer | optax.GradientTransformation | optax.MultiSteps,
+        *,
+        wrt: filterlib.Filter = nnx.Param,
     ):
         """Builds the optimizer state of ``model``'s ``wrt`` variables.
 
         Args:
           model: the NNX model, with ``meprop_jax.nnx.Linear(..., sparse_update=True)`` layers
             (a model without any is updated densely).
-          tx: a column-sparse optimizer from :mod:`meprop_jax.optim`.
+          tx: an optax transformation (or ``optax.MultiSteps``), lifted with
+            :func:`meprop_jax.optim.compact`, or an already lifted one.
           wrt: the variables to update (``nnx.Param`` by default); it must include the
             kernels of the ``sparse_update`` layers.
 
         Raises:
-          TypeError: if ``tx`` is not a :class:`~meprop_jax.optim.SparseOptimizer`.
-          ValueError: if ``wrt`` leaves out a ``sparse_update`` layer's kernel.
+          TypeError: if ``tx`` is not an optimizer.
+          ValueError: if ``wrt`` leaves out a ``sparse_update`` layer's kernel, or ``tx``
+            cannot be lifted.
         """
-        if not isinstance(tx, optim.SparseOptimizer):
-            raise TypeError(
-                "meprop_jax.nnx.Optimizer needs a column-sparse optimizer from meprop_jax.optim "
-                f"(sparse_adam, sparse_adagrad, sparse_sgd), got {type(tx).__name__}"
-            )
+        tx = optim.compact(tx)
         self.tx = tx
         self.wrt = wrt
         self.tapped = tuple(tapped_layers(model))
         params = nnx.to_pure_dict(nnx.state(model, wrt))
         taps = _kernel_taps(
-            {path: _taps.CompactGrad(jnp.zeros(()), jnp.zeros(())) for path in self.tapped}
+            {path: _taps.CompactGrad(*(jnp.zeros(()),) * 3) for path in self.tapped}
         )
         try:
             state = tx.init(params, taps)
-        except ValueError as error:  # a tap with no parameter: wrt leaves out its kernel
-            raise ValueError(
+        except ValueError as error:
+            if "match no parameter" not in str(error):
+                raise
+            raise ValueError(  # a tap with no parameter: wrt leaves out its kernel
                 f"meprop_jax.nnx.Optimizer: wrt={wrt!r} must include the kernels of the "
                 f"sparse_update layers {[_name(p) for p in self.tapped]}"
             ) from error

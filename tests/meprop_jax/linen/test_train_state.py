@@ -84,8 +84,12 @@ def test_create_accepts_params_and_taps_separately():
         tx=tx,
     )
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    with pytest.raises(TypeError, match="column-sparse optimizer"):
-        train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.adam(1))
+    # A plain optax transformation is lifted; anything else is refused.
+    c = train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=optax.sgd(0.1))
+    fields = lambda s: (s.params, s.taps, s.opt_state, s.collections)
+    assert jax.tree.structure(fields(c)) == jax.tree.structure(fields(a))
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        train_state.TrainState.create(apply_fn=model.apply, params=variables, tx=0.1)
     with pytest.raises(TypeError, match="taps given twice"):
         train_state.TrainState.create(
             apply_fn=model.apply, params=variables, taps=variables[optim.TAP_COLLECTION], tx=tx

@@ -1,0 +1,492 @@
+"""The machinery of :func:`meprop_jax.optim.compact`: optax state split into kernel columns.
+
+A lifted step works on a *compact view* of the parameters, the gradients and the optimizer
+state: a compact kernel ``[in, out]`` is replaced by its selected columns as ``[K, in]`` rows
+(the layout of :class:`CompactGrad` blocks), and so is every state leaf that mirrors it; every
+other leaf is kept whole. ``tx.update`` runs on that view and its results are scattered back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from meprop_jax._src.taps import CompactGrad, decode_columns
+
+Array = jax.Array
+PyTree = Any
+
+_SCATTER = dict(mode="drop", unique_indices=True)
+
+
+class Transposed(NamedTuple):
+    """A compact kernel's ``[in, out]`` state leaf stored as ``t``, ``[out, in]``.
+
+    A kernel column is then a contiguous row of the state: on a CPU, gathering and scattering
+    rows is several times cheaper than columns.
+    """
+
+    t: Array
+
+
+class SparseState(NamedTuple):
+    """State of a :class:`meprop_jax.optim.SparseOptimizer`.
+
+    Attributes:
+      inner: the lifted transformation's own state (``optax.adam``'s ``ScaleByAdamState``,
+        ...), except that each leaf mirroring a kernel that was given a tap at ``init`` is a
+        :class:`Transposed`. :func:`param_layout` gives it in the parameters' layout.
+    """
+
+    inner: PyTree
+
+
+def _is_transposed(node: Any) -> bool:
+    return isinstance(node, Transposed)
+
+
+def param_layout(state: PyTree) -> tuple[PyTree, Callable[[PyTree], PyTree]]:
+    """``state`` with every :class:`Transposed` leaf as a plain ``[in, out]`` array.
+
+    Returns ``(plain, restore)``: ``restore(tree)`` transposes back the same positions of a
+    tree with ``plain``'s structure (e.g. after gathering units, as meSimp's ``shrink`` does).
+    """
+    leaves, treedef = jax.tree.flatten(state, is_leaf=_is_transposed)
+    marks = [_is_transposed(leaf) for leaf in leaves]
+    plain = treedef.unflatten(
+        [leaf.t.T if m else leaf for leaf, m in zip(leaves, marks, strict=True)]
+    )
+
+    def restore(tree: PyTree) -> PyTree:
+        new = treedef.flatten_up_to(tree)
+        return treedef.unflatten(
+            [Transposed(a.T) if m else a for a, m in zip(new, marks, strict=True)]
+        )
+
+    return plain, restore
+
+
+def _key(path) -> str:
+    """A leaf's path as ``"hidden/kernel"``: the name errors give and the key of every map."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def tap_leaves(taps: PyTree) -> dict[str, CompactGrad]:
+    """The :class:`CompactGrad` leaves of ``taps``, by the key string of their path."""
+    if taps is None:
+        return {}
+    is_tap = lambda x: isinstance(x, CompactGrad)
+    leaves = jax.tree_util.tree_flatten_with_path(taps, is_leaf=is_tap)[0]
+    bad = [_key(p) for p, leaf in leaves if not is_tap(leaf)]
+    if bad:
+        raise ValueError(f"taps must hold CompactGrad leaves only; got other leaves at {bad}")
+    return {_key(p): leaf for p, leaf in leaves}
+
+
+class _Params(NamedTuple):
+    """The parameters' flat layout: key strings, treedef and the shape of every leaf."""
+
+    keys: list[str]
+    treedef: Any
+    shapes: list[tuple[int, ...]]
+
+
+def _params(params: PyTree, compact_keys) -> _Params:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = [_key(p) for p, _ in flat]
+    missing = sorted(set(compact_keys) - set(keys))
+    if missing:
+        raise ValueError(f"taps at {missing} match no parameter (pass params and taps trees)")
+    for key, (_, p) in zip(keys, flat, strict=True):
+        if key in compact_keys and jnp.ndim(p) != 2:
+            raise ValueError(f"the tapped parameter {key} must be an [in, out] kernel")
+    return _Params(keys, treedef, [tuple(jnp.shape(p)) for _, p in flat])
+
+
+def _leaf_shape(leaf: Any) -> tuple[int, ...]:
+    return tuple(leaf.t.shape[::-1]) if _is_transposed(leaf) else tuple(jnp.shape(leaf))
+
+
+def _mirror_test(layout: _Params) -> Callable[[Any], bool]:
+    """Whether a state node mirrors the parameters (same structure and shapes)."""
+
+    def is_mirror(node: Any) -> bool:
+        if _is_transposed(node):
+            return False
+        leaves, treedef = jax.tree.flatten(node, is_leaf=_is_transposed)
+        return treedef == layout.treedef and [_leaf_shape(x) for x in leaves] == layout.shapes
+
+    return is_mirror
+
+
+def _split(state: PyTree, layout: _Params):
+    """``(outer treedef, items, mirror flags)``: the state cut at its parameter mirrors."""
+    is_mirror = _mirror_test(layout)
+    outer = jax.tree.structure(state, is_leaf=is_mirror)
+    items = outer.flatten_up_to(state)
+    return outer, items, [is_mirror(item) for item in items]
+
+
+def _check_liftable(tx_name: str, state: PyTree, layout: _Params) -> None:
+    is_steps = lambda n: isinstance(n, optax.MultiStepsState)
+    if any(is_steps(n) for n in jax.tree.leaves(state, is_leaf=is_steps)):
+        raise ValueError(
+            "compact(tx): tx holds optax.MultiSteps' state; its accumulator and whole-tree "
+            "reset cannot be split into columns. Pass the MultiSteps object itself, "
+            "compact(optax.MultiSteps(inner, n)), not its gradient_transformation() or a chain"
+        )
+    is_mirror = _mirror_test(layout)
+    for path, item in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_mirror)[0]:
+        if not is_mirror(item) and jnp.ndim(item) != 0:
+            raise ValueError(
+                f"compact({tx_name}): its state leaf {_key(path) or '<state>'} "
+                f"of shape {list(jnp.shape(item))} is neither a scalar nor part of a subtree "
+                "shaped like the parameters, so its update cannot be split into kernel columns"
+            )
+
+
+def _transpose_tapped(state: PyTree, layout: _Params, compact_keys) -> PyTree:
+    outer, items, mirrors = _split(state, layout)
+
+    def transpose(node):
+        leaves = layout.treedef.flatten_up_to(node)
+        return layout.treedef.unflatten(
+            [
+                Transposed(a.T) if key in compact_keys else a
+                for key, a in zip(layout.keys, leaves, strict=True)
+            ]
+        )
+
+    return outer.unflatten([transpose(i) if m else i for i, m in zip(items, mirrors, strict=True)])
+
+
+def _rows(leaf: Any, cols: Array) -> Array:
+    """The columns ``cols`` of an ``[in, out]`` leaf as ``[K, in]`` rows; padding gives 0."""
+    if _is_transposed(leaf):
+        return leaf.t.at[cols].get(mode="fill", fill_value=0)
+    return jnp.take(leaf, cols, axis=1, mode="fill", fill_value=0).T
+
+
+def _set_rows(leaf: Any, cols: Array, rows: Array) -> Any:
+    rows = rows.astype(_dtype(leaf))
+    if _is_transposed(leaf):
+        return Transposed(leaf.t.at[cols].set(rows, **_SCATTER))
+    return leaf.at[:, cols].set(rows.T, **_SCATTER)
+
+
+def _dtype(leaf: Any):
+    return leaf.t.dtype if _is_transposed(leaf) else leaf.dtype
+
+
+def _add_rows_as_columns(p: Array, cols: Array, rows: Array) -> Array:
+    """``p.at[:, cols].add(rows.T)`` without materializing the transpose; drops ``cols >= out``."""
+    dnums = lax.ScatterDimensionNumbers(
+        update_window_dims=(1,), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1,)
+    )
+    return lax.scatter_add(
+        p,
+        cols[:, None],
+        rows,
+        dnums,
+        indices_are_sorted=False,
+        unique_indices=True,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
+
+
+def _after(trees: PyTree) -> Array:
+    """An int32 zero that XLA cannot tell from data depending on every gradient.
+
+    XLA decides whether a scatter may update a donated kernel in place before it schedules
+    the step, from data dependencies alone. The backward pass also reads a meProp kernel (its
+    selected columns, for ``dx``), and nothing makes the kernel's own scatter depend on that
+    read, so XLA copies the whole kernel first, which costs more than the rest of the update.
+    Bounding the scatter indices by ``width + _after(...)`` (a no-op: the indices are below
+    ``width``) makes every scatter depend on every gradient, hence on every read before it.
+    NaN-safe: the result is a count of NaNs, never NaN itself.
+    """
+    firsts = [jnp.ravel(a)[0] for a in jax.tree.leaves(trees) if jnp.size(a)]
+    return sum((jnp.isnan(a).astype(jnp.int32) for a in firsts), jnp.zeros([], jnp.int32))
+
+
+def _raise_bad_taps(names: tuple[str, ...], ok: Array) -> None:
+    bad = [name for name, good in zip(names, ok, strict=True) if not good]
+    if bad:
+        raise ValueError(
+            f"compact gradients of {bad} are a sum or mean of compact gradients with different "
+            "columns (a sparse_update layer applied twice, tap gradients added up over "
+            "microbatches, or lax.pmean/psum over devices that selected their own columns): "
+            "their columns are meaningless. Apply each layer once per step, accumulate with "
+            "optim.compact(optax.MultiSteps(...)), or shard the batch under jit (one global "
+            "selection) instead of averaging per-device gradients"
+        )
+
+
+def _decode(taps: PyTree, layout: _Params, grads: PyTree) -> dict[str, tuple[Array, Array]]:
+    """``{key: (block [K, in], cols int32 [K])}``; stops the program if a tap is a bad sum."""
+    found = tap_leaves(taps)
+    missing = sorted(set(found) - set(layout.keys))
+    if missing:
+        raise ValueError(f"taps at {missing} match no parameter (pass params and taps trees)")
+    if not found:
+        return {}
+    after = _after((grads, taps))
+    shapes = dict(zip(layout.keys, layout.shapes, strict=True))
+    decoded, oks = {}, []
+    for key, tap in found.items():
+        out = shapes[key][1]
+        cols, ok = decode_columns(tap, out)
+        # A no-op bound (the indices are below it) that orders the scatters; see _after.
+        cols = jnp.minimum(cols, out + cols.shape[0] + after)
+        decoded[key] = (tap.block, cols)
+        oks.append(ok)
+    ok = jnp.stack(oks)
+    names = tuple(found)
+    lax.cond(
+        jnp.all(ok),
+        lambda ok: None,
+        lambda ok: jax.debug.callback(lambda ok: _raise_bad_taps(names, ok), ok),
+        ok,
+    )
+    return decoded
+
+
+def _flat_grads(grads: PyTree) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(grads, is_leaf=lambda x: x is None)[0]
+    return {_key(p): g for p, g in flat}
+
+
+def _dense_grad(grads: dict[str, Any], key: str) -> Array:
+    g = grads.get(key)
+    if g is None:
+        raise ValueError(
+            f"no gradient for {key}, and no tap gradient either: pass update(grads, state, "
+            "params, tap_grads) with the taps' gradients of value_and_compact_grad"
+        )
+    return g
+
+
+def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, params: PyTree):
+    """One lifted ``tx`` step: ``(new params, new inner state)``.
+
+    ``decoded`` maps the compact kernels' keys to ``(block [K, in], cols [K])``; every other
+    parameter takes its dense gradient from ``grads``. A :class:`Transposed` state leaf of a
+    kernel without a compact gradient this step is updated whole.
+    """
+    p_leaves = layout.treedef.flatten_up_to(params)
+    p_view, g_view = [], []
+    for key, p in zip(layout.keys, p_leaves, strict=True):
+        if key in decoded:
+            block, cols = decoded[key]
+            p_view.append(_rows(p, cols))  # unused (and compiled away) unless tx reads params
+            g_view.append(block)
+        else:
+            p_view.append(p)
+            g_view.append(_dense_grad(grads, key))
+    outer, items, mirrors = _split(inner, layout)
+
+    def view(node):
+        leaves = layout.treedef.flatten_up_to(node)
+        return layout.treedef.unflatten(
+            [
+                _rows(a, decoded[key][1]) if key in decoded else (a.t.T if _is_transposed(a) else a)
+                for key, a in zip(layout.keys, leaves, strict=True)
+            ]
+        )
+
+    state_view = outer.unflatten([view(i) if m else i for i, m in zip(items, mirrors, strict=True)])
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+        updates, new_view = tx.update(
+            layout.treedef.unflatten(g_view), state_view, layout.treedef.unflatten(p_view)
+        )
+    new_params = []
+    for key, p, u in zip(layout.keys, p_leaves, layout.treedef.flatten_up_to(updates), strict=True):
+        if key in decoded:  # p + u in p's dtype, as optax.apply_updates, column by column
+            new_params.append(_add_rows_as_columns(p, decoded[key][1], u.astype(p.dtype)))
+        else:
+            new_params.append(jnp.asarray(p + u).astype(p.dtype))
+
+    def scatter(old, new):
+        olds, news = layout.treedef.flatten_up_to(old), layout.treedef.flatten_up_to(new)
+        return layout.treedef.unflatten(
+            [
+                _set_rows(o, decoded[key][1], n)
+                if key in decoded
+                else (Transposed(n.T.astype(o.t.dtype)) if _is_transposed(o) else n)
+                for key, o, n in zip(layout.keys, olds, news, strict=True)
+            ]
+        )
+
+    new_items = outer.flatten_up_to(new_view)
+    new_inner = outer.unflatten(
+        [scatter(o, n) if m else n for o, n, m in zip(items, new_items, mirrors, strict=True)]
+    )
+    return layout.treedef.unflatten(new_params), new_inner
+
+
+def _name(tx: Any) -> str:
+    return getattr(tx, "__name__", type(tx).__name__)
+
+
+def lift(tx: optax.GradientTransformation):
+    """``(init, update)`` of ``compact(tx)``; see :func:`meprop_jax.optim.compact`."""
+
+    def init(params: PyTree, taps: PyTree = None) -> SparseState:
+        compact_keys = tap_leaves(taps)
+        layout = _params(params, compact_keys)
+        with jax.numpy_dtype_promotion("standard"):
+            state = tx.init(params)
+        _check_liftable(_name(tx), state, layout)
+        return SparseState(_transpose_tapped(state, layout, compact_keys))
+
+    def update(grads, state: SparseState, params, taps=None):
+        _check_state(state)
+        layout = _params(params, ())
+        decoded = _decode(taps, layout, grads)
+        params, inner = _step(tx, layout, _flat_grads(grads), decoded, state.inner, params)
+        return params, SparseState(inner)
+
+    return init, update
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, SparseState):
+        raise TypeError(
+            f"state must be the SparseState of this optimizer's init, got {type(state).__name__}"
+        )
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+class AccumulationState(NamedTuple):
+    """State of a lifted ``optax.MultiSteps`` (inside :class:`SparseState`).
+
+    Attributes:
+      mini_step: int32 mini-steps accumulated since the last update.
+      gradient_step: int32 updates made.
+      inner: the lifted inner transformation's state (a :class:`SparseState`'s ``inner``).
+      acc: the parameters' gradients summed since the last update, in the accumulator dtype;
+        a tapped kernel's sum is :class:`Transposed`, ``[out, in]``.
+      touched: ``[out]`` bool per tapped kernel (by key string): columns with a sum.
+    """
+
+    mini_step: Array
+    gradient_step: Array
+    inner: PyTree
+    acc: PyTree
+    touched: dict[str, Array]
+
+
+def _add_rows(leaf: Any, cols: Array, rows: Array) -> Any:
+    rows = rows.astype(_dtype(leaf))
+    if _is_transposed(leaf):
+        return Transposed(leaf.t.at[cols].add(rows, **_SCATTER))
+    return _add_rows_as_columns(leaf, cols, rows)
+
+
+def _union(touched: Array, width: int) -> Array:
+    """The touched columns, ascending, padded with distinct out-of-range indices to ``width``."""
+    out = touched.shape[0]
+    (cols,) = jnp.nonzero(touched, size=width, fill_value=0)
+    slots = jnp.arange(width, dtype=cols.dtype)
+    return jnp.where(slots < jnp.sum(touched, dtype=cols.dtype), cols, out + slots)
+
+
+def _every_k(steps: optax.MultiSteps) -> int:
+    # optax keeps the int of every_k_schedule behind a lambda; a real schedule gives an array.
+    n = steps._every_k_schedule(jnp.zeros([], jnp.int32))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(
+            "compact(optax.MultiSteps(...)) needs an int every_k_schedule: the accumulated "
+            "columns need a static bound"
+        )
+    skip = getattr(steps._should_skip_update_fn, "__qualname__", "")
+    if not skip.startswith("MultiSteps.__init__"):
+        raise ValueError("compact(optax.MultiSteps(...)) does not support should_skip_update_fn")
+    return n
+
+
+def lift_multi_steps(steps: optax.MultiSteps):
+    """``(init, update)`` of ``compact(optax.MultiSteps(inner, n))``: accumulation by columns."""
+    n = _every_k(steps)
+    mean = steps._use_grad_mean
+    acc_dtype = steps._accumulator_dtype
+    inner_tx = steps.inner_opt
+    inner_init, _ = lift(inner_tx)
+
+    def init(params: PyTree, taps: PyTree = None) -> SparseState:
+        compact_keys = tap_leaves(taps)
+        layout = _params(params, compact_keys)
+        inner = inner_init(params, taps).inner
+        acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype), params)
+        acc = _transpose_tapped(acc, layout, compact_keys)
+        shapes = dict(zip(layout.keys, layout.shapes, strict=True))
+        touched = {key: jnp.zeros(shapes[key][1:], bool) for key in compact_keys}
+        zero = jnp.zeros([], jnp.int32)
+        return SparseState(AccumulationState(zero, zero, inner, acc, touched))
+
+    def update(grads, state: SparseState, params, taps=None):
+        _check_state(state)
+        s = state.inner
+        layout = _params(params, ())
+        decoded = _decode(taps, layout, grads)
+        if set(decoded) != set(s.touched):
+            raise ValueError(
+                f"compact(optax.MultiSteps): tap gradients for {sorted(decoded)}, but init had "
+                f"taps for {sorted(s.touched)}: pass the same taps to init and update"
+            )
+        flat = _flat_grads(grads)
+        acc = [
+            _add_rows(a, *decoded[key][::-1])
+            if key in decoded
+            else a + _dense_grad(flat, key).astype(a.dtype)
+            for key, a in zip(layout.keys, layout.treedef.flatten_up_to(s.acc), strict=True)
+        ]
+        touched = {
+            key: t.at[decoded[key][1]].set(True, mode="drop") for key, t in s.touched.items()
+        }
+        shapes = dict(zip(layout.keys, layout.shapes, strict=True))
+        width = {key: min(n * decoded[key][0].shape[0], shapes[key][1]) for key in decoded}
+
+        def emit(args):
+            params, inner, acc, touched = args
+            scale = 1.0 / n if mean else 1.0
+            dtypes = dict(zip(layout.keys, [p.dtype for p in jax.tree.leaves(params)], strict=True))
+            union = {key: _union(touched[key], width[key]) for key in touched}
+            dense, compact_ = {}, {}
+            for key, a in zip(layout.keys, acc, strict=True):
+                if key in union:
+                    block = (_rows(a, union[key]) * scale).astype(dtypes[key])
+                    compact_[key] = (block, union[key])
+                else:
+                    dense[key] = (a * scale).astype(dtypes[key])
+            params, inner = _step(inner_tx, layout, dense, compact_, inner, params)
+            acc = [
+                _set_rows(a, union[key], jnp.zeros_like(_rows(a, union[key])))
+                if key in union
+                else jnp.zeros_like(a)
+                for key, a in zip(layout.keys, acc, strict=True)
+            ]
+            touched = {key: jnp.zeros_like(t) for key, t in touched.items()}
+            return params, inner, acc, touched
+
+        done = s.mini_step == n - 1
+        params, inner, acc, touched = lax.cond(
+            done, emit, lambda args: args, (params, s.inner, acc, touched)
+        )
+        new = AccumulationState(
+            jnp.where(done, 0, s.mini_step + 1).astype(jnp.int32),
+            (s.gradient_step + done.astype(jnp.int32)).astype(jnp.int32),
+            inner,
+            layout.treedef.unflatten(acc),
+            touched,
+        )
+        return params, SparseState(new)
+
+    return init, update
