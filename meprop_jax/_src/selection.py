@@ -160,7 +160,8 @@ def non_finite_columns(g: jax.Array) -> jax.Array:
         # Every NaN or inf makes its column's score non-finite (so does a finite sum that
         # overflows), so finite scores, the common case, clear every column.
         scores = column_scores(g)  # under jit, the ranking's own pass over g
-        no_column = functools.partial(jnp.zeros, scores.shape, jnp.bool_)
+        # zeros_like, not zeros: under shard_map the branches must both vary by device.
+        no_column = functools.partial(jnp.zeros_like, scores, jnp.bool_)
         return lax.cond(jnp.all(jnp.isfinite(scores)), no_column, exact)
 
     # XLA:CPU runs a second reduction over g at full cost (half again the CPU time of a
