@@ -228,7 +228,13 @@ def _raise_bad_taps(names: tuple[str, ...], ok: Array) -> None:
 
 
 def _decode(taps: PyTree, layout: _Params, grads: PyTree) -> dict[str, tuple[Array, Array]]:
-    """``{key: (block [K, in], cols int32 [K])}``; stops the program if a tap is a bad sum."""
+    """``{key: (block [K, in], cols int32 [K])}`` of every tap gradient, checked.
+
+    A tap gradient whose columns cannot be trusted (see :func:`decode_columns`) stops the
+    program with an error naming its kernel on a CPU. On other platforms a conditional waits
+    for its predicate on the host, a stall in every step, so there the block becomes NaN
+    instead and the kernel's selected columns with it: loud, never silently wrong.
+    """
     found = tap_leaves(taps)
     missing = sorted(set(found) - set(layout.keys))
     if missing:
@@ -237,23 +243,26 @@ def _decode(taps: PyTree, layout: _Params, grads: PyTree) -> dict[str, tuple[Arr
         return {}
     after = _after((grads, taps))
     shapes = dict(zip(layout.keys, layout.shapes, strict=True))
-    decoded, oks = {}, []
+    names, blocks, columns, oks = tuple(found), [], [], []
     for key, tap in found.items():
         out = shapes[key][1]
         cols, ok = decode_columns(tap, out)
         # A no-op bound (the indices are below it) that orders the scatters; see _after.
-        cols = jnp.minimum(cols, out + cols.shape[0] + after)
-        decoded[key] = (tap.block, cols)
+        columns.append(jnp.minimum(cols, out + cols.shape[0] + after))
+        blocks.append(tap.block)
         oks.append(ok)
     ok = jnp.stack(oks)
-    names = tuple(found)
-    lax.cond(
-        jnp.all(ok),
-        lambda ok: None,
-        lambda ok: jax.debug.callback(lambda ok: _raise_bad_taps(names, ok), ok),
-        ok,
-    )
-    return decoded
+
+    def stop(ok, blocks):
+        raise_bad = lambda ok: _raise_bad_taps(names, ok)
+        lax.cond(jnp.all(ok), lambda ok: None, lambda ok: jax.debug.callback(raise_bad, ok), ok)
+        return blocks
+
+    def poison(ok, blocks):
+        return [jnp.where(ok[i], b, jnp.asarray(jnp.nan, b.dtype)) for i, b in enumerate(blocks)]
+
+    blocks = lax.platform_dependent(ok, blocks, cpu=stop, default=poison)
+    return {key: (b, c) for key, b, c in zip(names, blocks, columns, strict=True)}
 
 
 def _flat_grads(grads: PyTree) -> dict[str, Any]:

@@ -9,9 +9,10 @@ rather than ``[N, out] x [out, in]`` and ``[in, N] x [N, out]``.
 By default the weight gradient is handed to autodiff as a dense ``[in, out]`` array, zero outside
 the selected columns (the authors' semantics: any stock optimizer consumes it). With ``taps`` it
 stays compact instead: the backward writes the selected columns' ``[K, in]`` block and their
-indices into the cotangent of a zero-valued :class:`CompactGrad` input and returns a symbolic
-zero for the kernel, so a jitted step that never reads the kernel's gradient never builds an
-``[in, out]`` array (see :mod:`meprop_jax.optim` for the optimizers that consume it).
+indices into the cotangent of a zero-valued :class:`CompactGrad` input. The kernel still gets
+the masked dense gradient, but a jitted step that never reads it (differentiating the taps
+and not the kernels) has it compiled away and never builds an ``[in, out]`` array (see
+:mod:`meprop_jax.optim` for the optimizers that consume the compact gradient).
 
 With ``record`` the backward also counts, per output unit, how many examples updated it (the
 activity record of meSimp, see :mod:`meprop_jax.mesimp`): the counts are the cotangent of a
@@ -443,11 +444,14 @@ def linear(
     higher-order reverse derivatives work.
 
     With ``tap`` (a zero :class:`CompactGrad` from :func:`compact_tap`) the weight gradient stays
-    compact: the kernel's gradient is zero and the tap's gradient holds the selected columns'
-    ``[K, in]`` block and their indices. Differentiate with respect to the tap, never read the
-    kernel's gradient, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim` updates
-    the kernel from it. A tap must be used by one call only: gradients of a tap shared by
-    several calls (weight sharing, a ``scan`` over time steps) add up and are meaningless.
+    compact: the tap's gradient holds the selected columns' ``[K, in]`` block, their indices
+    and an ``[out]`` indicator of them. Differentiate with respect to the tap and not the
+    kernel, under ``jit``, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim`
+    updates the kernel from it. The kernel's own gradient is still the masked dense one, so a
+    loss differentiated with respect to the kernel alone trains it as without a tap. Autodiff
+    adds up the gradients of a tap used by several calls (weight sharing, a ``scan`` over time
+    steps, microbatches): the sum is exact where every call selected the same columns, and
+    :mod:`meprop_jax.optim` refuses it otherwise (see :func:`meprop_jax._src.taps.decode_columns`).
 
     With ``record`` (a zero :class:`RecordTap` from :func:`record_tap`) the record's gradient
     counts, per output unit, the examples whose selection contained it, and the examples
