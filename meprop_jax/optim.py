@@ -47,8 +47,12 @@ makes the state's gathers and scatters several times cheaper.
 Compact gradients cannot be added: a tap gradient that is a sum or a mean of several (a layer
 applied twice, microbatch gradients added up, ``lax.pmean`` over devices) is correct only
 where every summand selected the same columns. ``update`` checks this at run time from the
-tap's ``selected`` channel and stops the program with an error naming the kernel otherwise;
-accumulate with ``compact(optax.MultiSteps(...))`` instead.
+tap's ``selected`` channel; otherwise it stops the program with an error naming the kernel on
+a CPU, and makes that kernel's update NaN on other platforms (where a conditional would wait
+for its predicate on the host in every step). Accumulate with
+``compact(optax.MultiSteps(...))`` instead, and for data parallelism shard the batch under
+``jit`` (one global selection) rather than averaging per-device compact gradients from
+``shard_map`` or ``pmap`` (each device selects its own columns).
 
 A whole training step::
 
@@ -79,6 +83,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
+from meprop_jax._src import accumulate as _accumulate
 from meprop_jax._src import compact as _compact
 from meprop_jax._src.collections import TAP_COLLECTION
 from meprop_jax._src.compact import SparseState, Transposed, param_layout
@@ -160,7 +165,7 @@ def compact(tx: optax.GradientTransformation | optax.MultiSteps) -> SparseOptimi
     if isinstance(tx, SparseOptimizer):
         return tx
     if isinstance(tx, optax.MultiSteps):
-        init, update = _compact.lift_multi_steps(tx)
+        init, update = _accumulate.lift_multi_steps(tx)
         return SparseOptimizer(init, update, tx)
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(

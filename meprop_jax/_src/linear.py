@@ -9,10 +9,9 @@ rather than ``[N, out] x [out, in]`` and ``[in, N] x [N, out]``.
 By default the weight gradient is handed to autodiff as a dense ``[in, out]`` array, zero outside
 the selected columns (the authors' semantics: any stock optimizer consumes it). With ``taps`` it
 stays compact instead: the backward writes the selected columns' ``[K, in]`` block and their
-indices into the cotangent of a zero-valued :class:`CompactGrad` input. The kernel still gets
-the masked dense gradient, but a jitted step that never reads it (differentiating the taps
-and not the kernels) has it compiled away and never builds an ``[in, out]`` array (see
-:mod:`meprop_jax.optim` for the optimizers that consume the compact gradient).
+indices into the cotangent of a zero-valued :class:`CompactGrad` input, so a jitted step that
+differentiates the taps and not the kernels never builds an ``[in, out]`` array (see
+:mod:`meprop_jax.optim` for the optimizers that consume it).
 
 With ``record`` the backward also counts, per output unit, how many examples updated it (the
 activity record of meSimp, see :mod:`meprop_jax.mesimp`): the counts are the cotangent of a
@@ -40,7 +39,7 @@ from meprop_jax._src.taps import (
     _check_taps,
     _record_counts,
     _record_dense,
-    selected_columns,
+    compact_grads,
 )
 
 Array = jax.Array
@@ -256,15 +255,8 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     )
     if not cfg.compact:
         return dxs, dws, db, None, None, counts, chosen
-    # Compact: the blocks go to the taps. The kernels still get the masked dense gradient, so
-    # that a loss differentiated with respect to the kernels and not the taps trains them;
-    # a step that never reads it (optim.value_and_compact_grad) has it compiled away.
-    if cols is None:
-        cols = jnp.arange(g.shape[-1], dtype=jnp.int32)
-    seen = selected_columns(cols, g.shape[-1])
-    cols = cols.astype(jnp.float32)
-    taps = tuple(CompactGrad(b, cols, seen) for b in blocks)
-    return dxs, dws, db, None, taps, counts, chosen
+    # Compact: the blocks go to the taps; the kernels' dws, unless read, are compiled away.
+    return dxs, dws, db, None, compact_grads(blocks, cols, g.shape[-1]), counts, chosen
 
 
 _meprop.defvjp(_meprop_fwd, _meprop_bwd)
@@ -444,14 +436,11 @@ def linear(
     higher-order reverse derivatives work.
 
     With ``tap`` (a zero :class:`CompactGrad` from :func:`compact_tap`) the weight gradient stays
-    compact: the tap's gradient holds the selected columns' ``[K, in]`` block, their indices
-    and an ``[out]`` indicator of them. Differentiate with respect to the tap and not the
-    kernel, under ``jit``, and no ``[in, out]`` gradient is built; :mod:`meprop_jax.optim`
-    updates the kernel from it. The kernel's own gradient is still the masked dense one, so a
-    loss differentiated with respect to the kernel alone trains it as without a tap. Autodiff
-    adds up the gradients of a tap used by several calls (weight sharing, a ``scan`` over time
-    steps, microbatches): the sum is exact where every call selected the same columns, and
-    :mod:`meprop_jax.optim` refuses it otherwise (see :func:`meprop_jax._src.taps.decode_columns`).
+    compact: the tap's gradient holds the selected columns' ``[K, in]`` block, their indices and
+    an ``[out]`` indicator. Under ``jit``, differentiating the tap and not the kernel builds no
+    ``[in, out]`` gradient; :mod:`meprop_jax.optim` updates the kernel from it (the kernel's own
+    gradient stays the masked dense one). Gradients of a tap used by several calls add up:
+    exact where all selected the same columns, refused by :mod:`meprop_jax.optim` otherwise.
 
     With ``record`` (a zero :class:`RecordTap` from :func:`record_tap`) the record's gradient
     counts, per output unit, the examples whose selection contained it, and the examples

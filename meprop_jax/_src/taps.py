@@ -75,9 +75,17 @@ def decode_columns(grad: CompactGrad, out: int) -> tuple[Array, Array]:
     return jnp.minimum(idx, out + jnp.arange(idx.shape[0], dtype=jnp.int32)), ok
 
 
-def selected_columns(cols: Array, out: int) -> Array:
-    """The ``selected`` channel of a single backward pass: ``[out]`` float32 indicator."""
-    return jnp.zeros((out,), jnp.float32).at[cols].set(1.0, mode="drop")
+def compact_grads(blocks, cols: Array | None, out: int) -> tuple[CompactGrad, ...]:
+    """One backward pass's tap gradients: ``blocks`` ``[K, in]`` of the columns ``cols``.
+
+    ``cols`` (int ``[K]``, padding ``>= out``) is shared by every block; None means all
+    ``out`` columns in order.
+    """
+    if cols is None:
+        cols = jnp.arange(out, dtype=jnp.int32)
+    selected = jnp.zeros((out,), jnp.float32).at[cols].set(1.0, mode="drop")
+    cols = cols.astype(jnp.float32)
+    return tuple(CompactGrad(block, cols, selected) for block in blocks)
 
 
 class RecordTap(NamedTuple):
