@@ -4,8 +4,8 @@ A Linen CNN with BatchNorm (``TrainState``) and an NNX MLP (``nnx.Optimizer``) t
 ``optax.MultiSteps(optax.chain(optax.clip_by_global_norm(...), optax.adamw(...)))``. A layer
 applied twice, gradients averaged over devices, a model applied without differentiating its
 taps, meSimp's shrink of a compact state and an update without taps all give correct results
-or one clear error. Under ``shard_map`` each device selects its own columns; under ``jit`` with
-a sharded batch the selection is global.
+or one clear error. Under ``shard_map`` and ``pmap`` each device selects its own columns;
+under ``jit`` with a sharded batch the selection is global.
 """
 
 import functools
@@ -275,3 +275,21 @@ def test_pmean_is_exact_where_the_devices_select_the_same_columns():
     got, _ = jax.jit(opt.update)({"kernel": None}, state, params, {"kernel": tap_grad})
     masked = jax.grad(lambda w: jnp.sum(meprop_jax.linear(x[:4], w, k=K) * g[:4]))(w)
     np.testing.assert_allclose(got["kernel"], w - 0.1 * masked, rtol=1e-6, atol=1e-6)
+
+
+def test_pmap_selects_per_device():
+    w = jax.random.normal(jax.random.key(6), (4, 12))
+    x = jax.random.normal(jax.random.key(7), (2, 4, 4))  # [devices, batch, in]
+    g = jax.random.normal(jax.random.key(8), (2, 4, 12))
+
+    def grad(x, g, w):
+        dw = jax.grad(lambda w: jnp.sum(meprop_jax.linear(x, w, k=K) * g))(w)
+        return jax.lax.psum(dw, "i")
+
+    dw = jax.pmap(grad, axis_name="i", in_axes=(0, 0, None), devices=jax.devices()[:2])(x, g, w)
+    columns = np.flatnonzero(np.any(np.asarray(dw[0]) != 0, axis=0))
+    assert K < columns.size <= 2 * K
+    whole = jax.grad(
+        lambda w: jnp.sum(meprop_jax.linear(x.reshape(8, 4), w, k=K) * g.reshape(8, 12))
+    )(w)
+    assert np.sum(np.any(np.asarray(whole) != 0, axis=0)) == K
