@@ -4,13 +4,17 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 from experiments.common.errors import ConfigError, DataError
 
 __all__ = [
     "CLI_MODES",
+    "GROUPS",
+    "TaskParser",
     "add_mode_argument",
     "add_predict_arguments",
+    "flag_group",
     "run_name_tail",
     "user_errors",
 ]
@@ -18,23 +22,70 @@ __all__ = [
 #: meProp modes as the command lines spell them (``per_example`` is accepted too).
 CLI_MODES: tuple[str, ...] = ("unified", "per-example", "random")
 
+#: The flag groups of every task's ``--help``, in this order (a task shows those it has).
+GROUPS: tuple[str, ...] = (
+    "model",
+    "data",
+    "meProp",
+    "meSimp",
+    "training",
+    "checkpoints",
+    "prediction",
+    "several processes",
+)
 
-def add_mode_argument(group: argparse._ActionsContainer, default: str = "unified") -> None:
-    """Adds the ``--mode`` option every experiment shares; ``default`` is the task's choice."""
+
+class TaskParser(argparse.ArgumentParser):
+    """An argument parser whose ``--help`` lists the flags under :data:`GROUPS`, in that order
+    whichever module adds them first, and whose usage errors are one line plus a pointer to
+    ``--help`` (the full usage block of 40-odd flags would bury the line that matters)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("usage", "%(prog)s [flags]  (grouped below)")
+        super().__init__(**kwargs)
+        for title in GROUPS:
+            self.add_argument_group(title)
+
+    def error(self, message: str) -> NoReturn:
+        """Prints ``<prog>: error: <message>`` and ``see '<prog> --help'``; exits with 2."""
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+def flag_group(
+    parser: argparse.ArgumentParser, title: str, description: str | None = None
+) -> argparse._ArgumentGroup:
+    """The group ``title`` of ``parser`` (made if it has none yet, e.g. in a plain
+    :class:`argparse.ArgumentParser`); ``description``, when given, becomes its text."""
+    for group in parser._action_groups:
+        if group.title == title:
+            break
+    else:
+        group = parser.add_argument_group(title)
+    if description is not None:
+        group.description = description
+    return group
+
+
+def add_mode_argument(
+    group: argparse._ActionsContainer, default: str = "unified", why: str = ""
+) -> None:
+    """Adds the ``--mode`` option every experiment shares; ``default`` is the task's choice
+    and ``why`` the reason for it, said in the help."""
+    reason = f": {why}" if why else ""
     group.add_argument(
         "--mode",
         type=lambda text: text.replace("_", "-"),
         choices=CLI_MODES,
         default=default,
-        help=f"unified (one top-k set per minibatch), per-example (the paper's CPU variant) or "
-        f"random (the control); default {default}",
+        help=f"unified (one top-k set per minibatch), per-example (each example its own top-k, "
+        f"the paper's CPU variant) or random (the control); default {default}{reason}",
     )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser, action: str) -> None:
     """The ``prediction`` group: ``--predict FILE`` (``action``: what is done to FILE, e.g.
     "tag FILE") and ``--predict-output PATH``."""
-    group = parser.add_argument_group("prediction")
+    group = flag_group(parser, "prediction")
     group.add_argument(
         "--predict",
         type=Path,
@@ -79,8 +130,9 @@ def run_name_tail(
 
 @contextlib.contextmanager
 def user_errors(parser: argparse.ArgumentParser, *also: type[Exception]) -> Iterator[None]:
-    """Ends the program with argparse's one-line message and exit code 2, not a traceback,
-    on a bad flag (:class:`ConfigError`) or bad data (:class:`DataError` and ``also``)."""
+    """Ends the program with a one-line message and exit code 2, not a traceback, on a bad
+    flag (:class:`ConfigError`, as a usage error) or bad data (:class:`DataError` and
+    ``also``)."""
     try:
         yield
     except ConfigError as exc:

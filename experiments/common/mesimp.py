@@ -67,6 +67,7 @@ import numpy as np
 from flax import linen as nn
 from flax import serialization
 
+from experiments.common.cli import flag_group
 from experiments.common.errors import require
 from meprop_jax import mesimp
 
@@ -303,7 +304,7 @@ _SCHEDULE_HELP = (
 
 def add_mesimp_arguments(parser: argparse.ArgumentParser, export_help: str) -> None:
     """Adds the ``meSimp`` flag group; ``export_help`` says what ``--export DIR`` writes."""
-    g = parser.add_argument_group("meSimp", _SCHEDULE_HELP)
+    g = flag_group(parser, "meSimp", _SCHEDULE_HELP)
     g.add_argument("--mesimp", action="store_true", help="train with meSimp (needs --k >= 1)")
     g.add_argument(
         "--mesimp-threshold",

@@ -207,6 +207,21 @@ def _saved_meta(directory: Path) -> dict[str, Any]:
     return restored["meta"]
 
 
+def saved_run(cfg: TrainConfig, task: Any) -> tuple[int, list[str]] | None:
+    """The run already in ``cfg.out``: the epochs its latest checkpoint holds and the settings
+    that differ from ``task`` and ``cfg`` (as :func:`check_resume` lists them), or None when
+    the folder holds no checkpoint. Writes nothing."""
+    directory = cfg.out / CHECKPOINT_DIR
+    if latest_checkpoint(directory) is None:
+        return None
+    meta = _saved_meta(directory)
+    current = run_config(task, cfg, 0)  # the device count may change (RESUMABLE_CHANGES)
+    changed = config_changes(meta["config"], current)
+    return int(meta["epoch"]), [
+        f"{k} ({meta['config'].get(k)!r} there, {current.get(k)!r} now)" for k in changed
+    ]
+
+
 def check_resume(cfg: TrainConfig, task: Any) -> None:
     """Every check :func:`~experiments.loop.train` makes of the run folder before it writes
     anything: ``--resume`` needs a checkpoint made with the same settings, a fresh run needs a
@@ -219,13 +234,8 @@ def check_resume(cfg: TrainConfig, task: Any) -> None:
     check_out_dir(cfg)
     if not cfg.resume:
         return
-    meta = _saved_meta(cfg.out / CHECKPOINT_DIR)
-    current = run_config(task, cfg, 0)  # the device count may change (RESUMABLE_CHANGES)
-    changed = config_changes(meta["config"], current)
+    _, changed = saved_run(cfg, task)
     if changed:
         raise ConfigError(
-            f"--resume: {cfg.out} was trained with other settings for "
-            + ", ".join(
-                f"{k} ({meta['config'].get(k)!r} there, {current.get(k)!r} now)" for k in changed
-            )
+            f"--resume: {cfg.out} was trained with other settings for " + ", ".join(changed)
         )

@@ -13,6 +13,7 @@ import jax
 import optax
 
 from experiments.common import ConfigError, require
+from experiments.common.cli import flag_group
 from experiments.common.files import recorded_path
 from experiments.loop import distributed
 from meprop_jax import optim
@@ -222,9 +223,19 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the loop's flags (``--epochs``, ``--optimizer``, ``--out``, ...) to ``parser``."""
-    g = parser.add_argument_group("training")
+    """Adds the loop's flags to ``parser``: ``--epochs``, ``--optimizer``, ... under
+    "training", ``--out``, ``--resume``, ... under "checkpoints", ``--sparse-update`` under
+    "meProp" and the flags of several processes under their own group."""
+    g = flag_group(parser, "training")
     g.add_argument("--epochs", type=int, default=20, help="epochs in all (default 20)")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        metavar="P",
+        help="early stopping: end the run once dev has not improved for P epochs; test is "
+        "still read at the best dev epoch (default 0 = run every epoch)",
+    )
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default adam)")
     g.add_argument(
         "--lr",
@@ -243,26 +254,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--devices", type=int, default=None, help="data-parallel devices (default: all local ones)"
     )
-    g.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config>)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="discard checkpoints already in --out")
-    g.add_argument(
-        "--patience",
-        type=int,
-        default=0,
-        metavar="P",
-        help="early stopping: end the run once dev has not improved for P epochs; test is "
-        "still read at the best dev epoch (default 0 = run every epoch)",
-    )
-    g.add_argument(
-        "--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)"
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        default=3,
-        help="latest checkpoints kept, besides the best dev epoch's (default 3)",
-    )
     g.add_argument(
         "--timing-batches",
         type=int,
@@ -276,7 +267,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="minibatches per scanned chunk; 0 = a tenth of an epoch (default)",
     )
-    g.add_argument(
+    c = flag_group(parser, "checkpoints")
+    c.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config>)")
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (also to more --epochs)",
+    )
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the checkpoints already in --out and train afresh (without it, a "
+        "finished run asked for again only says where its results are)",
+    )
+    c.add_argument(
+        "--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)"
+    )
+    c.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="latest checkpoints kept, besides the best dev epoch's (default 3)",
+    )
+    flag_group(parser, "meProp").add_argument(
         "--sparse-update",
         action="store_true",
         help="keep the meProp kernels' gradients compact and update only their selected "

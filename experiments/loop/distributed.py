@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.common import ConfigError, require
+from experiments.common.cli import flag_group
 from experiments.loop.signals import StopFlag
 from experiments.loop.task import Batch
 
@@ -77,8 +78,10 @@ def cluster_processes(env: dict[str, str] | None = None) -> int:
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--coordinator``, ``--num-processes``, ``--process-id`` and the timeouts."""
-    g = parser.add_argument_group(
-        "several processes (jax.distributed; no flag needed under srun, mpirun or on a GKE TPU pod)"
+    g = flag_group(
+        parser,
+        "several processes",
+        "jax.distributed; no flag is needed under srun, mpirun or on a GKE TPU pod",
     )
     g.add_argument(
         "--coordinator",

@@ -102,16 +102,17 @@ def _channels_entry(text: str) -> tuple[int, ...]:
     return channels
 
 
-def add_cnn_arguments(group: Any) -> None:
-    """Adds ``--model``, ``--channels`` and ``--k-conv`` to a parser (group)."""
-    group.add_argument(
+def add_cnn_arguments(model: Any, meprop: Any) -> None:
+    """Adds ``--model`` and ``--channels`` to the ``model`` group (or parser) and
+    ``--k-conv`` to the ``meprop`` one."""
+    model.add_argument(
         "--model",
         choices=MODELS,
         default="mlp",
         help="mlp (the paper's MLP, default) or cnn (meProp convolutions + an MLP head; "
         "see --channels, --k-conv)",
     )
-    group.add_argument(
+    model.add_argument(
         "--channels",
         type=_channels_entry,
         default=None,
@@ -119,7 +120,7 @@ def add_cnn_arguments(group: Any) -> None:
         help="--model cnn: output channels of its 3x3 convolutions, each followed by 2x2 max "
         f"pooling (default {','.join(map(str, DEFAULT_CHANNELS))})",
     )
-    group.add_argument(
+    meprop.add_argument(
         "--k-conv",
         type=int,
         default=None,

@@ -12,7 +12,13 @@ from pathlib import Path
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
 from experiments.common import mesimp as mesimp_loop
-from experiments.common.cli import add_predict_arguments, run_name_tail, user_errors
+from experiments.common.cli import (
+    TaskParser,
+    add_predict_arguments,
+    flag_group,
+    run_name_tail,
+    user_errors,
+)
 from experiments.corpora.conll import FORMATS, TAG_COLUMNS
 from experiments.tagging import simplify
 from experiments.tagging.features import DEFAULT_FEATURES, FEATURES
@@ -32,6 +38,12 @@ __all__ = ["CORPORA", "DEFAULT_EPOCHS", "build_parser", "main"]
 DEFAULT_EPOCHS = 15
 DEFAULT_TIMING_BATCHES = 0  # probes compile three programs per bucket: opt-in
 ADAGRAD_LR = 0.01  # the paper's AdaGrad learning rate for POS tagging
+#: Why unified (README: Where meProp saves time): a minibatch's tokens (8 sentences of about
+#: 24) each choosing k = 10 columns would cover the 500 units, and save nothing.
+MODE_REASON = (
+    "the fast variant (with per-example selection the ~200 tokens of a minibatch each pick "
+    "k columns, together the whole layer, so its backward runs full-width products)"
+)
 
 #: ``--corpus`` name -> (folder, train, dev or None, test).
 CORPORA: Mapping[str, tuple[str, str, str | None, str]] = {
@@ -42,20 +54,13 @@ CORPORA: Mapping[str, tuple[str, str, str | None, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m experiments.tagging`` flags."""
-    parser = argparse.ArgumentParser(
+    parser = TaskParser(
         prog="python -m experiments.tagging",
         description="Train the paper's LSTM POS tagger with meProp, or tag a file with a "
         "trained one (--predict).",
     )
-    m = parser.add_argument_group("model")
+    m = flag_group(parser, "model")
     m.add_argument("--hidden", type=int, default=500, help="LSTM units per direction (default 500)")
-    m.add_argument(
-        "--k",
-        type=int,
-        default=DEFAULT_K,
-        help=f"meProp k per LSTM gate (default {DEFAULT_K}); 0 = ordinary backprop",
-    )
-    loop.add_mode_argument(m)
     m.add_argument(
         "--dropout",
         type=float,
@@ -81,15 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="words and feature values seen fewer times in training map to <unk> (default 2)",
     )
-    feedback_flags.add_feedback_argument(m)
-    feedback_flags.add_adaptive_arguments(m)
-    d = parser.add_argument_group("data")
+    p = flag_group(parser, "meProp")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULT_K,
+        help=f"meProp k per LSTM gate (default {DEFAULT_K}, 2%% of the 500 units; the paper "
+        "used 5 with per-example selection); 0 = ordinary backprop",
+    )
+    loop.add_mode_argument(p, "unified", MODE_REASON)
+    feedback_flags.add_feedback_argument(p)
+    feedback_flags.add_adaptive_arguments(p)
+    d = flag_group(parser, "data")
     d.add_argument(
         "--corpus",
         choices=tuple(CORPORA),
         default=None,
-        help="read the corpus's files under --data-dir (default conll2000 unless --train-file "
-        "is given)",
+        help="read the corpus's files under --data-dir (default conll2000, Wall Street Journal "
+        "text with Penn POS tags as in the paper's data, unless --train-file is given)",
     )
     d.add_argument(
         "--data-dir",
@@ -117,21 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="CoNLL-X/U tag column: xpos = POSTAG/XPOS (default), upos = CPOSTAG/UPOS",
     )
     d.add_argument(
+        "--limit-train", type=int, default=None, help="use the first N training sentences"
+    )
+    t = flag_group(parser, "training")
+    t.add_argument(
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH,
-        help=f"sentences per training minibatch, all devices (default {DEFAULT_BATCH}; "
-        "the paper used 1)",
+        help=f"sentences per training minibatch, all devices (default {DEFAULT_BATCH}; the "
+        "paper used 1; 8 beat 32 after one epoch, most of all for meProp's sparse updates)",
     )
-    d.add_argument(
+    t.add_argument(
         "--eval-batch-size",
         type=int,
         default=None,
         help=f"sentences per evaluation minibatch (default {DEFAULT_EVAL_BATCH}, rounded up "
         "to a multiple of the device count)",
-    )
-    d.add_argument(
-        "--limit-train", type=int, default=None, help="use the first N training sentences"
     )
     add_predict_arguments(parser, "tag FILE")
     simplify.add_mesimp_arguments(parser)
@@ -139,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(epochs=DEFAULT_EPOCHS, timing_batches=DEFAULT_TIMING_BATCHES)
     # The loop's help texts name its own defaults; say where the tagger's differ.
     helps = {
+        "epochs": f"epochs in all (default {DEFAULT_EPOCHS}; the best dev epoch is reported)",
         "timing_batches": "minibatches per forward/backward/update timing probe after each "
         f"epoch; 0 disables (default {DEFAULT_TIMING_BATCHES}: off, as the probes compile "
         "three more programs per length bucket; 20 gives steady estimates)",
@@ -312,27 +328,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, out)
 
-        def checked(task: TaggingTask, cfg: loop.TrainConfig) -> TaggingTask:
-            # A refused run must leave the run folder as it was: check before writing.
-            loop.check_resume(cfg, task)
+        def prepare(task: TaggingTask) -> None:
             if cfg.resume:
                 task.check_resume(cfg.out)
             task.save_vocab(cfg.out)
-            return task
 
         if not settings.mesimp:
             return loop.run_cli(
-                lambda: checked(TaggingTask(load_data(files, settings), settings), cfg),
+                lambda: TaggingTask(load_data(files, settings), settings),
                 cfg,
                 "experiments.tagging",
                 argv,
+                prepare,
             )
         # meSimp prunes at chunk boundaries: the chunks follow from the training buckets.
         task = TaggingTask(load_data(files, settings), settings)
         cfg = dataclasses.replace(cfg, chunk_steps=simplify.chunk_steps(task))
-        code = loop.run_cli(lambda: checked(task, cfg), cfg, "experiments.tagging", argv)
-        entry = simplify.finish_run(task, cfg.out, args.export) if code == 0 else None
-        if entry is not None:
-            print(simplify.describe(entry, args.export))
-        return code
+
+        def finish(task: TaggingTask) -> None:
+            entry = simplify.finish_run(task, cfg.out, args.export)
+            if entry is not None:
+                print(simplify.describe(entry, args.export))
+
+        return loop.run_cli(lambda: task, cfg, "experiments.tagging", argv, prepare, finish)
     return 2  # not reached: user_errors ends the program with exit code 2

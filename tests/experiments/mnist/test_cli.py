@@ -205,13 +205,34 @@ def test_sigint_saves_checkpoint_and_resume_continues(
 
 
 @pytest.mark.slow
-def test_existing_run_needs_resume_or_overwrite(
+def test_the_same_command_again_says_where_the_results_are(
     tiny_dir: Path, tiny_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The Quick start run twice: the second says where the first one's results are, exits 0
+    and writes nothing; asked for more epochs, it says how to resume."""
+    out = tiny_run["out"]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main(tiny_args(tiny_dir, out)) == 0
+    said = capsys.readouterr().out
+    assert "finished after 2 epochs" in said and str(out / "results.json") in said
+    assert cli.main(tiny_args(tiny_dir, out, "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert "stopped after epoch 2 of 3" in err and "--resume" in err and "--overwrite" in err
+    assert "python -m experiments.mnist" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_data_errors_come_before_the_run_folder_check(
+    tiny_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--data-dir /empty over a finished run: the real error, not the run folder's."""
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exc:
-        cli.main(tiny_args(tiny_dir, tiny_run["out"]))
+        cli.main(tiny_args(tmp_path / "empty", tiny_run["out"]))
     assert exc.value.code == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'} lacks" in err and "finished" not in err
 
 
 # ---------------------------------------------------------------------------------------------
