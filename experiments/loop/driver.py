@@ -44,7 +44,7 @@ from experiments.loop.config import (
     resolve_devices,
     validate_config,
 )
-from experiments.loop.probes import NO_PROBES, probe_timings
+from experiments.loop.probes import NO_PROBES, bound_by_wall, probe_timings
 from experiments.loop.programs import (
     KEY_EVAL,
     KEY_INIT,
@@ -363,6 +363,7 @@ def _train_epoch(
             run.programs, state, groups, step_keys, run.cfg.timing_batches
         )
     probe_wall = time.perf_counter() - probe_start - probe_compile
+    probes = bound_by_wall(probes, train_wall)
     record = {
         "epoch": epoch,
         "loss": loss_sum / max(count, 1.0),

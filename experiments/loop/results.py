@@ -147,8 +147,11 @@ def log_epoch(
         parts.append(f"test {label}{record[f'test_{name}']:.2f}%")
     parts.append(f"train {t['train_wall_s']:.2f}s")
     if t.get("forward_s") is not None:
+        # A share of the measured time (see experiments.loop.probes), never more than it.
+        scaled = t.get("probe_scale") is not None and t["probe_scale"] < 1.0
         parts.append(
-            f"(est. fwd {t['forward_s']:.2f}s bwd {t['backward_s']:.2f}s upd {t['update_s']:.2f}s)"
+            f"(of which est. fwd {t['forward_s']:.2f}s bwd {t['backward_s']:.2f}s "
+            f"upd {t['update_s']:.2f}s{', probes scaled to fit' if scaled else ''})"
         )
     parts.append(f"eval {t['eval_s']:.2f}s")
     if t.get("probe_s"):
