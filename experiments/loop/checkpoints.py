@@ -13,9 +13,11 @@ leaves every file of the run as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,15 +197,28 @@ def run_config(task: Any, cfg: TrainConfig, n_devices: int) -> dict[str, Any]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silences orbax's warnings that a read-only manager is read-only (said at every read)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _saved_meta(directory: Path) -> dict[str, Any]:
     """The ``meta`` item of the latest checkpoint in ``directory``, read without writing."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(
-        directory.absolute(), options=options, item_names=("state", "meta")
-    ) as manager:
-        restored = manager.restore(
-            manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )
+    with _quiet_absl():
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        with ocp.CheckpointManager(
+            directory.absolute(), options=options, item_names=("state", "meta")
+        ) as manager:
+            restored = manager.restore(
+                manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
     return restored["meta"]
 
 

@@ -478,7 +478,8 @@ def existing_run(task: Task, cfg: TrainConfig, prog: str, argv: Sequence[str]) -
     results = cfg.out / RESULTS_FILE
     if done >= cfg.epochs:
         tell(
-            f"{cfg.out} holds this run already, finished after {done} epochs: results in "
+            f"{cfg.out} holds this run already, finished after {done} "
+            f"epoch{'s' if done != 1 else ''}: results in "
             f"{results}. Pass --overwrite to train it again."
         )
         return 0
