@@ -9,14 +9,15 @@ from jax.experimental.compilation_cache import compilation_cache as cc
 
 
 @contextlib.contextmanager
-def persistent_compilation_cache(path: Path) -> Iterator[None]:
-    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores.
+def persistent_compilation_cache(path: Path) -> Iterator[Path]:
+    """Enables JAX's on-disk compilation cache in ``path`` for the block, then restores;
+    yields the folder in use, for the processes a test starts.
 
     Under the test suite's own cache (``tests/conftest.py``) it keeps that one, which every
-    test shares.
+    test and every process they start shares: a program compiled once is read back by all.
     """
     if jax.config.jax_compilation_cache_dir:
-        yield
+        yield Path(jax.config.jax_compilation_cache_dir)
         return
     names = (
         "jax_compilation_cache_dir",
@@ -29,7 +30,7 @@ def persistent_compilation_cache(path: Path) -> Iterator[None]:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()
     try:
-        yield
+        yield path
     finally:
         for name, value in before.items():
             jax.config.update(name, value)

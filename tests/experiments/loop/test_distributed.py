@@ -29,6 +29,7 @@ from tests.experiments.mnist.test_cli import (
     SUBPROCESS_MAIN,
     write_tiny_mnist,
 )
+from tests.helpers import persistent_compilation_cache
 
 # Every wait is bounded: a run of the tiny model takes well under a minute on an idle
 # machine, these bounds leave room for a heavily loaded one.
@@ -51,9 +52,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One XLA cache for every subprocess of this module (they compile the same programs)."""
-    return tmp_path_factory.mktemp("jax-cache")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One XLA cache for every subprocess of this module (they compile the same programs):
+    the suite's own, so that a second run of the suite compiles none of them again."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax-cache")) as path:
+        yield path
 
 
 def free_port() -> int:

@@ -14,9 +14,9 @@ from tests.helpers import persistent_compilation_cache
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One XLA cache for a module and its subprocesses (they compile the same programs)."""
-    path = tmp_path_factory.getbasetemp() / "jax-cache"
-    with persistent_compilation_cache(path):
+    """One XLA cache for a module and its subprocesses (they compile the same programs): the
+    suite's own, which the other modules' runs have filled too."""
+    with persistent_compilation_cache(tmp_path_factory.getbasetemp() / "jax-cache") as path:
         yield path
 
 
