@@ -222,17 +222,17 @@ def _saved_meta(directory: Path) -> dict[str, Any]:
     return restored["meta"]
 
 
-def saved_run(cfg: TrainConfig, task: Any) -> tuple[int, list[str]] | None:
-    """The run already in ``cfg.out``: the epochs its latest checkpoint holds and the settings
-    that differ from ``task`` and ``cfg`` (as :func:`check_resume` lists them), or None when
-    the folder holds no checkpoint. Writes nothing."""
+def saved_run(cfg: TrainConfig, task: Any) -> tuple[list[dict[str, Any]], list[str]] | None:
+    """The run already in ``cfg.out``: the epoch records its latest checkpoint holds and the
+    settings that differ from ``task`` and ``cfg`` (as :func:`check_resume` lists them), or
+    None when the folder holds no checkpoint. Writes nothing."""
     directory = cfg.out / CHECKPOINT_DIR
     if latest_checkpoint(directory) is None:
         return None
     meta = _saved_meta(directory)
     current = run_config(task, cfg, 0)  # the device count may change (RESUMABLE_CHANGES)
     changed = config_changes(meta["config"], current)
-    return int(meta["epoch"]), [
+    return list(meta["history"]), [
         f"{k} ({meta['config'].get(k)!r} there, {current.get(k)!r} now)" for k in changed
     ]
 

@@ -455,18 +455,24 @@ def resume_command(prog: str, argv: Sequence[str], out: Path) -> str:
     return shlex.join(["python", "-m", prog, *args, "--resume"])
 
 
+def _metric(task: Task) -> str:
+    return getattr(task, "metric", "acc")
+
+
 def existing_run(task: Task, cfg: TrainConfig, prog: str, argv: Sequence[str]) -> int | None:
     """What a run asked for without ``--resume`` or ``--overwrite`` does when ``cfg.out``
-    already holds checkpoints: the same run, finished, says where its results are (exit code
-    0); unfinished, how to resume it; with other settings, which ones (exit code 2, nothing
-    written). None: nothing saved there, or a flag says what to do with it.
+    already holds checkpoints: the same run, finished (all ``cfg.epochs``, or stopped early by
+    ``--patience``), says where its results are (exit code 0); unfinished, how to resume it;
+    with other settings, which ones (exit code 2, nothing written). None: nothing saved
+    there, or a flag says what to do with it.
     """
     if cfg.resume or cfg.overwrite:
         return None
     saved = saved_run(cfg, task)
     if saved is None:
         return None
-    done, changed = saved
+    history, changed = saved
+    done = len(history)
     say = distributed.main_process_only(lambda text: print(text, file=sys.stderr))
     tell = distributed.main_process_only(print)
     if changed:
@@ -476,7 +482,7 @@ def existing_run(task: Task, cfg: TrainConfig, prog: str, argv: Sequence[str]) -
         )
         return 2
     results = cfg.out / RESULTS_FILE
-    if done >= cfg.epochs:
+    if done >= cfg.epochs or patience_exhausted(history, cfg.patience, _metric(task)):
         tell(
             f"{cfg.out} holds this run already, finished after {done} "
             f"epoch{'s' if done != 1 else ''}: results in "

@@ -98,3 +98,18 @@ def test_overwrite_trains_afresh_and_finishes(
     assert driver.run_cli(ToyTask, again, "experiments.toy", ARGV, None, calls.append) == 0
     assert len(calls) == 1
     assert "best epoch 1" in capsys.readouterr().out
+
+
+def test_a_run_ended_by_patience_counts_as_finished(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """4 of 10 epochs, dev best at epoch 2: finished for --patience 2, not for 3."""
+    dev = {1: 50.0, 2: 60.0, 3: 55.0, 4: 58.0}
+    history = [{"epoch": e, "dev_acc": a, "test_acc": a} for e, a in dev.items()]
+    monkeypatch.setattr(driver, "saved_run", lambda cfg, task: (history, []))
+    cfg = config(tmp_path, epochs=10, patience=2)
+    assert driver.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 0
+    assert "finished after 4 epochs" in capsys.readouterr().out
+    cfg = config(tmp_path, epochs=10, patience=3)
+    assert driver.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 2
+    assert "stopped after epoch 4 of 10" in capsys.readouterr().err
