@@ -410,7 +410,11 @@ class ParsingTask(StateHooks):
             **dataclasses.asdict(self.settings),
             **d.files,
             # Relative to the data folder: a record names no machine's folders.
-            **{f: recorded_path(d.files[f]) for f in ("train_file", "dev_file", "test_file")},
+            **{
+                f: recorded_path(d.files[f])
+                for f in ("train_file", "dev_file", "test_file")
+                if f in d.files  # data built in memory names no files
+            },
             "labelled": d.vocab.labelled,
             "num_labels": len(d.vocab.labels),
             "num_transitions": self.model.num_transitions,
