@@ -149,6 +149,12 @@ def test_tiny_run_then_predict_round_trip(toy, tmp_path, capsys):
     assert parse["test_uas"] == pytest.approx(test, abs=1e-6)  # the loop's decoder agrees
     assert (out / "vocab.json").is_file()
     assert "parse speed:" in capsys.readouterr().out
+    # Asked for again: where the results are, exit code 0, nothing parsed or written again.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert run_main(args) == 0
+    said = capsys.readouterr().out
+    assert "finished after 2 epochs" in said and "parse speed" not in said
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     source = write_toy(tmp_path / "in.conllu", 5, 7, extras=True)
     predicted = tmp_path / "predicted.conllu"

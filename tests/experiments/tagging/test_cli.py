@@ -247,6 +247,22 @@ def test_refused_resume_leaves_the_run_untouched(trained, capsys, change, needle
 
 
 @pytest.mark.slow
+def test_the_same_run_asked_for_again(trained, capsys):
+    """The same command: where the results are, exit 0, nothing written; more epochs: the
+    --resume command, exit 2; a setting changed: which one, exit 2."""
+    out, args = trained
+    before = file_hashes(out)
+    assert run_main(args) == 0
+    assert "finished after 1 epoch:" in capsys.readouterr().out
+    assert run_main([*args, "--epochs", 2]) == 2
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1 of 2" in err and "--resume" in err
+    assert run_main([*args, "--seed", 3]) == 2
+    assert "seed (0 there, 3 now)" in capsys.readouterr().err
+    assert file_hashes(out) == before
+
+
+@pytest.mark.slow
 def test_refused_resume_on_changed_data(trained, capsys, tmp_path):
     """Same flags, but the training file's contents changed: other vocabularies."""
     out, args = trained
