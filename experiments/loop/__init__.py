@@ -7,12 +7,13 @@ Modules: :mod:`~experiments.loop.task` (the :class:`Task` interface),
 (orbax checkpoints, ``--resume`` checks), :mod:`~experiments.loop.results` (``results.json``,
 plots, log lines), :mod:`~experiments.loop.probes` (forward/backward/update timing),
 :mod:`~experiments.loop.programs` (the jitted programs), :mod:`~experiments.loop.distributed`
-(several processes with ``jax.distributed``) and :mod:`~experiments.loop.driver`
-(:func:`train`, :func:`run_cli`).
+(several processes with ``jax.distributed``), :mod:`~experiments.loop.driver` (:func:`train`)
+and :mod:`~experiments.loop.command` (:func:`run_cli`, the command line around it).
 """
 
 from experiments.common import CLI_MODES, ConfigError, add_mode_argument, require
 from experiments.loop.checkpoints import check_resume, restore_params
+from experiments.loop.command import run_cli
 from experiments.loop.config import (
     DEFAULT_LR,
     OPTIMIZERS,
@@ -26,7 +27,7 @@ from experiments.loop.config import (
     train_config_from_args,
 )
 from experiments.loop.distributed import is_main_process, setup_processes
-from experiments.loop.driver import run_cli, train
+from experiments.loop.driver import train
 from experiments.loop.results import RESULTS_FILE, best_epoch
 from experiments.loop.signals import StopFlag, handle_signals
 from experiments.loop.task import RunResult, Task, TrainState

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.common import ConfigError
-from experiments.loop import driver
+from experiments.loop import command, driver
 from experiments.loop.results import best_epoch, patience_exhausted
 from experiments.loop.signals import StopFlag
 from experiments.loop.task import RunResult
@@ -232,9 +232,11 @@ def test_sparse_update_needs_taps(tmp_path: Path) -> None:
 
 
 def test_resume_command() -> None:
-    cmd = driver.resume_command("experiments.mnist", ["--k", "20", "--overwrite"], Path("runs/a b"))
+    cmd = command.resume_command(
+        "experiments.mnist", ["--k", "20", "--overwrite"], Path("runs/a b")
+    )
     assert cmd == "python -m experiments.mnist --k 20 --out 'runs/a b' --resume"
-    cmd = driver.resume_command("experiments.mnist", ["--out", "r", "--resume"], Path("r"))
+    cmd = command.resume_command("experiments.mnist", ["--out", "r", "--resume"], Path("r"))
     assert cmd == "python -m experiments.mnist --out r --resume"
 
 

@@ -1,11 +1,11 @@
-"""Tests of experiments.loop.driver.run_cli: a run asked for again, and what it checks first."""
+"""Tests of experiments.loop.command.run_cli: a run asked for again, and what it checks first."""
 
 from pathlib import Path
 
 import pytest
 
 from experiments.common import DataError
-from experiments.loop import driver
+from experiments.loop import command
 from experiments.loop.task import RunResult
 from tests.experiments.loop.toy import ToyTask, config, file_hashes
 
@@ -26,7 +26,7 @@ def test_a_finished_run_asked_for_again_says_where_its_results_are(
     reference: RunResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = file_hashes(reference.out)
-    code = driver.run_cli(
+    code = command.run_cli(
         ToyTask, reference_config(reference), "experiments.toy", ARGV, never, never
     )
     assert code == 0
@@ -43,10 +43,10 @@ def test_an_unfinished_run_says_how_to_resume(
     """Asked for more epochs than the folder holds: the resume command, exit code 2."""
     before = file_hashes(reference.out)
     cfg = reference_config(reference, epochs=5)
-    assert driver.run_cli(ToyTask, cfg, "experiments.toy", ARGV, never, never) == 2
+    assert command.run_cli(ToyTask, cfg, "experiments.toy", ARGV, never, never) == 2
     err = capsys.readouterr().err
     assert "stopped after epoch 3 of 5" in err
-    assert driver.resume_command("experiments.toy", ARGV, reference.out) in err
+    assert command.resume_command("experiments.toy", ARGV, reference.out) in err
     assert "--overwrite" in err
     assert file_hashes(reference.out) == before
 
@@ -57,10 +57,10 @@ def test_a_run_with_other_settings_names_them(
 ) -> None:
     before = file_hashes(reference.out)
     cfg = reference_config(reference, seed=5)
-    assert driver.run_cli(ToyTask, cfg, "experiments.toy", ARGV, never, never) == 2
+    assert command.run_cli(ToyTask, cfg, "experiments.toy", ARGV, never, never) == 2
     err = capsys.readouterr().err
     assert "seed (0 there, 5 now)" in err and "--overwrite" in err
-    assert driver.run_cli(lambda: ToyTask(k=2), reference_config(reference), "x", ARGV) == 2
+    assert command.run_cli(lambda: ToyTask(k=2), reference_config(reference), "x", ARGV) == 2
     assert "k (4 there, 2 now)" in capsys.readouterr().err
     assert file_hashes(reference.out) == before
 
@@ -75,7 +75,7 @@ def test_the_inputs_are_checked_before_the_run_folder(reference: RunResult) -> N
     for epochs in (3, 5):
         cfg = reference_config(reference, epochs=epochs)
         with pytest.raises(DataError, match="/empty lacks"):
-            driver.run_cli(missing_data, cfg, "experiments.toy", ARGV)
+            command.run_cli(missing_data, cfg, "experiments.toy", ARGV)
 
 
 @pytest.mark.slow
@@ -91,11 +91,11 @@ def test_overwrite_trains_afresh_and_finishes(
         calls.append("prepare")
         assert not (out / "checkpoints").exists()  # before the first write of the loop
 
-    first = driver.run_cli(ToyTask, cfg, "experiments.toy", ARGV, prepare, calls.append)
+    first = command.run_cli(ToyTask, cfg, "experiments.toy", ARGV, prepare, calls.append)
     assert first == 0 and calls[0] == "prepare" and isinstance(calls[1], ToyTask)
     calls.clear()
     again = config(out, epochs=1, overwrite=True)
-    assert driver.run_cli(ToyTask, again, "experiments.toy", ARGV, None, calls.append) == 0
+    assert command.run_cli(ToyTask, again, "experiments.toy", ARGV, None, calls.append) == 0
     assert len(calls) == 1
     assert "best epoch 1" in capsys.readouterr().out
 
@@ -106,10 +106,10 @@ def test_a_run_ended_by_patience_counts_as_finished(
     """4 of 10 epochs, dev best at epoch 2: finished for --patience 2, not for 3."""
     dev = {1: 50.0, 2: 60.0, 3: 55.0, 4: 58.0}
     history = [{"epoch": e, "dev_acc": a, "test_acc": a} for e, a in dev.items()]
-    monkeypatch.setattr(driver, "saved_run", lambda cfg, task: (history, []))
+    monkeypatch.setattr(command, "saved_run", lambda cfg, task: (history, []))
     cfg = config(tmp_path, epochs=10, patience=2)
-    assert driver.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 0
+    assert command.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 0
     assert "finished after 4 epochs" in capsys.readouterr().out
     cfg = config(tmp_path, epochs=10, patience=3)
-    assert driver.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 2
+    assert command.existing_run(ToyTask(), cfg, "experiments.toy", ARGV) == 2
     assert "stopped after epoch 4 of 10" in capsys.readouterr().err
