@@ -1,8 +1,10 @@
 """The LSTM cell step of every meProp LSTM cell: Linen, NNX and :func:`meprop_jax.sparsify`.
 
-The gate pre-activations are computed as the stock Flax cells compute them, so the forward
-pass is theirs bit for bit, and their backward pass keeps ``k`` columns per gate (see
-:func:`meprop_jax.multi_linear`, ``groups=4``).
+The gate pre-activations are computed as a stock Flax cell computes them, so the forward pass
+is that cell's bit for bit: one product per gate and input (``flax.linen.LSTMCell``,
+``flax.nnx.LSTMCell``) or one product per input over the joined kernels
+(``flax.linen.OptimizedLSTMCell``, fewer and larger products). Their backward pass keeps ``k``
+columns per gate (see :func:`meprop_jax.multi_linear`, ``groups=4``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def lstm_step(
       biases: their ``[hidden]`` biases (the recurrent layers' in the stock cells).
       promote: the framework's dtype promotion, applied per gate layer as the stock cell does.
       gate_fn, activation_fn: as in the stock cells.
-      fused: compute the forward pass as ``flax.linen.OptimizedLSTMCell`` does.
+      fused: compute the forward pass as ``flax.linen.OptimizedLSTMCell`` does, rather than
+        as ``flax.linen.LSTMCell`` and ``flax.nnx.LSTMCell`` do.
       mask: optional ``[hidden]`` meSimp mask that multiplies the new ``c`` and ``h``.
       **meprop: the keyword arguments of :func:`meprop_jax._src.projection.project` (``k``,
         ``mode``, ``key``, ``sparse_bias``, ``record``, ``memory``, ...).

@@ -311,6 +311,10 @@ class LSTMCell(nn.LSTMCell):
         gate); the chosen-k tap ``"k"`` in ``"meprop_adaptive"`` sums over the time steps.
         Inside ``nn.RNN`` broadcast ``"meprop_memory"`` and ``"meprop_adaptive"`` with
         ``"params"`` (``variable_broadcast``).
+      fused_gates: with ``k > 0``, compute ``z`` with one product per input over the four
+        gates' joined kernels, exactly as ``flax.linen.OptimizedLSTMCell`` does (the default:
+        fewer, larger products, faster on CPU); ``False`` runs one product per gate and
+        input, exactly as ``flax.linen.LSTMCell`` does. The two differ by float rounding.
 
     ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
@@ -335,6 +339,7 @@ class LSTMCell(nn.LSTMCell):
     feedback: float = 0.0
     feedback_steps: int = 1
     adaptive: AdaptiveK | None = None
+    fused_gates: bool = True
 
     @nn.compact
     def __call__(
@@ -387,6 +392,7 @@ class LSTMCell(nn.LSTMCell):
             promote=lambda arrays: promote_dtype(*arrays, dtype=self.dtype),
             gate_fn=self.gate_fn,
             activation_fn=self.activation_fn,
+            fused=self.fused_gates,
             mask=mask,
             k=k,
             mode=mode,

@@ -247,10 +247,10 @@ class LSTMCell(nnx.LSTMCell):
     ``nnx.Linear`` without bias, and ``hi``, ``hf``, ``hg``, ``ho`` with bias), the same
     ``initialize_carry``, usable in ``nnx.RNN`` and ``nnx.Bidirectional``. The gate
     pre-activations ``z = x W_i + h W_h + b``, ``[batch, 4 * hidden]`` in gate order i, f, g,
-    o, are computed in one product; in the backward pass ``dL/dz`` keeps ``k`` entries in each
-    gate block (``4k`` of ``4 * hidden``) at every time step and ``dx``, ``dh``, ``dW_i`` and
-    ``dW_h`` are computed from those alone. The bias gradient stays dense unless
-    ``sparse_bias``.
+    o, are computed as ``fused_gates`` says; in the backward pass ``dL/dz`` keeps ``k``
+    entries in each gate block (``4k`` of ``4 * hidden``) at every time step and ``dx``,
+    ``dh``, ``dW_i`` and ``dW_h`` are computed from those alone. The bias gradient stays
+    dense unless ``sparse_bias``.
 
     This is our reading of meProp for LSTMs: the authors never released their LSTM code; we
     sparsify the gate pre-activation gradient, ``k`` entries per gate, at every step. With
@@ -265,6 +265,11 @@ class LSTMCell(nnx.LSTMCell):
       rngs: initializes the parameters; with ``mode="random"`` a fork of
         ``rngs[rng_collection]`` is kept as ``self.meprop_rngs`` (one key per step).
       rng_collection: the stream random mode forks (default ``"meprop"``).
+      fused_gates: with ``k > 0``, compute ``z`` with one product per input over the four
+        gates' joined kernels (the default: fewer, larger products, faster on CPU); ``False``
+        runs one product per gate and input, exactly as ``flax.nnx.LSTMCell`` does, so the
+        forward pass is the stock one bit for bit (:func:`meprop_jax.nnx.sparsify`'s cells).
+        The two differ by float rounding.
       gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
         param_dtype, carry_init, promote_dtype, keep_rngs, kernel_metadata,
         recurrent_kernel_metadata, bias_metadata: as in ``flax.nnx.LSTMCell``.
@@ -301,6 +306,7 @@ class LSTMCell(nnx.LSTMCell):
         keep_rngs: bool = False,
         rngs: nnx.Rngs,
         rng_collection: str = RNG_COLLECTION,
+        fused_gates: bool = True,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         recurrent_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -326,6 +332,7 @@ class LSTMCell(nnx.LSTMCell):
             bias_metadata=bias_metadata,
         )
         _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        self.fused_gates = bool(fused_gates)
 
     def __call__(
         self, carry: tuple[Array, Array], inputs: Array, *, rngs: RngArg = None
@@ -358,6 +365,7 @@ class LSTMCell(nnx.LSTMCell):
             promote=lambda arrays: self.promote_dtype(arrays, dtype=self.dtype),
             gate_fn=self.gate_fn,
             activation_fn=self.activation_fn,
+            fused=self.fused_gates,
             k=self.k,
             mode=self.mode,
             key=key,

@@ -195,6 +195,8 @@ def sparsify(
             node.__class__ = ours  # a layer of the private copy, in no graphdef yet
             if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
                 node.feedback, node.meprop_memory = 0.0, None
+            if ours is mnnx.LSTMCell:  # the stock cell's products, bit for bit
+                node.fused_gates = False
             _set_meprop(node, ours, row.k, opts, rngs)
     return SparsifiedModel(model, plan)
 

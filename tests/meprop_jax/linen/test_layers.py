@@ -220,14 +220,16 @@ def test_lstm_dense_k_is_stock_bit_for_bit(k):
     assert_trees_equal(ours, jax.grad(unrolled_loss, (1, 2, 3))(nn.LSTMCell(H), *args))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_lstm_sparse_forward_is_the_stock_program(mode):
-    # The same products as the stock cell (one per gate and input), so the same rounding on
-    # any CPU, not only equal outputs on this one.
+def test_lstm_sparse_forward_is_the_stock_program(mode, fused):
+    # The same products as a stock cell, so the same rounding on any CPU, not only equal
+    # outputs on this one: nn.OptimizedLSTMCell's (one per input) or nn.LSTMCell's (per gate).
     params = stock_params()
     rngs = {"meprop": jax.random.key(0)}
-    ours = functools.partial(mlinen.LSTMCell(H, k=2, mode=mode).apply, rngs=rngs)
-    stock = nn.LSTMCell(H).apply
+    cell = mlinen.LSTMCell(H, k=2, mode=mode, fused_gates=fused)
+    ours = functools.partial(cell.apply, rngs=rngs)
+    stock = (nn.OptimizedLSTMCell if fused else nn.LSTMCell)(H).apply
     args = (params, (C0, H0), XS[0])
     assert forward_products(ours, *args) == forward_products(stock, *args)
     assert_trees_equal(ours(*args), stock(*args))

@@ -25,6 +25,7 @@ class NNXModel(nnx.Module):
 
     def __init__(self, rngs, hand: bool = False, k: int = 0, mode: str = "unified"):
         extra = dict(k=k, mode=mode, rngs=rngs) if hand else dict(rngs=rngs)
+        cell_extra = dict(extra, fused_gates=False) if hand else extra  # the stock products
         conv, linear, cell = (
             (mnnx.Conv, mnnx.Linear, mnnx.LSTMCell)
             if hand
@@ -35,7 +36,7 @@ class NNXModel(nnx.Module):
             )
         )
         self.conv = conv(2, 8, (3, 3), **extra)
-        self.rnn = nnx.RNN(cell(6 * 8, 12, **extra))
+        self.rnn = nnx.RNN(cell(6 * 8, 12, **cell_extra))
         self.hidden = linear(12, 16, **extra)
         self.out = nnx.Linear(16, 3, rngs=rngs)
 
