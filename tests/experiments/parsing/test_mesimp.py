@@ -57,7 +57,8 @@ def test_shrunk_hidden_layer_computes_the_masked_function(toy: dict[str, Path]) 
     """After a prune, the full-width parser with the pruned units masked and the shrunk
     (smaller, padded) one give the same training logits and the same decoder scores."""
     task = toy_task(toy)
-    state = init_state(task, optax.adam(1e-2), jax.random.key(0))
+    # One program, not the initialisers' operations compiled one by one.
+    state = jax.jit(lambda key: init_state(task, optax.adam(1e-2), key))(jax.random.key(0))
     assert set(state.params) == {"params", mesimp.COLLECTION}
     record = state.params[mesimp.COLLECTION]
     hits = np.zeros(HIDDEN, np.int32)
