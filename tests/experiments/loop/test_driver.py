@@ -10,7 +10,7 @@ import pytest
 
 from experiments.common import ConfigError
 from experiments.loop import command, driver
-from experiments.loop.results import best_epoch, patience_exhausted
+from experiments.loop.results import best_epoch, patience_exhausted, summary_line
 from experiments.loop.signals import StopFlag
 from experiments.loop.task import RunResult
 from tests.experiments.loop.toy import (
@@ -153,7 +153,7 @@ def test_task_metric_and_extra_metrics(reference: RunResult, tmp_path: Path) -> 
     assert best["epoch"] == reference.best["epoch"]
     assert best["dev_tok"] == reference.best["dev_acc"]
     assert "dev tok " in lines[0] and "dev top2 " in lines[0]
-    assert "dev tok " in driver.summary_line(run) and "test top2 " in driver.summary_line(run)
+    assert "dev tok " in summary_line(run) and "test top2 " in summary_line(run)
 
 
 @pytest.mark.slow
