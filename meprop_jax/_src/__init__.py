@@ -1,0 +1,1 @@
+"""Framework-free internals of meprop_jax (no Flax imports)."""

@@ -224,7 +224,7 @@ def _touching(eqns, size):
         ("unified", 3, 2, 2),  # one forward product per input
         ("per_example", 1, 1, 1),  # N*k = 6 < 11: union path
         ("random", 1, 1, 1),
-        ("per_example", 2, 1, 3),  # N*k = 12 >= 11: masked dense products
+        ("per_example", 2, 1, 2),  # N*k = 12 >= 11: masked dense dW; dx from k columns
         ("unified", 0, 1, 3),  # dense backprop: forward, dx and dW all span out
         ("unified", 0, 2, 6),
     ],

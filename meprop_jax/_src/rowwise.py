@@ -1,0 +1,166 @@
+"""The backward pass of the per-row modes (``"per_example"``, ``"random"``), costing what k costs.
+
+Every row of the output gradient ``g`` ``[N, out]`` keeps its own ``S = groups * k`` entries.
+The input gradient of a row needs only the kernel rows of its ``S`` columns::
+
+    dx[n] = sum_s g[n, idx[n, s]] * W_T[idx[n, s]]          # W_T = W.T, [out, in]
+
+so it is computed from ``lax.top_k``'s indices, one gather of ``S`` kernel rows per example
+and a small contraction: ``N * S * in`` multiply-adds rather than dense backprop's
+``N * out * in``, and no mask, no union and no product spanning ``out``. With the kernel
+stored transposed (``kernel_layout="out_in"``) those rows are contiguous; with the stock
+``[in, out]`` layout the gather walks the kernel's columns, which costs about twice as much on
+a CPU but is still far below the dense product.
+
+The weight gradient is built from the union of the rows' columns (at most ``N * S``, a static
+size): its ``[K, in]`` block ``g_cols^T x`` is small, and it stays compact for the optimizers
+of :mod:`meprop_jax.optim` or is written into a dense gradient by the caller.
+
+NaN and ±inf follow the rule of :mod:`meprop_jax._selection`: they rank above every finite
+score, so a row keeps its own non-finite entries first (``dx`` of that row is non-finite, as
+in dense backprop), and the non-finite entries past a row's ``S`` stay in ``g_sparse``, so that
+the weight-gradient columns holding them are non-finite too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+#: Kernel layouts of the functional API: ``[in, out]`` (``flax.linen.Dense``'s) or ``[out, in]``.
+KERNEL_LAYOUTS = ("in_out", "out_in")
+
+
+def check_kernel_layout(kernel_layout: object) -> str:
+    """Validates ``kernel_layout``: ``"in_out"`` (stock ``[in, out]``) or ``"out_in"``."""
+    if kernel_layout not in KERNEL_LAYOUTS:
+        raise ValueError(
+            f"kernel_layout must be one of {', '.join(map(repr, KERNEL_LAYOUTS))}, got "
+            f"{kernel_layout!r}"
+        )
+    return str(kernel_layout)
+
+
+def row_top_k(scores: Array, k: int, groups: int = 1) -> Array:
+    """Indices of each row's ``k`` largest scores per group.
+
+    Ties go to the lower index and NaN ranks first (as ``+inf``), as in
+    :func:`meprop_jax._selection.top_k_mask`: the selected set is exactly that mask's.
+
+    Args:
+      scores: ``[..., out]`` ranking values.
+      k: entries kept per row and group.
+      groups: equal contiguous blocks of ``out``, each keeping ``k``.
+
+    Returns:
+      ``[..., groups * k]`` int32 column indices into ``out``, group by group.
+    """
+    scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
+    if groups == 1:
+        return lax.top_k(scores, k)[1]
+    shape = scores.shape
+    width = shape[-1] // groups
+    idx = lax.top_k(scores.reshape((*shape[:-1], groups, width)), k)[1]
+    idx = idx + (jnp.arange(groups, dtype=idx.dtype) * width)[:, None]
+    return idx.reshape((*shape[:-1], groups * k))
+
+
+def selection_mask(idx: Array, out: int) -> Array:
+    """``[..., out]`` bool mask of the indices ``idx`` ``[..., S]`` (a compare, not a scatter:
+    XLA:CPU runs per-row scatters slowly)."""
+    iota = lax.broadcasted_iota(idx.dtype, (*idx.shape, out), idx.ndim)
+    return jnp.any(idx[..., None] == iota, axis=-2)
+
+
+def gathered_input_grad(
+    g_kept: Array, idx: Array, kernel: Array, kernel_layout: str, precision, dtype
+) -> Array:
+    """``dx[n] = sum_s g_kept[n, s] * kernel column idx[n, s]``, ``[N, in]``.
+
+    Args:
+      g_kept: ``[N, S]`` the kept gradient entries of each row.
+      idx: ``[N, S]`` their column indices.
+      kernel: ``[out, in]`` (``"out_in"``) or ``[in, out]`` (``"in_out"``).
+      kernel_layout: the kernel's layout.
+      precision: of the contraction.
+      dtype: of the result.
+    """
+    batch, kernel = _batch_spec(idx), jnp.asarray(kernel)
+    if kernel_layout == "out_in":
+        # [N, S, in]: contiguous rows.
+        rows = kernel.at[idx].get(mode="clip", out_sharding=_sharding(idx, batch, None, None))
+        spec = "ns,nsi->ni"
+    else:
+        n, s = idx.shape
+        flat = idx.reshape(-1)
+        rows = kernel.at[:, flat].get(mode="clip", out_sharding=_sharding(idx, None, batch))
+        rows = rows.reshape(-1, n, s)
+        spec = "ns,ins->ni"
+    return jnp.einsum(spec, g_kept.astype(rows.dtype), rows, precision=precision).astype(dtype)
+
+
+def _batch_spec(idx: Array):
+    """The mesh axis ``idx``'s rows are sharded along, or None."""
+    spec = getattr(jax.typeof(idx).sharding, "spec", None)
+    return spec[0] if spec else None
+
+
+def _sharding(idx: Array, *spec):
+    """A gather's output sharding under explicit mesh axes (which JAX will not guess for an
+    index sharded along the batch), or None when ``idx`` is not sharded."""
+    mesh = getattr(jax.typeof(idx).sharding, "mesh", None)
+    if mesh is None or mesh.empty or all(s is None for s in spec):
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def union_columns(idx: Array, mask: Array) -> Array:
+    """The columns any row selected, one slot per selected entry, ``[N * S]`` int32.
+
+    Slot ``n * S + s`` holds ``idx[n, s]`` when no earlier row selected that column, and the
+    padding ``out + n * S + s`` otherwise: the real entries are distinct, and the padding is
+    distinct and out of range (gathers fill it with zeros, scatters drop it, and the optimizers
+    of :mod:`meprop_jax.optim` skip it). No ``nonzero``: a running count down the rows of the
+    mask finds the earlier rows, a few thousand compares where XLA:CPU's ``nonzero`` costs
+    several times more.
+
+    Args:
+      idx: ``[N, S]`` each row's selected columns (distinct within a row).
+      mask: ``[N, out]`` bool, the same selection as a mask.
+    """
+    out = mask.shape[-1]
+    if _sharding(mask, _batch_spec(mask)) is not None:
+        # A running count cannot run along a sharded axis: gather the (small) selection.
+        idx, mask = (jax.sharding.reshard(a, jax.sharding.PartitionSpec()) for a in (idx, mask))
+    counts = mask.astype(jnp.int32)
+    taken = jnp.cumsum(counts, axis=0) - counts  # rows above that chose the column
+    first = jnp.take_along_axis(taken, idx, axis=-1) == 0
+    flat = idx.reshape(-1)
+    slots = jnp.arange(flat.shape[0], dtype=flat.dtype)
+    return jnp.where(first.reshape(-1), flat, out + slots)
+
+
+def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
+    """Each row's kept indices and values, and the masked gradient.
+
+    Args:
+      g: ``[..., out]`` output gradient.
+      scores: ``[..., out]`` ranking (``|g|`` or random draws; non-finite entries of ``g``
+        must rank first).
+      k: entries kept per row and group.
+      groups: equal blocks of ``out``.
+
+    Returns:
+      ``(idx, g_kept, mask, g_sparse)``: ``idx`` and ``g_kept`` ``[N, groups * k]`` with
+      ``N`` the product of the leading axes, ``mask`` ``[N, out]`` bool and ``g_sparse``,
+      ``g`` where the mask holds or ``g`` is not finite and zero elsewhere.
+    """
+    out = g.shape[-1]
+    idx = row_top_k(scores, k, groups).reshape(-1, groups * k)
+    g_kept = jnp.take_along_axis(g.reshape(-1, out), idx, axis=-1)
+    mask = selection_mask(idx, out)
+    g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    return idx, g_kept, mask, g_sparse

@@ -1,0 +1,163 @@
+"""The per-row modes' backward pass (``meprop_jax._src.rowwise``) and the ``"out_in"`` layout.
+
+Gradients are checked against the NumPy reference of ``test_linear`` in both kernel layouts
+and both weight-gradient forms (dense and compact), on both of the per-row code paths
+(``N * k`` below ``out``: a block over the union of columns; at or above: the full product).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meprop_jax
+from meprop_jax import multi_linear
+from meprop_jax._src import rowwise
+from tests.meprop_jax._src.test_linear import (
+    MODES,
+    check_against_reference,
+    fast_key,
+    integer_gradient,
+    ref_mask,
+)
+
+
+def vjp_in_layout(xs, ws, b, g, key, *, k, mode, groups, layout, compact=False):
+    """``(dxs, dws, db)`` with every ``dW`` as ``[in, out]`` (a compact one made dense)."""
+    stored = tuple(w if layout == "in_out" else w.T for w in ws)
+    lead = g.shape[:-1]
+    out = g.shape[-1]
+    if compact:
+        taps = tuple(
+            meprop_jax.compact_tap(w.shape[0], out, k=k, mode=mode, groups=groups, batch_shape=lead)
+            for w in ws
+        )
+
+        def f(xs, taps, b):
+            return multi_linear(
+                xs, stored, b, k=k, mode=mode, key=key, groups=groups, taps=taps,
+                kernel_layout=layout,
+            )  # fmt: skip
+
+        dxs, tap_grads, db = jax.vjp(f, xs, taps, b)[1](g)
+        dws = [dense_from_compact(t, w.shape[0], out) for t, w in zip(tap_grads, ws, strict=True)]
+        return dxs, dws, db, tap_grads
+
+    def f(xs, ws, b):
+        return multi_linear(xs, ws, b, k=k, mode=mode, key=key, groups=groups, kernel_layout=layout)
+
+    dxs, dws, db = jax.vjp(f, xs, stored, b)[1](g)
+    dws = [np.asarray(d) if layout == "in_out" else np.asarray(d).T for d in dws]
+    return dxs, dws, db, None
+
+
+def dense_from_compact(tap, n_in, out):
+    cols = np.asarray(tap.cols).astype(int)
+    block = np.asarray(tap.block)
+    valid = cols < out
+    assert len(set(cols.tolist())) == len(cols), "compact columns must be distinct"
+    assert np.all(block[~valid] == 0), "padding rows must be zero"
+    dense = np.zeros((n_in, out), block.dtype)
+    dense[:, cols[valid]] = block[valid].T
+    return dense
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("lead", "out", "k", "groups"),
+    [
+        ((2,), 12, 3, 1),  # N*k = 6 < 12: the union's block
+        ((3, 2), 40, 2, 4),  # N*groups*k = 48 >= 40: the masked full product
+        ((4,), 24, 1, 4),  # 16 < 24, with gates
+    ],
+)
+def test_layouts_and_forms_match_reference(layout, compact, mode, lead, out, k, groups):
+    rng = np.random.default_rng(out + k)
+    xs = (
+        rng.standard_normal((*lead, 5)).astype(np.float32),
+        rng.standard_normal((*lead, 3)).astype(np.float32),
+    )
+    ws = tuple(rng.standard_normal((x.shape[-1], out)).astype(np.float32) for x in xs)
+    b = rng.standard_normal(out).astype(np.float32)
+    g = integer_gradient(rng, (*lead, out), "ties")
+    key = fast_key(4)
+    dxs, dws, db, _ = vjp_in_layout(
+        xs, ws, b, g, key, k=k, mode=mode, groups=groups, layout=layout, compact=compact
+    )
+    mask = ref_mask(g, k, mode, key, groups)
+    check_against_reference((dxs, dws, db), list(xs), list(ws), g, mask, False, True)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_out_in_forward_is_the_same_layer(layout):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    stored = w if layout == "in_out" else w.T
+    for k in (0, 2):
+        y = meprop_jax.linear(x, stored, k=k, mode="per_example", kernel_layout=layout)
+        np.testing.assert_allclose(y, x @ w, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_layout_errors_name_the_argument():
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 6))
+    with pytest.raises(ValueError, match="kernel_layout"):
+        meprop_jax.linear(x, w, k=1, kernel_layout="transposed")
+    with pytest.raises(ValueError, match=r"kernels\[0\] must be \[out, in\]"):
+        meprop_jax.linear(x, w, k=1, kernel_layout="out_in")
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_past_a_rows_k_still_spoils_its_column(layout, compact, bad):
+    """Row 1 holds two non-finite entries but keeps one (k=1): the other's column, which row 0
+    selects, must come out non-finite in dW, as in dense backprop; dx of row 1 too."""
+    rng = np.random.default_rng(1)
+    n_in, out = 3, 10
+    x = (rng.standard_normal((4, n_in)) + 3.0).astype(np.float32)
+    w = rng.standard_normal((n_in, out)).astype(np.float32)
+    b = np.zeros(out, np.float32)
+    g = np.full((4, out), 0.5, np.float32)
+    g[0, 7] = 9.0  # row 0 selects column 7
+    g[1, 2] = bad
+    g[1, 7] = bad  # row 1 keeps column 2 (lower index); column 7's bad entry is past its k
+    dxs, dws, _, taps = vjp_in_layout(
+        (x,), (w,), b, g, None, k=1, mode="per_example", groups=1, layout=layout,
+        compact=compact,
+    )  # fmt: skip
+    dense = np.asarray(x).T @ g  # where dense backprop is non-finite
+    bad_cols = ~np.all(np.isfinite(dense), axis=0)
+    assert set(np.flatnonzero(bad_cols)) == {2, 7}
+    dw = dws[0]
+    if compact:
+        tap = taps[0]
+        cols = np.asarray(tap.cols).astype(int)
+        finite_rows = np.all(np.isfinite(np.asarray(tap.block)), axis=1)
+        for c, ok in zip(cols, finite_rows, strict=True):
+            assert ok == (c >= out or not bad_cols[c]), c
+    else:
+        np.testing.assert_array_equal(np.all(np.isfinite(dw), axis=0), ~bad_cols)
+    dx = np.asarray(dxs[0])
+    np.testing.assert_array_equal(np.all(np.isfinite(dx), axis=1), [True, False, True, True])
+
+
+def test_union_columns_are_distinct_with_distinct_padding():
+    idx = jnp.array([[3, 1], [1, 4], [3, 0]], jnp.int32)
+    mask = rowwise.selection_mask(idx, 6)
+    cols = np.asarray(rowwise.union_columns(idx, mask))
+    np.testing.assert_array_equal(cols, [3, 1, 6 + 2, 4, 6 + 4, 0])
+
+
+def test_row_top_k_is_the_mask_selection():
+    rng = np.random.default_rng(3)
+    scores = jnp.asarray(rng.integers(0, 4, size=(5, 12)).astype(np.float32))
+    scores = scores.at[2, 5].set(jnp.nan)
+    for groups, k in ((1, 3), (4, 2)):
+        idx = rowwise.row_top_k(scores, k, groups)
+        got = np.asarray(rowwise.selection_mask(idx, 12))
+        blocks = scores.reshape(5, groups, -1)
+        want = np.asarray(meprop_jax.top_k_mask(blocks, k)).reshape(5, 12)
+        np.testing.assert_array_equal(got, want)
