@@ -37,6 +37,7 @@ from meprop_jax.linen import (
     TrainState,
     sparsify,
     sparsify_report,
+    to_kernel_layout,
     train_state,
 )
 
@@ -72,6 +73,7 @@ __all__ = [
     "record_tap",
     "sparsify",
     "sparsify_report",
+    "to_kernel_layout",
     "top_k_mask",
     "train_state",
     "unified_columns",

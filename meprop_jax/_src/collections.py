@@ -9,6 +9,9 @@ from __future__ import annotations
 #: The RNG stream (Linen and NNX) that ``mode="random"`` draws its keys from.
 RNG_COLLECTION = "meprop"
 
+#: Parameter (and tap) name of a ``Dense(kernel_layout="out_in")`` kernel, stored ``[out, in]``.
+TRANSPOSED_KERNEL = "kernel_t"
+
 #: Variable collection holding the compact-gradient taps of ``Dense(sparse_update=True)``.
 TAP_COLLECTION = "meprop_taps"
 

@@ -16,9 +16,10 @@ from meprop_jax._src.collections import (
     RECORD_TAP_COLLECTION,
     RNG_COLLECTION,
     TAP_COLLECTION,
+    TRANSPOSED_KERNEL,
 )
 from meprop_jax.linen.conv import Conv
-from meprop_jax.linen.layers import Dense, LSTMCell
+from meprop_jax.linen.layers import Dense, LSTMCell, to_kernel_layout
 from meprop_jax.linen.sparsify import SparsifiedLayer, sparsify, sparsify_report
 from meprop_jax.linen.train_state import TrainState
 
@@ -28,6 +29,7 @@ __all__ = [
     "RECORD_TAP_COLLECTION",
     "RNG_COLLECTION",
     "TAP_COLLECTION",
+    "TRANSPOSED_KERNEL",
     "Conv",
     "Dense",
     "LSTMCell",
@@ -35,4 +37,5 @@ __all__ = [
     "TrainState",
     "sparsify",
     "sparsify_report",
+    "to_kernel_layout",
 ]

@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
 from meprop_jax._src import adaptive as _adaptive
-from meprop_jax._src import feedback
+from meprop_jax._src import feedback, rowwise
 from meprop_jax._src import linear as _linear
 from meprop_jax._src import recurrent as _recurrent
 from meprop_jax._src import selection as _selection
@@ -28,6 +28,7 @@ from meprop_jax._src.collections import (
     RECORD_TAP_COLLECTION,
     RNG_COLLECTION,
     TAP_COLLECTION,
+    TRANSPOSED_KERNEL,
 )
 
 Array = jax.Array
@@ -148,6 +149,13 @@ class Dense(nn.Dense):
         mass. When the layer is sparse, ``init`` also creates a zero
         :class:`~meprop_jax.AdaptiveTap` ``"k"`` in the ``"meprop_adaptive"``
         collection; the gradient with respect to it is ``(chosen k, 1)``. Default None.
+      kernel_layout: ``"in_out"`` (the default: the stock parameter ``kernel [in, out]``) or
+        ``"out_in"``: the kernel is stored transposed as ``kernel_t [out, in]``, so that the
+        columns a per-row backward pass selects are contiguous rows (about twice as fast on a
+        CPU; see :func:`meprop_jax.linear`). The values and the math are the same, and the
+        same key initializes the same weights; :func:`to_kernel_layout` converts parameter
+        trees (stock checkpoints) between the layouts. The tap of ``sparse_update`` is then
+        named ``kernel_t`` too.
 
     All other fields (``use_bias``, ``dtype``, ``param_dtype``, ``precision``,
     ``kernel_init``, ``bias_init``, ``promote_dtype``) behave as in ``flax.linen.Dense``.
@@ -170,6 +178,7 @@ class Dense(nn.Dense):
     record: bool = False
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, inputs: Array) -> Array:
@@ -177,14 +186,24 @@ class Dense(nn.Dense):
         k = _selection.check_k(self.k)
         mode = _selection.check_mode(self.mode)
         if self.dot_general is not None or self.dot_general_cls is not None:
+            if self.kernel_layout != "in_out":
+                raise ValueError(
+                    "meprop_jax.Dense with kernel_layout='out_in' takes no dot_general"
+                )
             if not _selection.is_dense(k, self.features):
                 raise ValueError("meprop_jax.Dense with k > 0 does not take dot_general hooks")
             if self.record:
                 raise ValueError("meprop_jax.Dense(record=True) takes no dot_general hooks")
             return super().__call__(inputs)
-        kernel = self.param(
-            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
-        )
+        layout = rowwise.check_kernel_layout(self.kernel_layout)
+        shape = (jnp.shape(inputs)[-1], self.features)
+        if layout == "in_out":
+            name, kernel = "kernel", self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        else:
+            # The stock initializer draws the [in, out] values; the parameter is their transpose.
+            init = lambda key, shape, dtype: self.kernel_init(key, shape[::-1], dtype).T
+            name = TRANSPOSED_KERNEL
+            kernel = self.param(name, init, shape[::-1], self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias
@@ -193,6 +212,11 @@ class Dense(nn.Dense):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         sparse = not _selection.is_dense(k, self.features)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
+        if self.sparse_update and sparse and layout != "in_out":
+            raise ValueError(
+                "meprop_jax.Dense(sparse_update=True) needs kernel_layout='in_out': the compact "
+                "optimizers of meprop_jax.optim update [in, out] kernels"
+            )
         tap = (
             compact_tap_state(self, inputs, kernel, k, mode)
             if self.sparse_update and sparse
@@ -217,6 +241,7 @@ class Dense(nn.Dense):
             decay=decay if memory is not None else 0.0,
             adaptive=self.adaptive,
             adaptive_tap=a_tap,
+            kernel_layout=layout,
         )
         # The mask zeroes pruned and padding units: their output and their gradient.
         return y if mask is None else y * mask.astype(y.dtype)
@@ -405,3 +430,40 @@ class LSTMCell(nn.LSTMCell):
             adaptive_tap=_adaptive_state(self) if sparse and self.adaptive is not None else None,
             feedback_steps=self.feedback_steps,
         )
+
+
+def to_kernel_layout(params, kernel_layout: str, *, where=None):
+    """A parameter tree with its ``Dense`` kernels in ``kernel_layout``.
+
+    ``"out_in"`` turns every 2-D ``kernel [in, out]`` into ``kernel_t [out, in]`` (its
+    transpose), for ``Dense(kernel_layout="out_in")``; ``"in_out"`` turns every ``kernel_t``
+    back into the stock ``kernel``, so a stock ``flax.linen.Dense`` checkpoint loads into the
+    transposed layer and back. Other leaves are kept as they are.
+
+    Args:
+      params: a nested mapping of parameters (e.g. ``variables["params"]``).
+      kernel_layout: ``"out_in"`` or ``"in_out"``.
+      where: optional ``where(path) -> bool`` on the module path (a tuple of names) of each
+        kernel, to convert some layers only (those whose ``Dense`` has the layout).
+
+    Returns:
+      A new tree (plain dicts); the arrays are transposed copies.
+    """
+    layout = rowwise.check_kernel_layout(kernel_layout)
+    src, dst = (
+        ("kernel", TRANSPOSED_KERNEL) if layout == "out_in" else (TRANSPOSED_KERNEL, "kernel")
+    )
+
+    def convert(node, path):
+        if not hasattr(node, "items"):
+            return node
+        out = {}
+        for name, value in node.items():
+            leaf = not hasattr(value, "items")
+            if name == src and leaf and jnp.ndim(value) == 2 and (where is None or where(path)):
+                out[dst] = jnp.asarray(value).T
+            else:
+                out[name] = convert(value, (*path, name))
+        return out
+
+    return convert(params, ())
