@@ -31,6 +31,8 @@ class MLP(nn.Module):
         ``"mesimp"`` collection with each layer's ``hits``, ``examples`` and ``mask``, and
         zero taps in ``"mesimp_taps"``; see :mod:`experiments.common.mesimp`). Each hidden
         size of ``hidden`` may differ, as meSimp's shrunk layers do.
+      kernel_layout: every layer's ``Dense(kernel_layout=...)``: ``"in_out"`` (stock) or
+        ``"out_in"`` (kernels stored ``[out, in]``, the fast layout of the per-row modes).
 
     Every hidden layer is ``meprop_jax.Dense`` -> ReLU, so its top-k acts on ``dL/dy`` of the
     linear output ``y``, i.e. after the ReLU derivative has zeroed the inactive units.
@@ -55,6 +57,7 @@ class MLP(nn.Module):
     feedback: float = 0.0
     adaptive: meprop_jax.AdaptiveK | None = None
     record: bool = False
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -68,9 +71,16 @@ class MLP(nn.Module):
                 feedback=self.feedback,
                 adaptive=self.adaptive,
                 record=self.record,
+                kernel_layout=self.kernel_layout,
                 name=f"hidden_{i}",
             )(x)
             x = nn.relu(x)
             if train and self.dropout > 0:
                 x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
-        return meprop_jax.Dense(self.num_classes, k=self.k_output, mode=self.mode, name="output")(x)
+        return meprop_jax.Dense(
+            self.num_classes,
+            k=self.k_output,
+            mode=self.mode,
+            kernel_layout=self.kernel_layout,
+            name="output",
+        )(x)

@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--dropout", type=float, default=0.0, help="dropout rate after each ReLU (default 0)"
     )
+    m.add_argument(
+        "--kernel-layout",
+        choices=("auto", "in_out", "out_in"),
+        default="auto",
+        help="how the Dense kernels are stored: in_out ([in, out], flax's) or out_in ([out, in], "
+        "the fast layout of per-row top-k; same values and math); auto (default) is out_in for "
+        "the MLP with --mode per-example/random and --k >= 1, without --mesimp or "
+        "--sparse-update, else in_out",
+    )
     p.add_argument(
         "--k",
         type=int,
@@ -182,13 +191,25 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         "--adaptive-k needs the MLP (drop --model cnn)",
     )
     mesimp = simplify.check_mesimp(args, k)
+    mode = DEFAULT_MODE if args.mode is None else args.mode
+    per_row = mode.replace("-", "_") in ("per_example", "random")
+    layout = args.kernel_layout
+    if layout == "auto":
+        mlp = network.get("network", "mlp") == "mlp"
+        stock = mesimp.get("mesimp") or args.sparse_update
+        fast = per_row and k >= 1 and mlp and not stock
+        layout = "out_in" if fast else "in_out"
+    check(
+        layout == "in_out" or not (mesimp.get("mesimp") or args.sparse_update),
+        "--mesimp and --sparse-update need [in, out] kernels: drop --kernel-layout out_in",
+    )
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return MnistSettings(
         hidden=hidden,
         layers=args.layers,
         k=k,
-        mode=DEFAULT_MODE if args.mode is None else args.mode,
+        mode=mode,
         k_output=args.k_output,
         dropout=args.dropout,
         kdim=args.kdim,
@@ -200,6 +221,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         sparse_update=args.sparse_update,
         feedback=float(args.error_feedback or 0.0),
         adaptive=adaptive,
+        kernel_layout=layout,
         **mesimp,
         **network,
     )

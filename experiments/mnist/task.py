@@ -113,6 +113,7 @@ class MnistSettings:
     network: str = "mlp"
     channels: tuple[int, ...] = DEFAULT_CHANNELS
     k_conv: int = 0
+    kernel_layout: str = "in_out"
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -144,6 +145,7 @@ class MnistSettings:
             feedback=self.feedback,
             adaptive=self.adaptive,
             record=self.mesimp,
+            kernel_layout=self.kernel_layout,
         )
 
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.loop import ConfigError
 from experiments.mnist import cli
 from experiments.mnist import task as mnist_task
 from experiments.mnist.data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
@@ -352,6 +353,21 @@ def test_defaults_are_documented_ones() -> None:
     )
     assert cli.default_out(s, args) == Path("runs/mnist-k30-unified-h500x2-adam-b50-s0")
     assert settings("--mode", "per_example").mode == "per-example"
+
+
+def test_kernel_layout_auto_is_out_in_for_per_row_modes_only() -> None:
+    assert settings("--mode", "per-example", "--k", "20").kernel_layout == "out_in"
+    assert settings("--mode", "random", "--k", "20").kernel_layout == "out_in"
+    assert settings("--mode", "unified").kernel_layout == "in_out"
+    assert settings("--mode", "per-example", "--k", "0").kernel_layout == "in_out"
+    assert settings("--mode", "per-example", "--mesimp").kernel_layout == "in_out"
+    assert settings("--mode", "per-example", "--sparse-update").kernel_layout == "in_out"
+    s = settings("--mode", "per-example", "--kernel-layout", "in_out")
+    assert s.kernel_layout == "in_out"
+    s = settings("--kernel-layout", "out_in")
+    assert s.model().kernel_layout == "out_in"
+    with pytest.raises(ConfigError, match="kernel-layout"):
+        settings("--mode", "per-example", "--mesimp", "--kernel-layout", "out_in")
 
 
 def test_kdim_builds_a_dense_mlp_of_width_k() -> None:
