@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meprop_jax._src import adaptive as _adaptive
-from meprop_jax._src import feedback, products, rowwise
+from meprop_jax._src import feedback, native, products, rowwise
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.adaptive import AdaptiveK, AdaptiveTap
 from meprop_jax._src.taps import (
@@ -112,6 +112,11 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
         scores = jnp.where(jnp.isfinite(g), noise, jnp.inf)
     else:
         scores = jnp.abs(g.astype(_selection._ranking_dtype(g.dtype)))
+    union_size = g.size // g.shape[-1] * cfg.k * cfg.groups
+    if native.applies(g, xs, kernels, union_size):
+        rows = cfg.compact or cfg.kernel_layout == "out_in"
+        args = (cfg.k, cfg.groups, cfg.kernel_layout, rows)
+        return rowwise.native_backward(xs, kernels, g, scores, *args)
     idx, g_kept, mask, g_sparse = rowwise.rowwise_selection(g, scores, cfg.k, cfg.groups)
     dxs = tuple(
         rowwise.gathered_input_grad(
@@ -119,7 +124,6 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
         ).reshape(x.shape)
         for x, w in zip(xs, kernels, strict=True)
     )
-    union_size = idx.size
     if union_size >= g.shape[-1]:
         dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
         return dxs, dws, None, g_sparse, mask.reshape(g.shape)

@@ -164,3 +164,27 @@ def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
     mask = selection_mask(idx, out)
     g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
     return idx, g_kept, mask, g_sparse
+
+
+def native_backward(xs, kernels, g: Array, scores: Array, k: int, groups: int, layout: str, rows):
+    """The backward of the per-row modes through the native kernels (:mod:`.native`).
+
+    Same results as the XLA path of ``meprop_jax._src.linear._rowwise_backward`` when the
+    union is below ``out``: ``(dxs, blocks, cols, g_sparse, mask)``, each block ``[K, in]``
+    with ``rows`` (compact, or an ``[out, in]`` kernel) and ``[in, K]`` otherwise.
+    """
+    from meprop_jax._src import native
+
+    out = g.shape[-1]
+    g2 = g.reshape(-1, out)
+    ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
+    idx = native.select(ranked.reshape(-1, out), k, groups)
+    dxs, blocks = [], []
+    for x, w in zip(xs, kernels, strict=True):
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in")
+        dxs.append(dx.reshape(x.shape))
+        blocks.append(block if rows else block.T)
+    mask = selection_mask(idx, out)
+    g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    return tuple(dxs), tuple(blocks), cols, g_sparse, mask.reshape(g.shape)

@@ -1,0 +1,136 @@
+// Per-row meProp backward on the CPU, as XLA FFI handlers (see meprop_jax/_src/native/__init__.py).
+//
+// meprop_select: each row's k largest scores per group (ties to the lower index; the caller
+//   maps NaN to +inf), the same set as lax.top_k.
+// meprop_products: from those indices, dx (each row's own kernel columns) and the compact
+//   weight gradient over the union of the rows' columns: block [N*S, in] and cols [N*S], one
+//   slot per selected entry; a slot whose column an earlier slot holds is padding (out + slot,
+//   zero block row). Entries of g that are NaN or +-inf but not selected by their row are added
+//   to their column's block row when that column is in the union, so that the block rows are
+//   non-finite exactly for the columns that hold one (the library's rule).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx, int64_t k,
+                  int64_t groups) {
+  const auto dims = scores.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("scores must be [N, out]");
+  const int64_t n = dims[0], out = dims[1], width = out / groups;
+  if (groups < 1 || out % groups || k < 1 || k > width)
+    return ffi::Error::InvalidArgument("bad k or groups");
+  const float* s = scores.typed_data();
+  int32_t* o = idx->typed_data();
+  std::vector<int32_t> order(width);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* row = s + r * out + grp * width;
+      std::iota(order.begin(), order.end(), 0);
+      auto before = [row](int32_t a, int32_t b) {
+        return row[a] > row[b] || (row[a] == row[b] && a < b);
+      };
+      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
+      std::sort(order.begin(), order.begin() + k, before);
+      int32_t* dst = o + r * groups * k + grp * k;
+      for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<int32_t>(order[j] + grp * width);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// kernel: [out, in] (transposed != 0) or [in, out].
+ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
+                    ffi::ResultBuffer<ffi::F32> block, ffi::ResultBuffer<ffi::S32> cols,
+                    int64_t transposed) {
+  const auto gd = g.dimensions(), id = idx.dimensions(), xd = x.dimensions();
+  if (gd.size() != 2 || id.size() != 2 || xd.size() != 2 || id[0] != gd[0] || xd[0] != gd[0])
+    return ffi::Error::InvalidArgument("g [N, out], idx [N, S], x [N, in] expected");
+  const int64_t n = gd[0], out = gd[1], s = id[1], in = xd[1], slots = n * s;
+  const float* gp = g.typed_data();
+  const int32_t* ip = idx.typed_data();
+  const float* xp = x.typed_data();
+  const float* wp = kernel.typed_data();
+  float* dxp = dx->typed_data();
+  float* bp = block->typed_data();
+  int32_t* cp = cols->typed_data();
+
+  // dx: each row's own columns.
+  std::fill(dxp, dxp + n * in, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    float* d = dxp + r * in;
+    for (int64_t j = 0; j < s; ++j) {
+      const int32_t c = ip[r * s + j];
+      const float v = gp[r * out + c];
+      if (transposed) {
+        const float* w = wp + static_cast<int64_t>(c) * in;
+        for (int64_t i = 0; i < in; ++i) d[i] += v * w[i];
+      } else {
+        for (int64_t i = 0; i < in; ++i) d[i] += v * wp[i * out + c];
+      }
+    }
+  }
+
+  // The union: the first slot to hold a column owns its block row.
+  std::vector<int32_t> owner(out, -1);
+  for (int64_t p = 0; p < slots; ++p) {
+    const int32_t c = ip[p];
+    if (owner[c] < 0) {
+      owner[c] = static_cast<int32_t>(p);
+      cp[p] = c;
+    } else {
+      cp[p] = static_cast<int32_t>(out + p);
+    }
+  }
+  std::fill(bp, bp + slots * in, 0.0f);
+  auto add_row = [&](int64_t r, int32_t c) {
+    float* b = bp + static_cast<int64_t>(owner[c]) * in;
+    const float v = gp[r * out + c];
+    const float* xr = xp + r * in;
+    for (int64_t i = 0; i < in; ++i) b[i] += v * xr[i];
+  };
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j < s; ++j) add_row(r, ip[r * s + j]);
+  // Non-finite entries past their row's selection, in a column of the union.
+  std::vector<char> chosen(out, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = gp + r * out;
+    bool any = false;
+    for (int64_t c = 0; c < out; ++c) any |= !std::isfinite(row[c]);
+    if (!any) continue;
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 1;
+    for (int64_t c = 0; c < out; ++c)
+      if (!std::isfinite(row[c]) && !chosen[c] && owner[c] >= 0) add_row(r, static_cast<int32_t>(c));
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 0;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("transposed"));

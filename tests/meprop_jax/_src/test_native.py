@@ -1,0 +1,140 @@
+"""The native CPU kernels of the per-row backward (``meprop_jax._src.native``) and their
+fallback: both paths give the NumPy reference's gradients, the kernels are really called when
+built, and without a compiler everything still works, with one log line."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from meprop_jax import multi_linear
+from meprop_jax._src import native
+from tests.meprop_jax._src.test_linear import check_against_reference, fast_key, ref_mask
+from tests.meprop_jax._src.test_rowwise import vjp_in_layout
+
+needs_compiler = pytest.mark.skipif(
+    native._compiler() is None, reason="no C++ compiler: only the fallback can run"
+)
+
+
+def _problem(seed, lead, out, n_ins=(5,), bad=None):
+    rng = np.random.default_rng(seed)
+    xs = tuple(rng.standard_normal((*lead, n)).astype(np.float32) for n in n_ins)
+    ws = tuple(rng.standard_normal((n, out)).astype(np.float32) for n in n_ins)
+    b = rng.standard_normal(out).astype(np.float32)
+    g = (rng.integers(-40, 41, size=(*lead, out)) / 8.0).astype(np.float32)
+    if bad is not None:
+        g.reshape(-1, out)[1, :3] = bad  # more non-finite entries than k=2 in one row
+        g.reshape(-1, out)[0, 2] = 99.0  # row 0 selects column 2, which row 1 drops
+    return xs, ws, b, g
+
+
+def _lowered_text(xs, ws, b, g, *, k, mode, groups, layout, compact):
+    """The compiled program of the backward pass (dense ``dW``; ``compact`` is the same
+    path), as text."""
+    del compact
+    stored = tuple(w if layout == "in_out" else w.T for w in ws)
+
+    def fn(xs, ws, b, g):
+        f = lambda xs, ws, b: multi_linear(
+            xs, ws, b, k=k, mode=mode, key=fast_key(1), groups=groups, kernel_layout=layout
+        )
+        return jax.vjp(f, xs, ws, b)[1](g)
+
+    return jax.jit(fn).lower(xs, stored, b, g).as_text()
+
+
+@needs_compiler
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("mode", ["per_example", "random"])
+@pytest.mark.parametrize(
+    ("lead", "out", "groups", "n_ins"), [((3,), 20, 1, (5,)), ((2, 2), 24, 4, (5, 3))]
+)
+def test_native_and_fallback_match_the_reference(layout, compact, mode, lead, out, groups, n_ins):
+    xs, ws, b, g = _problem(out, lead, out, n_ins)
+    kw = dict(k=1 if groups > 1 else 2, mode=mode, groups=groups, layout=layout, compact=compact)
+    key = fast_key(1)
+    assert native.enabled()
+    assert "meprop_products" in _lowered_text(xs, ws, b, g, **kw)
+    with_native = vjp_in_layout(xs, ws, b, g, key, **kw)
+    with native.disabled():
+        assert "meprop_products" not in _lowered_text(xs, ws, b, g, **kw)
+        fallback = vjp_in_layout(xs, ws, b, g, key, **kw)
+    mask = ref_mask(g, kw["k"], mode, key, groups)
+    for grads in (with_native, fallback):
+        check_against_reference(grads[:3], list(xs), list(ws), g, mask, False, True)
+    if compact:  # the same compact gradient, column order and padding included
+        for a, e in zip(with_native[3], fallback[3], strict=True):
+            np.testing.assert_array_equal(a.cols, e.cols)
+            np.testing.assert_allclose(a.block, e.block, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_native_non_finite_rule(compact, bad):
+    """Row 1 keeps 2 of its 3 non-finite entries; the dropped one's column 2, selected by row
+    0, must be non-finite in dW as in dense backprop, on both paths alike."""
+    xs, ws, b, g = _problem(3, (4,), 12, bad=bad)
+    xs = (xs[0] + 5.0,)  # no zero inputs: inf * 0 would hide nothing but make NaN
+    kw = dict(k=2, mode="per_example", groups=1, layout="out_in", compact=compact)
+    results = [vjp_in_layout(xs, ws, b, g, None, **kw)]
+    with native.disabled():
+        results.append(vjp_in_layout(xs, ws, b, g, None, **kw))
+    dense_bad = ~np.all(np.isfinite(xs[0].T @ g), axis=0)
+    for dxs, dws, _, taps in results:
+        np.testing.assert_array_equal(np.isfinite(dxs[0]).all(1), [True, False, True, True])
+        if compact:
+            cols = np.asarray(taps[0].cols).astype(int)
+            finite = np.isfinite(np.asarray(taps[0].block)).all(1)
+            np.testing.assert_array_equal(finite, [c >= 12 or not dense_bad[c] for c in cols])
+        else:
+            np.testing.assert_array_equal(np.isfinite(dws[0]).all(0), ~dense_bad)
+
+
+def test_no_compiler_falls_back_with_one_log_line(tmp_path):
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import meprop_jax
+        from meprop_jax._src import native
+        x = jnp.arange(12.0).reshape(3, 4)
+        w = jnp.ones((4, 20))
+        g = jnp.arange(60.0).reshape(3, 20)
+        f = lambda x, w: meprop_jax.linear(x, w, k=2, mode="per_example")
+        for _ in range(3):  # three traces, one log line
+            dx, dw = jax.vjp(f, x, w)[1](g)
+        assert not native.enabled()
+        mask = np.zeros((3, 20)); mask[:, 18:] = 1
+        np.testing.assert_allclose(dw, np.asarray(x).T @ (np.asarray(g) * mask))
+        print("ok")
+        """
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "MEPROP_JAX_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert done.stderr.count("native CPU kernels unavailable") == 1, done.stderr
+    assert not list(tmp_path.glob("*.so"))
+
+
+@needs_compiler
+def test_build_goes_to_the_cache_directory(tmp_path):
+    env = {**os.environ, "MEPROP_JAX_CACHE": str(tmp_path / "cache")}
+    script = (
+        "from meprop_jax._src import native; assert native.enabled(); print(native.cache_dir())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "cache").glob("meprop_rowwise-*.so"))) == 1
+    assert shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")
