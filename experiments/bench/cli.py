@@ -49,6 +49,7 @@ from experiments.bench.layer import (
     bench_layer_update_shape,
 )
 from experiments.bench.mesimp import PAPER_CONFIG, QUICK_CONFIG, MeSimpConfig, bench_mesimp
+from experiments.bench.per_example import bench_per_example, format_per_example
 from experiments.bench.report import (
     environment,
     format_mesimp_table,
@@ -171,12 +172,23 @@ def run_conv_section(args: argparse.Namespace) -> list[Record]:
     return records
 
 
+def run_per_example_section(args: argparse.Namespace) -> list[Record]:
+    """Section ``per_example``: the paper's CPU setting (:mod:`experiments.bench.per_example`)."""
+    records = bench_per_example(
+        quick=args.quick, repeats=args.repeats, warmup=args.warmup, seed=args.seed
+    )
+    if not args.no_progress:
+        print(format_per_example(records), flush=True)
+    return records
+
+
 # Sections map the parsed arguments to a list of records.
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
     "layer": run_layer_section,
     "steps": run_steps_section,
     "mesimp": run_mesimp_section,
     "conv": run_conv_section,
+    "per_example": run_per_example_section,
 }
 
 
@@ -253,7 +265,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=sorted(SECTIONS),
         default="layer",
         help="what to time: layer (one layer; see --with-update), steps (see --steps), "
-        "mesimp (see --mesimp) or conv (see --conv); default layer",
+        "mesimp (see --mesimp), conv (see --conv) or per_example (see --per-example); default "
+        "layer",
     )
     p.add_argument(
         "--steps",
@@ -279,6 +292,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="same as --section conv: one 3x3 convolution's backward (NHWC, SAME), dense and "
         "meProp over k output channels, on 28x28 32->64 and 14x14 64->128 channels (batch 64, "
         "k up to out/4), with the forward pass",
+    )
+    p.add_argument(
+        "--per-example",
+        action="store_true",
+        help="same as --section per_example: the paper's CPU setting, per-example top-k at "
+        "batch 10: layer backward (784->500, 500->500, k 20), backward + Adam, the LSTM gates "
+        "(h 500, batch 8, k 5 and 10) and whole MNIST training steps, each against dense",
     )
     p.add_argument(
         "--conv-grid",
@@ -361,7 +381,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
     )
     args = p.parse_args(argv)
-    chosen = [name for name in ("steps", "mesimp", "conv") if getattr(args, name)]
+    chosen = [name for name in ("steps", "mesimp", "conv", "per_example") if getattr(args, name)]
     if len(chosen) > 1:
         p.error(f"{' and '.join('--' + c for c in chosen)} are separate sections: give one")
     if chosen:
@@ -369,6 +389,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.section == "conv" and (args.paper_table7 or args.grid or args.with_update):
         p.error("--conv times one convolution: --paper-table7, --grid and --with-update are "
                 "options of the layer section (--conv-grid gives its shapes)")  # fmt: skip
+    if args.section == "per_example" and (
+        args.paper_table7 or args.grid or args.with_update or args.modes or args.plot
+    ):
+        p.error("--per-example has fixed shapes and variants: it takes no --paper-table7, "
+                "--grid, --with-update, --modes or --plot")  # fmt: skip
     if args.section != "conv" and args.conv_grid:
         p.error("--conv-grid configures --conv")
     mlp_section = args.section in ("steps", "mesimp")
@@ -455,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
             print("\n\n".join(format_steps_table(rows, args.repeats) for rows in configs.values()))
         elif args.section == "mesimp":
             print(format_mesimp_table(records, args.repeats))
+        elif args.section == "per_example":
+            print(format_per_example(records))
         else:
             print(format_table(records))
         report = memory_report(records)
