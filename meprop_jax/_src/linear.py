@@ -103,8 +103,8 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
 
     With ``N`` rows each keeping ``k`` columns (per group) the union has at most ``N * k``
     columns. When that is below ``out`` the weight gradient is the union's block, padded to
-    ``N * k`` columns (a static size); otherwise it is the full product of the masked
-    gradient, and the returned ``cols`` is None (the blocks are dense).
+    ``N * k`` columns (a static size); otherwise ``dx`` and the weight gradient are the full
+    products of the masked gradient, and the returned ``cols`` is None (the blocks are dense).
     """
     if cfg.mode == "random":
         # The draws of _selection.random_mask, so both give the same selection.
@@ -114,23 +114,48 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
         scores = jnp.abs(g.astype(_selection._ranking_dtype(g.dtype)))
     union_size = g.size // g.shape[-1] * cfg.k * cfg.groups
     if native.applies(g, xs, kernels, union_size):
-        rows = cfg.compact or cfg.kernel_layout == "out_in"
-        args = (cfg.k, cfg.groups, cfg.kernel_layout, rows)
-        return rowwise.native_backward(xs, kernels, g, scores, *args)
+        return _native_rowwise(cfg, xs, kernels, g, scores)
+    return _xla_rowwise(cfg, xs, kernels, g, scores)
+
+
+def _xla_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
+    """The pure-XLA path of ``_rowwise_backward`` (see :mod:`meprop_jax._src.rowwise`)."""
+    union_size = g.size // g.shape[-1] * cfg.k * cfg.groups
     idx, g_kept, mask, g_sparse = rowwise.rowwise_selection(g, scores, cfg.k, cfg.groups)
+    if union_size >= g.shape[-1]:
+        # The rows cover the layer: the masked full products (a gather of N * k kernel
+        # columns would move more memory than the product they replace).
+        pairs = tuple(zip(xs, kernels, strict=True))
+        dxs = tuple(products.input_grad(g_sparse, w, x, cfg) for x, w in pairs)
+        dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in pairs)
+        return dxs, dws, None, g_sparse, mask.reshape(g.shape)
     dxs = tuple(
         rowwise.gathered_input_grad(
             g_kept, idx, w, cfg.kernel_layout, cfg.precision, x.dtype
         ).reshape(x.shape)
         for x, w in zip(xs, kernels, strict=True)
     )
-    if union_size >= g.shape[-1]:
-        dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-        return dxs, dws, None, g_sparse, mask.reshape(g.shape)
     cols = rowwise.union_columns(idx, mask)
     g_cols = jnp.take(g_sparse, cols, axis=-1, mode="fill", fill_value=0)
     blocks = tuple(_weight_grad(x, g_cols, w, cfg) for x, w in zip(xs, kernels, strict=True))
     return dxs, blocks, cols, g_sparse, mask.reshape(g.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _native_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
+    """``_xla_rowwise``'s results from the native kernels (:mod:`meprop_jax._src.native`).
+
+    Differentiating the backward pass (higher-order derivatives) differentiates the XLA path,
+    which computes the same function.
+    """
+    rows = cfg.compact or cfg.kernel_layout == "out_in"
+    args = (cfg.k, cfg.groups, cfg.kernel_layout, rows)
+    return rowwise.native_backward(xs, kernels, g, scores, *args)
+
+
+@_native_rowwise.defjvp
+def _native_rowwise_jvp(cfg: _Config, primals, tangents):
+    return jax.jvp(functools.partial(_xla_rowwise, cfg), primals, tangents)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -347,10 +372,12 @@ def linear(
     * ``mode="unified"``: the ``k`` columns with the largest ``sum |g|`` over all leading axes
       are kept for every row; ``dx`` and ``dkernel`` come from two small dense products
       ``[N, k] x [k, in]`` and ``[in, N] x [N, k]``. No product ever spans all ``out`` columns.
-    * ``mode="per_example"``: every row keeps its own ``k`` largest ``|g|``. ``dx`` of a row
-      comes from that row's ``k`` kernel columns (``N * k * in`` multiply-adds); the weight
-      gradient runs over the union of selected columns (at most ``N * k``) when that is
-      smaller than ``out``, otherwise over all ``out`` columns of the masked gradient.
+    * ``mode="per_example"``: every row keeps its own ``k`` largest ``|g|``. When the union
+      of selected columns (at most ``N * k``) is smaller than ``out``, ``dx`` of a row comes
+      from that row's ``k`` kernel columns (``N * k * in`` multiply-adds) and the weight
+      gradient from the union's columns (on a CPU through native kernels when a C++
+      compiler is available, see :mod:`meprop_jax._src.native`); otherwise both are the
+      full products of the masked gradient.
     * ``mode="random"``: every row keeps ``k`` distinct uniformly random columns, without
       rescaling (needs ``key``).
 

@@ -14,7 +14,9 @@ a CPU but is still far below the dense product.
 
 The weight gradient is built from the union of the rows' columns (at most ``N * S``, a static
 size): its ``[K, in]`` block ``g_cols^T x`` is small, and it stays compact for the optimizers
-of :mod:`meprop_jax.optim` or is written into a dense gradient by the caller.
+of :mod:`meprop_jax.optim` or is written into a dense gradient by the caller. All this holds
+while ``N * S < out``; once the rows cover the layer (the parser's minibatches of 250) the
+caller runs the full products of the masked gradient instead.
 
 NaN and ±inf follow the rule of :mod:`meprop_jax._selection`: they rank above every finite
 score, so a row keeps its own non-finite entries first (``dx`` of that row is non-finite, as
