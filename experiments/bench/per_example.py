@@ -21,7 +21,7 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
   dense with ``optax.adam``, per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), and per-example with compact gradients and ``sparse_adam``
-  (``--sparse-update``), the meProp rows with the kernels stored ``[out, in]``.
+  (``--sparse-update``, kernels ``[in, out]``); the authors' rule in both layouts.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def bench_layer_update(
     batch: int, d_in: int, d_out: int, k: int, *, steps: int, repeats: int, warmup: int, seed: int
 ) -> list[Record]:
     """One layer's backward pass and Adam step: dense + optax.adam against the compact
-    gradient (kernel stored ``[out, in]``) + sparse_adam."""
+    gradient + sparse_adam (the compact optimizers take ``[in, out]`` kernels)."""
     rng = np.random.default_rng(seed)
     xs, gs = _data(rng, steps, [(batch, d_in), (batch, d_out)])
     w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
@@ -213,41 +213,40 @@ def bench_layer_update(
         return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
 
     opt = optim.sparse_adam(ADAM_LR)
-    name = meprop_jax.linen.TRANSPOSED_KERNEL
     tap = meprop_jax.compact_tap(d_in, d_out, k=k, mode=MODE, batch_shape=(batch,))
 
     def sparse_run(carry, xs, gs):
         def body(carry, xg):
             (params, state), dx_sum = carry
-            w_t = params[name]
+            w = params["kernel"]
 
             def f(x, t, b):
-                return meprop_jax.linear(x, w_t, b, k=k, mode=MODE, tap=t, kernel_layout="out_in")
+                return meprop_jax.linear(x, w, b, k=k, mode=MODE, tap=t)
 
             dx, tap_grad, db = jax.vjp(f, xg[0], tap, params["bias"])[1](xg[1])
             # dx feeds the layer below in a network, which orders the kernel's update after
-            # the backward's reads (see meprop_jax.optim._after); alone it needs this term.
+            # the backward's reads; alone it needs this (numerically void) term.
             tap_grad = tap_grad._replace(cols=tap_grad.cols + 0.0 * dx[0, 0])
             with jax.numpy_dtype_promotion("standard"):
                 params, state = opt.update(
-                    {name: None, "bias": db}, state, params, {name: tap_grad}
+                    {"kernel": None, "bias": db}, state, params, {"kernel": tap_grad}
                 )
             return ((params, state), dx_sum + dx), None
 
         return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
 
     dense_params = {"kernel": w, "bias": b}
-    sparse_params = {name: w.T.copy(), "bias": b.copy()}  # each box donates its own
+    sparse_params = {"kernel": w.copy(), "bias": b.copy()}  # each box donates its own
     zero_dx = lambda: jnp.zeros((batch, d_in), jnp.float32)
     dense_box = Carry(((dense_params, tx.init(dense_params)), zero_dx()))
-    sparse_box = Carry(((sparse_params, opt.init(sparse_params, {name: tap})), zero_dx()))
+    sparse_box = Carry(((sparse_params, opt.init(sparse_params, {"kernel": tap})), zero_dx()))
     _block((dense_box.value, sparse_box.value))
     compiled = _compile_donated(dense_run, (dense_box.value, xs, gs))
     fns = {"dense+adam": (dense_box.stepper(compiled, xs, gs), ())}
     for suffix, path in _paths():
         with path():
             compiled = _compile_donated(sparse_run, (sparse_box.value, xs, gs))
-        fns[f"{MODE}+compact:out_in+sparse_adam{suffix}"] = (
+        fns[f"{MODE}+compact+sparse_adam{suffix}"] = (
             sparse_box.stepper(compiled, xs, gs),
             (),
         )
@@ -282,7 +281,7 @@ def bench_mnist_steps(
         variants += [
             (f"{MODE}{suffix}", k, "in_out", False, path),
             (f"{MODE}:out_in{suffix}", k, "out_in", False, path),
-            (f"{MODE}+sparse:out_in{suffix}", k, "out_in", True, path),
+            (f"{MODE}+sparse{suffix}", k, "in_out", True, path),
         ]
     for label, kk, layout, sparse, path in variants:
         m = model(kk, layout, sparse)
