@@ -28,10 +28,10 @@ def test_timing_breakdown_fields(reference: RunResult) -> None:
         assert t["probe_s"] >= raw
     assert reference.history[0]["timing"]["compile_s"] > 0  # epoch 1 compiles the programs
     later = reference.history[1]["timing"]
-    # Epoch 1 also runs each program once untimed; later epochs only time them.
-    assert later["probe_s"] < 3 * (
-        later["probe_forward_s"] + later["probe_forward_backward_s"] + later["probe_step_s"]
-    )
+    # A probe program gets its untimed warm-up run only in the epoch that compiles it; later
+    # epochs compile nothing, so they only time them (checked without a wall-clock bound,
+    # which other jobs on the machine would break).
+    assert later["compile_s"] == 0
 
 
 def test_estimates_beyond_the_measured_epoch_are_scaled_to_fit() -> None:

@@ -73,11 +73,15 @@ def test_sparse_update_model_has_taps_of_the_training_batch() -> None:
             for name, tap in taps["meprop_taps"].items()
         }
 
-    # Hidden layers only (the output layer keeps the masked dense gradient): [K, in] blocks.
-    assert tap_shapes(hidden=64, k=3) == {"hidden_0": ((3, 16), (3,)), "hidden_1": ((3, 64), (3,))}
+    # Hidden layers only (the output layer keeps the masked dense gradient): [K, in] blocks,
+    # [K] columns and the [out] selected channel.
+    assert tap_shapes(hidden=64, k=3) == {
+        "hidden_0": ((3, 16), (3,), (64,)),
+        "hidden_1": ((3, 64), (3,), (64,)),
+    }
     # Per example: the union of 8 rows' k = 2 columns, padded to 16.
     shapes = tap_shapes(hidden=64, k=2, mode="per-example", layers=1)
-    assert shapes == {"hidden_0": ((16, 16), (16,))}
+    assert shapes == {"hidden_0": ((16, 16), (16,), (64,))}
 
 
 def test_dropout_keeps_the_mean_under_sharding() -> None:
