@@ -47,9 +47,9 @@ makes the state's gathers and scatters several times cheaper.
 Compact gradients cannot be added: a tap gradient that is a sum or a mean of several (a layer
 applied twice, microbatch gradients added up, ``lax.pmean`` over devices) is correct only
 where every summand selected the same columns. ``update`` checks this at run time from the
-tap's ``selected`` channel; otherwise it stops the program with an error naming the kernel on
-a CPU, and makes that kernel's update NaN on other platforms (where a conditional would wait
-for its predicate on the host in every step). Accumulate with
+tap's ``selected`` channel; otherwise that kernel's first ``K`` columns become NaN, or, with
+``compact(tx, bad_taps="raise")``, the program stops with an error naming the kernel and the
+cause (a host callback that makes every step wait on the host). Accumulate with
 ``compact(optax.MultiSteps(...))`` instead, and for data parallelism shard the batch under
 ``jit`` (one global selection) rather than averaging per-device compact gradients from
 ``shard_map`` or ``pmap`` (each device selects its own columns).
@@ -132,7 +132,9 @@ class SparseOptimizer(NamedTuple):
     tx: Any = None
 
 
-def compact(tx: optax.GradientTransformation | optax.MultiSteps) -> SparseOptimizer:
+def compact(
+    tx: optax.GradientTransformation | optax.MultiSteps, *, bad_taps: str = "nan"
+) -> SparseOptimizer:
     """Lifts an optax transformation to compact meProp kernel gradients.
 
     ``update`` gathers the selected columns of each compact kernel and of every
@@ -151,9 +153,17 @@ def compact(tx: optax.GradientTransformation | optax.MultiSteps) -> SparseOptimi
     itself: its ``gradient_transformation()``, alone or in a chain, is refused, since its
     accumulator and whole-tree reset cannot be split into columns.
 
+    A tap gradient that is a sum or mean of compact gradients with different columns (see the
+    module docstring) never updates silently: with ``bad_taps="nan"`` (the default) its
+    kernel's first ``K`` columns become NaN, at no cost to a healthy step; with ``"raise"`` the
+    program stops with an error naming the kernel and the cause, at the cost of a host
+    callback in a conditional, which makes every step wait on the host (use it to find the
+    cause of such NaNs).
+
     Args:
       tx: an ``optax.GradientTransformation``, an ``optax.MultiSteps``, or an already lifted
         :class:`SparseOptimizer` (returned as it is).
+      bad_taps: ``"nan"`` or ``"raise"``, see above.
 
     Returns:
       a :class:`SparseOptimizer`.
@@ -162,17 +172,18 @@ def compact(tx: optax.GradientTransformation | optax.MultiSteps) -> SparseOptimi
       TypeError: if ``tx`` is none of these.
       ValueError: from ``init``, if ``tx``'s state cannot be split into columns.
     """
+    bad_taps = _compact.check_bad_taps(bad_taps)
     if isinstance(tx, SparseOptimizer):
         return tx
     if isinstance(tx, optax.MultiSteps):
-        init, update = _accumulate.lift_multi_steps(tx)
+        init, update = _accumulate.lift_multi_steps(tx, bad_taps)
         return SparseOptimizer(init, update, tx)
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(
             "compact(tx) takes an optax GradientTransformation or optax.MultiSteps, got "
             f"{type(tx).__name__}"
         )
-    init, update = _compact.lift(tx)
+    init, update = _compact.lift(tx, bad_taps)
     return SparseOptimizer(init, update, tx)
 
 

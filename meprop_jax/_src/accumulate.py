@@ -89,7 +89,7 @@ def _every_k(steps: optax.MultiSteps) -> int:
     return n
 
 
-def lift_multi_steps(steps: optax.MultiSteps):
+def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
     """``(init, update)`` of ``compact(optax.MultiSteps(inner, n))``: accumulation by columns."""
     n = _every_k(steps)
     mean = steps._use_grad_mean
@@ -112,7 +112,7 @@ def lift_multi_steps(steps: optax.MultiSteps):
         _check_state(state)
         s = state.inner
         layout = _params(params, ())
-        decoded = _decode(taps, layout, grads)
+        decoded = _decode(taps, layout, grads, bad_taps)
         if set(decoded) != set(s.touched):
             raise ValueError(
                 f"compact(optax.MultiSteps): tap gradients for {sorted(decoded)}, but init had "

@@ -227,13 +227,15 @@ def _raise_bad_taps(names: tuple[str, ...], ok: Array) -> None:
         )
 
 
-def _decode(taps: PyTree, layout: _Params, grads: PyTree) -> dict[str, tuple[Array, Array]]:
+def _decode(
+    taps: PyTree, layout: _Params, grads: PyTree, bad_taps: str
+) -> dict[str, tuple[Array, Array]]:
     """``{key: (block [K, in], cols int32 [K])}`` of every tap gradient, checked.
 
-    A tap gradient whose columns cannot be trusted (see :func:`decode_columns`) stops the
-    program with an error naming its kernel on a CPU. On other platforms a conditional waits
-    for its predicate on the host, a stall in every step, so there the block becomes NaN
-    instead and the kernel's selected columns with it: loud, never silently wrong.
+    A tap gradient whose columns cannot be trusted (see :func:`decode_columns`) gets a NaN
+    block on its first ``K`` columns, which its kernel takes (``bad_taps="nan"``), or stops the
+    program with an error naming its kernel (``"raise"``: a host callback in a conditional,
+    which makes every step wait on the host).
     """
     found = tap_leaves(taps)
     missing = sorted(set(found) - set(layout.keys))
@@ -243,26 +245,30 @@ def _decode(taps: PyTree, layout: _Params, grads: PyTree) -> dict[str, tuple[Arr
         return {}
     after = _after((grads, taps))
     shapes = dict(zip(layout.keys, layout.shapes, strict=True))
-    names, blocks, columns, oks = tuple(found), [], [], []
+    names, decoded, oks = tuple(found), {}, []
     for key, tap in found.items():
         out = shapes[key][1]
         cols, ok = decode_columns(tap, out)
+        # Bad columns may all be out of range: NaN goes to the first K (K <= out) instead.
+        cols = jnp.where(ok, cols, jnp.arange(cols.shape[0], dtype=cols.dtype))
         # A no-op bound (the indices are below it) that orders the scatters; see _after.
-        columns.append(jnp.minimum(cols, out + cols.shape[0] + after))
-        blocks.append(tap.block)
+        cols = jnp.minimum(cols, out + cols.shape[0] + after)
+        decoded[key] = (jnp.where(ok, tap.block, jnp.asarray(jnp.nan, tap.block.dtype)), cols)
         oks.append(ok)
-    ok = jnp.stack(oks)
-
-    def stop(ok, blocks):
+    if bad_taps == "raise":
+        ok = jnp.stack(oks)
         raise_bad = lambda ok: _raise_bad_taps(names, ok)
         lax.cond(jnp.all(ok), lambda ok: None, lambda ok: jax.debug.callback(raise_bad, ok), ok)
-        return blocks
+    return decoded
 
-    def poison(ok, blocks):
-        return [jnp.where(ok[i], b, jnp.asarray(jnp.nan, b.dtype)) for i, b in enumerate(blocks)]
 
-    blocks = lax.platform_dependent(ok, blocks, cpu=stop, default=poison)
-    return {key: (b, c) for key, b, c in zip(names, blocks, columns, strict=True)}
+BAD_TAPS = ("nan", "raise")
+
+
+def check_bad_taps(bad_taps: str) -> str:
+    if bad_taps not in BAD_TAPS:
+        raise ValueError(f"bad_taps must be one of {BAD_TAPS}, got {bad_taps!r}")
+    return bad_taps
 
 
 def _flat_grads(grads: PyTree) -> dict[str, Any]:
@@ -342,7 +348,7 @@ def _name(tx: Any) -> str:
     return getattr(tx, "__name__", type(tx).__name__)
 
 
-def lift(tx: optax.GradientTransformation):
+def lift(tx: optax.GradientTransformation, bad_taps: str = "nan"):
     """``(init, update)`` of ``compact(tx)``; see :func:`meprop_jax.optim.compact`."""
 
     def init(params: PyTree, taps: PyTree = None) -> SparseState:
@@ -356,7 +362,7 @@ def lift(tx: optax.GradientTransformation):
     def update(grads, state: SparseState, params, taps=None):
         _check_state(state)
         layout = _params(params, ())
-        decoded = _decode(taps, layout, grads)
+        decoded = _decode(taps, layout, grads, bad_taps)
         params, inner = _step(tx, layout, _flat_grads(grads), decoded, state.inner, params)
         return params, SparseState(inner)
 

@@ -270,14 +270,22 @@ def test_sums_and_means_of_different_columns_are_detected(a, b):
     assert not bool(_taps.decode_columns(mean, OUT)[1])
 
 
-def test_the_optimizer_stops_on_a_sum_of_different_columns():
+def test_a_sum_of_different_columns_stops_the_program_or_gives_nan():
     """Microbatch gradient accumulation by adding tap gradients: an error naming the kernel."""
     rng = np.random.default_rng(10)
     params = params_of(rng)
     grads, taps, _ = random_step(rng, 4)
     _, other, _ = random_step(rng, 4)
     total = jax.tree.map(jnp.add, taps, other)
-    opt = optim.sparse_sgd(0.1)
+    opt = optim.compact(optax.sgd(0.1), bad_taps="raise")
     state = opt.init(params, taps)
     with pytest.raises(Exception, match=r"hidden/kernel.*sum or mean of compact gradients"):
         jax.block_until_ready(jax.jit(opt.update)(grads, state, params, total))
+    # By default the kernel's first K columns become NaN instead; the rest is untouched.
+    opt = optim.sparse_sgd(0.1)
+    new, _ = jax.jit(opt.update)(grads, opt.init(params, taps), params, total)
+    kernel = np.asarray(new["hidden"]["kernel"])
+    assert np.all(np.isnan(kernel[:, :4])) and not np.any(np.isnan(kernel[:, 4:]))
+    np.testing.assert_array_equal(kernel[:, 4:], np.asarray(params["hidden"]["kernel"])[:, 4:])
+    with pytest.raises(ValueError, match="bad_taps must be one of"):
+        optim.compact(optax.sgd(0.1), bad_taps="ignore")

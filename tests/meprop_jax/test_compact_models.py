@@ -249,7 +249,7 @@ def test_shard_map_selects_per_device_and_a_sum_of_compact_gradients_stops():
     assert np.sum(np.any(np.asarray(global_dw) != 0, axis=0)) == K
     # The summed compact gradients name no columns: the optimizer stops.
     params = {"kernel": w}
-    opt = optim.sparse_sgd(0.1)
+    opt = optim.compact(optax.sgd(0.1), bad_taps="raise")
     state = opt.init(params, {"kernel": compact_tap(4, 12, k=K)})
     with pytest.raises(Exception, match=r"kernel.*lax.pmean/psum over devices"):
         jax.block_until_ready(
