@@ -66,6 +66,13 @@ def flag_group(
     return group
 
 
+def set_helps(parser: argparse.ArgumentParser, helps: dict[str, str]) -> None:
+    """Replaces the help text of the flags whose ``dest`` is in ``helps`` (a task's own
+    defaults, where they differ from the shared loop's)."""
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+
+
 def add_mode_argument(
     group: argparse._ActionsContainer, default: str = "unified", why: str = ""
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
-from experiments.common.cli import TaskParser, add_predict_arguments, flag_group
+from experiments.common.cli import TaskParser, add_predict_arguments, flag_group, set_helps
 from experiments.corpora.treebank import TAG_COLUMNS
 from experiments.parsing import simplify
 from experiments.parsing.model import ACTIVATIONS
@@ -150,6 +150,5 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMING_BATCHES})",
         "lr": f"learning rate (default: adam 1e-3, adagrad {ADAGRAD_LR} as the paper's parser)",
     }
-    for action in parser._actions:
-        action.help = helps.get(action.dest, action.help)
+    set_helps(parser, helps)
     return parser

@@ -17,6 +17,7 @@ from experiments.common.cli import (
     add_predict_arguments,
     flag_group,
     run_name_tail,
+    set_helps,
     user_errors,
 )
 from experiments.corpora.conll import FORMATS, TAG_COLUMNS
@@ -164,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The LSTM scan reuses one cell for every time step, so its kernels have no compact
     # gradient to update column by column: the loop's --sparse-update cannot apply here.
     helps["sparse_update"] = argparse.SUPPRESS
-    for action in parser._actions:
-        action.help = helps.get(action.dest, action.help)
+    set_helps(parser, helps)
     return parser
 
 
