@@ -1,13 +1,11 @@
 """Command line of the benchmarks: ``python -m experiments.bench``.
 
-Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections: ``layer``
-(one linear layer's backward, or with ``--with-update`` its backward and Adam update; see
-:mod:`experiments.bench.layer`), ``steps`` (whole training steps of the MNIST MLP; see
-:mod:`experiments.bench.steps`), ``mesimp`` (the MLP pruned by meSimp, training and
-decoding; see :mod:`experiments.bench.mesimp`) and ``conv`` (one 3x3 convolution's backward;
-see :mod:`experiments.bench.conv`). Timing is interleaved call by call
-(:mod:`experiments.bench.harness`); tables, JSON and plots come from
-:mod:`experiments.bench.report`.
+Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections, each
+a module of this package: ``layer`` (one layer's backward, or with ``--with-update`` also its
+Adam update), ``steps`` (whole MNIST MLP training steps), ``mesimp`` (the MLP pruned by
+meSimp), ``conv`` (a 3x3 convolution's backward) and ``per_example`` (the paper's CPU
+setting). Timing is interleaved call by call (``harness``); tables, JSON and plots come from
+``report``.
 
 ``--paper-table7`` runs the shape of the paper's GPU measurement (Sun et al. 2017, Table 7:
 batch 1024, ``in = out = 8192``) and prints the published speedups beside ours.
