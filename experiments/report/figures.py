@@ -18,6 +18,13 @@ LEARNING_CURVES_FILE = "learning_curves.png"
 MESIMP_SIZES_FILE = "mesimp_sizes.png"
 
 
+def _save(fig, path) -> None:
+    """Writes ``fig`` to ``path`` at the report's resolution and frees it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
 def _pyplot():
     import matplotlib
 
@@ -90,9 +97,7 @@ def figure4(results: Sequence[CellResult], path: Path) -> bool:
         ax.set(title=title, xlabel="k (of h = 500)", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -110,9 +115,7 @@ def accuracy_vs_k(series: Mapping[str, tuple[Sequence[CellResult], str]], path: 
     ax.set(xlabel="k", ylabel="test accuracy (%)", title="MNIST test accuracy against k")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -149,9 +152,7 @@ def learning_curves(
         ax.set(title=title, xlabel="epoch", ylabel=f"dev {metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -206,7 +207,5 @@ def mesimp_sizes(
         ax.set(title=title, xlabel="epoch", ylabel="hidden units (mean over layers)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
