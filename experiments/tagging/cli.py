@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
@@ -25,9 +26,11 @@ from experiments.tagging import simplify
 from experiments.tagging.features import DEFAULT_FEATURES, FEATURES
 from experiments.tagging.predict import predict_file
 from experiments.tagging.task import (
+    ARCHITECTURES,
     DEFAULT_BATCH,
     DEFAULT_EVAL_BATCH,
     DEFAULT_K,
+    DEFAULT_TRANSFORMER_K,
     DataFiles,
     TaggerSettings,
     TaggingTask,
@@ -37,6 +40,17 @@ from experiments.tagging.task import (
 __all__ = ["CORPORA", "DEFAULT_EPOCHS", "build_parser", "main"]
 
 DEFAULT_EPOCHS = 15
+DEFAULT_HIDDEN = 500
+#: The Transformer's shape flags and defaults: 2 blocks of width 256 with 4 heads.
+TRANSFORMER_DEFAULTS: Mapping[str, int] = {"layers": 2, "d_model": 256, "heads": 4}
+#: Flags of the LSTM alone (``dest`` -> what they are off at).
+LSTM_ONLY: Mapping[str, Any] = {
+    "hidden": None,
+    "bidirectional": False,
+    "mesimp": False,
+    "error_feedback": None,
+    "adaptive_k": False,
+}
 DEFAULT_TIMING_BATCHES = 0  # probes compile three programs per bucket: opt-in
 ADAGRAD_LR = 0.01  # the paper's AdaGrad learning rate for POS tagging
 #: Why unified (README: Where meProp saves time): a minibatch's tokens (8 sentences of about
@@ -57,16 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m experiments.tagging`` flags."""
     parser = TaskParser(
         prog="python -m experiments.tagging",
-        description="Train the paper's LSTM POS tagger with meProp, or tag a file with a "
-        "trained one (--predict).",
+        description="Train the paper's LSTM POS tagger (or a Transformer encoder tagger, "
+        "--model transformer) with meProp, or tag a file with a trained one (--predict).",
     )
     m = flag_group(parser, "model")
-    m.add_argument("--hidden", type=int, default=500, help="LSTM units per direction (default 500)")
+    m.add_argument(
+        "--model",
+        choices=ARCHITECTURES,
+        default=ARCHITECTURES[0],
+        help="the paper's LSTM (default) or a pre-LayerNorm Transformer encoder (stock Flax "
+        "layers, meProp through meprop_jax.sparsify)",
+    )
+    m.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help=f"LSTM units per direction (default {DEFAULT_HIDDEN}; LSTM only)",
+    )
+    for flag, what in (("layers", "encoder blocks"), ("d_model", "model width"),
+                       ("heads", "attention heads")):  # fmt: skip
+        default = TRANSFORMER_DEFAULTS[flag]
+        m.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"Transformer {what} (default {default}; the MLP is 4 x --d-model wide)",
+        )
     m.add_argument(
         "--dropout",
         type=float,
         default=0.0,
-        help="dropout rate on the LSTM input and output (default 0, as the paper's Table 1)",
+        help="dropout rate on the LSTM input and output, or on the Transformer's embeddings "
+        "and block branches (default 0, as the paper's Table 1)",
     )
     m.add_argument(
         "--bidirectional", action="store_true", help="add a right-to-left LSTM (default: off)"
@@ -91,10 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--k",
         type=int,
-        default=DEFAULT_K,
+        default=None,
         help=f"meProp k per LSTM gate (default {DEFAULT_K}, 2%% of the 500 units; the paper "
-        "used 5 with per-example selection); 0 = ordinary backprop",
+        "used 5 with per-example selection), or the Transformer's k per attention and MLP "
+        f"projection (default {DEFAULT_TRANSFORMER_K}, d/8); 0 = ordinary backprop",
     )
+    for flag, what in (("attn", "attention projection (query, key, value, output)"),
+                       ("mlp", "MLP layer")):  # fmt: skip
+        p.add_argument(
+            f"--k-{flag}",
+            type=int,
+            default=None,
+            help=f"Transformer: k per {what} (default --k; 0 = dense)",
+        )
     loop.add_mode_argument(p, "unified", MODE_REASON)
     feedback_flags.add_feedback_argument(p)
     feedback_flags.add_adaptive_arguments(p)
@@ -180,6 +225,41 @@ def _parse_features(text: str) -> tuple[str, ...]:
     return names
 
 
+def _transformer_shape(args: argparse.Namespace) -> dict[str, int]:
+    """The Transformer's checked shape and k flags (:class:`TaggerSettings` fields).
+
+    Raises:
+      ConfigError: an LSTM-only flag, or a bad value, naming the flag.
+    """
+    check = loop.require
+    for dest, off in LSTM_ONLY.items():
+        flag = "--" + dest.replace("_", "-")
+        check(
+            getattr(args, dest) == off, f"{flag} is an LSTM flag: drop it with --model transformer"
+        )
+    check(
+        not args.sparse_update,
+        "--sparse-update: the Transformer tagger trains through sparsify's masked dense "
+        "gradients; drop the flag",
+    )
+    shape = {
+        dest: default if getattr(args, dest) is None else getattr(args, dest)
+        for dest, default in TRANSFORMER_DEFAULTS.items()
+    }
+    for dest, value in shape.items():
+        check(value >= 1, f"--{dest.replace('_', '-')} must be >= 1, got {value}")
+    d, heads = shape["d_model"], shape["heads"]
+    check(d % heads == 0, f"--d-model {d} must be divisible by --heads {heads}")
+    for dest in ("k_attn", "k_mlp"):
+        flag, value = "--" + dest.replace("_", "-"), getattr(args, dest)
+        flag, value = ("--k", args.k) if value is None else (flag, value)
+        check(value >= 0, f"{flag} must be >= 0 (0 = dense), got {value}")
+        # The attention projections and the MLP's second layer are d_model wide.
+        check(value < d, f"{flag} {value} must be smaller than --d-model {d} (0 = dense)")
+        shape[dest] = value
+    return shape
+
+
 def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings:
     """Validates the tagger's flags; ``devices`` is the resolved device count.
 
@@ -187,18 +267,30 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
       ConfigError: naming the offending flag(s).
     """
     check = loop.require
-    check(
-        not args.sparse_update,
-        "--sparse-update: the LSTM tagger has no column-sparse update (its LSTM scan reuses "
-        "one cell for every time step); drop the flag",
-    )
-    check(args.hidden >= 1, f"--hidden must be >= 1, got {args.hidden}")
+    transformer = args.model == "transformer"
+    if args.k is None:
+        args.k = DEFAULT_TRANSFORMER_K if transformer else DEFAULT_K
     check(args.k >= 0, f"--k must be >= 0 (0 = ordinary backprop), got {args.k}")
-    check(
-        args.k < args.hidden,
-        f"--k {args.k} must be smaller than --hidden {args.hidden} "
-        "(use --k 0 for ordinary backprop)",
-    )
+    shape = _transformer_shape(args) if transformer else {}
+    if not transformer:
+        for dest in (*TRANSFORMER_DEFAULTS, "k_attn", "k_mlp"):
+            flag = "--" + dest.replace("_", "-")
+            check(
+                getattr(args, dest) is None,
+                f"{flag} is a Transformer flag: add --model transformer",
+            )
+        check(
+            not args.sparse_update,
+            "--sparse-update: the LSTM tagger has no column-sparse update (its LSTM scan "
+            "reuses one cell for every time step); drop the flag",
+        )
+        args.hidden = DEFAULT_HIDDEN if args.hidden is None else args.hidden
+        check(args.hidden >= 1, f"--hidden must be >= 1, got {args.hidden}")
+        check(
+            args.k < args.hidden,
+            f"--k {args.k} must be smaller than --hidden {args.hidden} "
+            "(use --k 0 for ordinary backprop)",
+        )
     check(0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}")
     check(args.word_dim >= 1, f"--word-dim must be >= 1, got {args.word_dim}")
     check(args.feature_dim >= 1, f"--feature-dim must be >= 1, got {args.feature_dim}")
@@ -214,7 +306,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return TaggerSettings(
-        hidden=args.hidden,
+        architecture=args.model,
+        **shape,
+        hidden=DEFAULT_HIDDEN if transformer else args.hidden,
         k=args.k,
         mode=args.mode,
         dropout=args.dropout,
@@ -280,9 +374,25 @@ def resolve_files(args: argparse.Namespace) -> DataFiles:
     )
 
 
+def _transformer_parts(s: TaggerSettings, args: argparse.Namespace) -> list[str]:
+    """``tx-L<layers>-d<width>-h<heads>``, then ``dense``, ``k<k>`` or ``ka<k>-km<k>``."""
+    parts = ["tx", f"L{s.layers}", f"d{s.d_model}", f"h{s.heads}"]
+    if not (s.k_attn or s.k_mlp):
+        parts.append("dense")
+    else:
+        same = s.k_attn == s.k_mlp
+        parts += [f"k{s.k_attn}"] if same else [f"ka{s.k_attn}", f"km{s.k_mlp}"]
+        parts.append(s.mode)
+    parts += [args.optimizer, f"b{s.batch_size}", f"s{args.seed}"]
+    feats = () if s.features == DEFAULT_FEATURES else ("feats-" + "+".join(s.features),)
+    return parts + run_name_tail(args, dropout=s.dropout, extra=feats, limit_train=s.limit_train)
+
+
 def default_out(s: TaggerSettings, files: DataFiles, args: argparse.Namespace) -> Path:
     """``runs/tag-<corpus>-<config>``: the same flags give the same folder, for ``--resume``."""
     data = files.corpus or files.train.name.split(".")[0]
+    if s.transformer:
+        return Path("runs") / "-".join(["tag", data, *_transformer_parts(s, args)])
     parts = ["dense"] if s.k == 0 else [f"k{s.k}", s.mode]
     parts += feedback_flags.out_parts(s.feedback, s.adaptive)
     if s.mesimp:

@@ -19,6 +19,7 @@ from experiments.tagging.batching import MIN_BUCKET
 
 __all__ = [
     "Tagger",
+    "embed_tokens",
     "init_params",
     "lstm_cell",
     "lstm_layer",
@@ -167,6 +168,37 @@ def run_to_longest(
     return out
 
 
+def embed_tokens(module: nn.Module, words: jax.Array, features: jax.Array) -> jax.Array:
+    """The word embedding and the feature embeddings of every token, concatenated.
+
+    Called inside ``module``'s compact ``__call__``: the tables are its parameters
+    (``word_embedding``, ``feature_embedding_<j>``), sized by its ``vocab_size``,
+    ``feature_sizes``, ``word_dim`` and ``feature_dim``.
+
+    Args:
+      module: the tagger (LSTM or Transformer).
+      words: word ids ``[batch, time]``.
+      features: feature value ids ``[batch, time, F]``.
+
+    Returns:
+      ``[batch, time, word_dim + F * feature_dim]``.
+    """
+    embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    table = module.param("word_embedding", embed_init, (module.vocab_size, module.word_dim))
+    parts = [_lookup(table, words)]
+    tables = [
+        module.param(f"feature_embedding_{j}", embed_init, (size, module.feature_dim))
+        for j, size in enumerate(module.feature_sizes)
+    ]
+    if tables:
+        # One lookup in the tables stacked end to end, not one per feature: a single
+        # gather and scatter-add to compile (the parameter tree stays one table a feature).
+        offsets = np.cumsum([0, *module.feature_sizes[:-1]]).astype(features.dtype)
+        looked = _lookup(jnp.concatenate(tables, axis=0), features + offsets)
+        parts.append(looked.reshape(*features.shape[:-1], -1))  # [batch, time, F * dim]
+    return jnp.concatenate(parts, axis=-1)
+
+
 class Tagger(nn.Module):
     """Embeddings -> (dropout) -> LSTM (one- or two-way) -> (dropout) -> dense output layer.
 
@@ -211,20 +243,7 @@ class Tagger(nn.Module):
         """Logits ``[batch, time, num_tags]`` of ``words [batch, time]``, ``features
         [batch, time, F]`` and true ``lengths [batch]`` (positions past a length are padding).
         """
-        embed_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
-        table = self.param("word_embedding", embed_init, (self.vocab_size, self.word_dim))
-        parts = [_lookup(table, words)]
-        tables = [
-            self.param(f"feature_embedding_{j}", embed_init, (size, self.feature_dim))
-            for j, size in enumerate(self.feature_sizes)
-        ]
-        if tables:
-            # One lookup in the tables stacked end to end, not one per feature: a single
-            # gather and scatter-add to compile (the parameter tree stays one table a feature).
-            offsets = np.cumsum([0, *self.feature_sizes[:-1]]).astype(features.dtype)
-            looked = _lookup(jnp.concatenate(tables, axis=0), features + offsets)
-            parts.append(looked.reshape(*features.shape[:-1], -1))  # [batch, time, F * dim]
-        x = jnp.concatenate(parts, axis=-1)
+        x = embed_tokens(self, words, features)
         if train and self.dropout > 0:
             x = inverted_dropout(x, self.dropout, self.make_rng("dropout"))
         carry = zero_carry(x, self.hidden)
@@ -250,7 +269,7 @@ class Tagger(nn.Module):
         return meprop_jax.Dense(self.num_tags, name="output")(h)
 
 
-def init_params(model: Tagger, key: jax.Array) -> Any:
+def init_params(model: nn.Module, key: jax.Array) -> Any:
     """Initial parameters of ``model`` (Flax defaults; shapes do not depend on the input)."""
     k_params, k_meprop, k_dropout = jax.random.split(key, 3)
     words = jnp.zeros((1, MIN_BUCKET), jnp.int32)

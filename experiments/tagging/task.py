@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,13 +21,16 @@ from experiments.corpora.conll import DataError, Sentence, read_tagged, split_de
 from experiments.tagging.batching import MIN_BUCKET, batch_arrays, bucket_ladder, bucketize
 from experiments.tagging.features import DEFAULT_FEATURES, VOCAB_FILE, Vocabularies
 from experiments.tagging.model import Tagger, init_params, token_loss
+from experiments.tagging.transformer import TransformerTagger, layer_report, sparse_apply
 from meprop_jax import AdaptiveK
 from meprop_jax import mesimp as mesimp_lib
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_BATCH",
     "DEFAULT_EVAL_BATCH",
     "DEFAULT_K",
+    "DEFAULT_TRANSFORMER_K",
     "DataFiles",
     "TaggerSettings",
     "TaggingData",
@@ -37,12 +41,22 @@ __all__ = [
 DEFAULT_BATCH = 8
 DEFAULT_EVAL_BATCH = 64
 DEFAULT_K = 10
+#: The Transformer's default k: d_model / 8 of the default width 256.
+DEFAULT_TRANSFORMER_K = 32
+#: ``--model`` choices; the first is the default.
+ARCHITECTURES = ("lstm", "transformer")
 
 
 @dataclasses.dataclass(frozen=True)
 class TaggerSettings:
-    """The tagger's own settings (validated; see :func:`settings_from_args`)."""
+    """The tagger's own settings (validated; see :func:`settings_from_args`).
 
+    ``architecture`` picks the model: ``"lstm"`` (``hidden``, ``k`` per gate, ``bidirectional``
+    and meSimp/feedback/adaptive k) or ``"transformer"`` (``layers``, ``d_model``, ``heads``;
+    ``k_attn`` and ``k_mlp`` for meProp through ``sparsify``, ``k`` their common value).
+    """
+
+    architecture: str = "lstm"
     hidden: int = 500
     k: int = DEFAULT_K
     mode: str = "unified"
@@ -61,10 +75,31 @@ class TaggerSettings:
     mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
+    layers: int = 2
+    d_model: int = 256
+    heads: int = 4
+    k_attn: int = 0
+    k_mlp: int = 0
 
-    def model(self, vocab: Vocabularies, hidden: int | None = None) -> Tagger:
+    @property
+    def transformer(self) -> bool:
+        return self.architecture == "transformer"
+
+    def model(self, vocab: Vocabularies, hidden: int | None = None) -> Tagger | TransformerTagger:
         """The tagger these settings describe, sized for ``vocab``; ``hidden`` overrides the
         LSTM width (meSimp's shrunk cell)."""
+        if self.transformer:
+            return TransformerTagger(
+                vocab_size=len(vocab.words),
+                feature_sizes=tuple(len(v) for v in vocab.features),
+                num_tags=len(vocab.tags),
+                layers=self.layers,
+                d_model=self.d_model,
+                heads=self.heads,
+                dropout=self.dropout,
+                word_dim=self.word_dim,
+                feature_dim=self.feature_dim,
+            )
         return Tagger(
             vocab_size=len(vocab.words),
             feature_sizes=tuple(len(v) for v in vocab.features),
@@ -84,6 +119,11 @@ class TaggerSettings:
     def model_json(self) -> dict[str, Any]:
         """The fields that shape the model (stored with the vocabularies)."""
         d = dataclasses.asdict(self)
+        if self.transformer:
+            fields = ["architecture", "layers", "d_model", "heads", "k", "k_attn", "k_mlp"]
+            fields += ["mode", "dropout", "word_dim", "feature_dim"]
+            return {k: d[k] for k in fields}
+        # The LSTM's fields as before the Transformer came: older runs' vocab.json still match.
         fields = ["hidden", "k", "mode", "dropout", "bidirectional", "word_dim", "feature_dim"]
         # Only when on, so that the vocab.json of other runs (and their --resume) is unchanged.
         fields += ["mesimp"] if self.mesimp else []
@@ -161,8 +201,12 @@ class TaggingTask(StateHooks):
     )
 
     def __post_init__(self) -> None:
-        vocab, n_feat = self.data.vocab, len(self.settings.features)
-        self.model = self.settings.model(vocab)
+        vocab, n_feat, s = self.data.vocab, len(self.settings.features), self.settings
+        self.model = s.model(vocab)
+        #: ``model.apply``; for the Transformer with meProp, its ``sparsify`` version.
+        self.apply_fn = self.model.apply
+        if s.transformer:
+            self.apply_fn = sparse_apply(self.model, s.k_attn, s.k_mlp, s.mode.replace("-", "_"))
         train_lengths = [len(s.words) for s in self.data.train]
         self.ladder = bucket_ladder(train_lengths, self.settings.batch_size)
         self.buckets = {
@@ -211,7 +255,8 @@ class TaggingTask(StateHooks):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean token cross-entropy over the real tokens; correct and count as aux."""
         k_dropout, k_meprop = jax.random.split(key)
-        logits = self.model_for(params).apply(
+        apply_fn = self.apply_fn if self.settings.transformer else self.model_for(params).apply
+        logits = apply_fn(
             params,
             batch["words"],
             batch["features"],
@@ -246,8 +291,10 @@ class TaggingTask(StateHooks):
         d, f = self.data, self.data.files
         settings = dataclasses.asdict(self.settings)
         settings["features"] = list(self.settings.features)
+        settings["model"] = settings.pop("architecture")
         return {
             **settings,
+            "sparsified": self.layer_report(),
             "corpus": f.corpus,
             # Relative to the data folder: a record names no machine's folders.
             "train_file": recorded_path(f.train),
@@ -262,6 +309,17 @@ class TaggingTask(StateHooks):
             "word_vocab": len(d.vocab.words),
             "num_tags": len(d.vocab.tags),
         }
+
+    def layer_report(self) -> list[dict[str, Any]]:
+        """The Transformer's candidate layers and their ``k`` (``sparsify_report``, at a
+        training batch's shape); empty for the LSTM and for dense training."""
+        if not self.settings.transformer:
+            return []
+        shapes = jax.eval_shape(functools.partial(init_params, self.model), jax.random.key(0))
+        variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+        arrays = batch_arrays(self.buckets["train"][0], self.settings.batch_size)
+        args = (arrays["words"][0], arrays["features"][0], arrays["lengths"][0], True)
+        return layer_report(self.apply_fn, variables, args)
 
     def vocab_json(self) -> dict[str, Any]:
         """What ``vocab.json`` holds: the vocabularies and the model settings."""
