@@ -3,9 +3,9 @@
 Wall-clock benchmarks of meProp's backward pass against dense backprop, in sections, each
 a module of this package: ``layer`` (one layer's backward, or with ``--with-update`` also its
 Adam update), ``steps`` (whole MNIST MLP training steps), ``mesimp`` (the MLP pruned by
-meSimp), ``conv`` (a 3x3 convolution's backward) and ``per_example`` (the paper's CPU
-setting). Timing is interleaved call by call (``harness``); tables, JSON and plots come from
-``report``.
+meSimp), ``conv`` (a 3x3 convolution's backward), ``per_example`` (the paper's CPU
+setting) and ``transformer`` (one Transformer encoder block's training step). Timing is
+interleaved call by call (``harness``); tables, JSON and plots come from ``report``.
 
 ``--paper-table7`` runs the shape of the paper's GPU measurement (Sun et al. 2017, Table 7:
 batch 1024, ``in = out = 8192``) and prints the published speedups beside ours.
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import meprop_jax
+from experiments.bench import transformer
 from experiments.bench.conv import bench_conv_shape, conv_configs, conv_entry
 from experiments.bench.harness import Record
 from experiments.bench.layer import (
@@ -187,7 +188,10 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
     "mesimp": run_mesimp_section,
     "conv": run_conv_section,
     "per_example": run_per_example_section,
+    "transformer": transformer.run_transformer_section,
 }
+#: Sections with a flag of their own (``--steps`` for ``--section steps``, ...).
+SECTION_FLAGS = ("steps", "mesimp", "conv", "per_example", "transformer")
 
 
 def _grid_entry(text: str) -> tuple[int, int, int, int]:
@@ -263,8 +267,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=sorted(SECTIONS),
         default="layer",
         help="what to time: layer (one layer; see --with-update), steps (see --steps), "
-        "mesimp (see --mesimp), conv (see --conv) or per_example (see --per-example); default "
-        "layer",
+        "mesimp (see --mesimp), conv (see --conv), per_example (see --per-example) or "
+        "transformer (see --transformer); default layer",
     )
     p.add_argument(
         "--steps",
@@ -298,6 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "batch 10: layer backward (784->500, 500->500, k 20), backward + Adam, the LSTM gates "
         "(h 500, batch 8, k 5 and 10) and whole MNIST training steps, each against dense",
     )
+    transformer.add_arguments(p)
     p.add_argument(
         "--conv-grid",
         type=conv_entry,
@@ -379,7 +384,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "4 KiB, which on a CPU costs about as much as a k=32 backward itself",
     )
     args = p.parse_args(argv)
-    chosen = [name for name in ("steps", "mesimp", "conv", "per_example") if getattr(args, name)]
+    chosen = [name for name in SECTION_FLAGS if getattr(args, name)]
     if len(chosen) > 1:
         p.error(f"{' and '.join('--' + c for c in chosen)} are separate sections: give one")
     if chosen:
@@ -392,6 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         p.error("--per-example has fixed shapes and variants: it takes no --paper-table7, "
                 "--grid, --with-update, --modes or --plot")  # fmt: skip
+    transformer.check_arguments(p, args)
     if args.section != "conv" and args.conv_grid:
         p.error("--conv-grid configures --conv")
     mlp_section = args.section in ("steps", "mesimp")
@@ -480,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> list[Record]:
             print(format_mesimp_table(records, args.repeats))
         elif args.section == "per_example":
             print(format_per_example(records))
+        elif args.section == "transformer":
+            print(transformer.format_transformer_table(records, args.repeats))
         else:
             print(format_table(records))
         report = memory_report(records)
