@@ -36,12 +36,16 @@ Array = jax.Array
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, *, name: str = "axis") -> tuple:
-    """``axis`` as a tuple of non-negative axes of an ``ndim``-dimensional input."""
+    """``axis`` as sorted non-negative axes of an ``ndim``-dimensional input.
+
+    Sorted as Flax sorts them: a ``DenseGeneral``'s kernel has its contracted axes in the
+    input's axis order, whatever order ``axis`` lists them in.
+    """
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in axes:
         if not isinstance(a, int) or not -ndim <= a < ndim:
             raise ValueError(f"{name}={axis!r} is out of range for an input with {ndim} axes")
-    axes = tuple(a % ndim for a in axes)
+    axes = tuple(sorted(a % ndim for a in axes))
     if len(set(axes)) != len(axes):
         raise ValueError(f"{name}={axis!r} names an axis twice")
     return axes
@@ -76,10 +80,10 @@ def dense_general(
 
     Args:
       inputs: ``[...]``, any rank; the axes ``axis`` are contracted.
-      kernel: ``[*in, *features]``, ``in`` the sizes of ``inputs``' axes ``axis`` in that
-        order (Flax's layout; no batch axes).
+      kernel: ``[*in, *features]``, ``in`` the sizes of ``inputs``' axes ``axis`` (Flax's
+        layout; no batch axes).
       bias: ``[*features]`` or None.
-      axis: the contracted axes of ``inputs``, non-negative (see :func:`normalize_axes`).
+      axis: the contracted axes of ``inputs``, as :func:`normalize_axes` gives them.
       k: entries kept per group of the flattened ``prod(features)`` output gradient.
       mode, key, sparse_bias, precision: as in :func:`meprop_jax.linear`.
       groups: equal contiguous blocks of the flattened features, ``k`` kept in each.

@@ -16,6 +16,7 @@ import pytest
 from flax import linen as nn
 
 import meprop_jax
+from tests.meprop_jax._src.test_general import assert_close, np_dense_general
 
 VOCAB, LENGTH, D, HEADS, MLP, TAGS = 20, 6, 16, 2, 32, 5
 RNGS = {"meprop": jax.random.key(42)}
@@ -47,6 +48,10 @@ class Encoder(nn.Module):
 
 
 PROJECTIONS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp_in", "mlp_out")
+
+
+def _axes(axis):
+    return (axis,) if isinstance(axis, int) else axis
 
 
 def setup(batch=3):
@@ -150,3 +155,24 @@ def test_batch_dims_stay_dense():
     (row,) = meprop_jax.sparsify_report(sparse_apply, params, x)
     assert (row.k, row.reason) == (0, "batch_dims")
     np.testing.assert_array_equal(sparse_apply(params, x), layer.apply(params, x))
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize(("axis", "features"), [((-2, -1), D), (-1, (HEADS, D // HEADS))])
+def test_projection_gradients_match_the_numpy_reference(mode, axis, features):
+    # An attention output projection ([batch, length, heads, head_dim] -> [..., D]) and a
+    # query projection ([batch, length, D] -> [..., heads, head_dim]), each sparsified alone.
+    layer = nn.DenseGeneral(features, axis=axis)
+    shape = (2, LENGTH, HEADS, D // HEADS) if axis == (-2, -1) else (2, LENGTH, D)
+    x = jax.random.normal(jax.random.key(1), shape)
+    params = layer.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: a + 0.5, params)  # a nonzero bias
+    sparse_apply = meprop_jax.sparsify(layer.apply, k=3, mode=mode, layers="*")
+    y, vjp = jax.vjp(lambda p, x: sparse_apply(p, x), params, x)
+    g = (np.random.default_rng(0).integers(-1000, 1001, y.shape) / 8.0).astype(np.float32)
+    grads, dx = vjp(g)
+    p = params["params"]
+    ref = np_dense_general(x, p["kernel"], p["bias"], g, axis=_axes(axis), k=3, mode=mode)
+    got = (y, dx, grads["params"]["kernel"], grads["params"]["bias"])
+    for a, e, what in zip(got, ref, ("y", "dx", "dW", "db"), strict=True):
+        assert_close(a, e, what)

@@ -18,6 +18,7 @@ from flax import nnx
 import meprop_jax
 from meprop_jax import nnx as mnnx
 from tests.helpers import forward_products
+from tests.meprop_jax._src.test_general import assert_close, np_dense_general
 from tests.meprop_jax.linen.test_sparsify_transformer import (
     HEADS,
     LENGTH,
@@ -200,3 +201,30 @@ def test_linen_and_nnx_blocks_have_the_same_meprop_gradients(mode, per_head):
             kept_columns(linen_grads["attn"][layer]["kernel"], in_ndim),
             kept_columns(nnx_grads["attn"][layer]["kernel"], in_ndim),
         )
+
+
+@pytest.mark.parametrize("mode", ["unified", "per_example"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_linear_general_gradients_match_the_numpy_reference(mode, per_head):
+    # A query projection, [batch, length, D] -> [batch, length, heads, head_dim].
+    features = (HEADS, D // HEADS)
+    layer = mnnx.LinearGeneral(D, features, k=2, mode=mode, per_head=per_head, rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.full(features, 0.5)
+    x = jax.random.normal(jax.random.key(1), (2, LENGTH, D))
+    graphdef, params = nnx.split(layer)
+    y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+    g = (np.random.default_rng(0).integers(-1000, 1001, y.shape) / 8.0).astype(np.float32)
+    grads, dx = vjp(g)
+    ref = np_dense_general(
+        x,
+        layer.kernel[...],
+        layer.bias[...],
+        g,
+        axis=(-1,),
+        k=2,
+        mode=mode,
+        groups=HEADS if per_head else 1,
+    )
+    got = (y, dx, grads["kernel"][...], grads["bias"][...])
+    for a, e, what in zip(got, ref, ("y", "dx", "dW", "db"), strict=True):
+        assert_close(a, e, what)
