@@ -19,6 +19,11 @@ The forward pass is the stock expression, ``lax.dot_general`` over the same oper
 same dimension numbers and the bias added after, so it is the stock layer's bit for bit; the
 backward pass is :func:`meprop_jax.multi_linear`'s on the flattened input and kernel (through
 :func:`meprop_jax._src.projection.project`), and autodiff reshapes its gradients back.
+
+The kernel gradient is an ordinary (masked, dense-shaped) array: the compact updates of
+:mod:`meprop_jax.optim` need an ``[in, out]`` kernel, so ``sparsify(..., sparse_update=True)``
+refuses a sparsified ``DenseGeneral`` / ``LinearGeneral`` by name. Batch axes (Linen
+``batch_dims``, NNX ``batch_axis``) are not supported: ``sparsify`` leaves such layers dense.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def dense_general(
     kernel: Array,
     bias: Array | None,
     *,
-    axis: Sequence[int],
+    axis: int | Sequence[int] = -1,
     k: int,
     mode: str = "unified",
     key: Array | None = None,
@@ -78,12 +83,18 @@ def dense_general(
 ) -> Array:
     """A ``DenseGeneral`` product whose backward pass keeps ``k`` output-gradient entries.
 
+    The layer is taken as the map ``[..., prod(in)] -> [..., prod(features)]`` (contracted
+    axes and feature axes flattened row-major), and ``k`` entries of each row's flattened
+    output gradient are kept as for :func:`meprop_jax.linear` (``k`` per head with ``groups =
+    heads`` when ``features = (heads, head_dim)``); the forward pass is Flax's, bit for bit.
+
     Args:
       inputs: ``[...]``, any rank; the axes ``axis`` are contracted.
       kernel: ``[*in, *features]``, ``in`` the sizes of ``inputs``' axes ``axis`` (Flax's
         layout; no batch axes).
       bias: ``[*features]`` or None.
-      axis: the contracted axes of ``inputs``, as :func:`normalize_axes` gives them.
+      axis: the contracted axes of ``inputs`` (an int or a sequence; negative counts from the
+        end; the kernel's leading axes follow the input's axis order, as in Flax).
       k: entries kept per group of the flattened ``prod(features)`` output gradient.
       mode, key, sparse_bias, precision: as in :func:`meprop_jax.linear`.
       groups: equal contiguous blocks of the flattened features, ``k`` kept in each.
@@ -92,9 +103,18 @@ def dense_general(
       ``[*rest, *features]``, bit for bit what Flax's ``DenseGeneral`` computes.
 
     Raises:
-      ValueError: if ``kernel``'s leading axes do not match ``inputs``' contracted axes.
+      ValueError: if ``axis`` is out of range or ``kernel``'s leading axes do not match
+        ``inputs``' contracted axes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import meprop_jax
+      >>> x = jnp.ones((2, 5, 4, 8))  # [batch, length, heads, head_dim]
+      >>> kernel = jnp.ones((4, 8, 32))  # an attention output projection
+      >>> meprop_jax.dense_general(x, kernel, None, axis=(-2, -1), k=4).shape
+      (2, 5, 32)
     """
-    axis = tuple(axis)
+    axis = normalize_axes(axis, inputs.ndim)
     ndim, n_in = inputs.ndim, len(axis)
     in_shape = tuple(inputs.shape[a] for a in axis)
     if tuple(kernel.shape[:n_in]) != in_shape:

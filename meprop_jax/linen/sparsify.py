@@ -12,7 +12,7 @@ and :class:`meprop_jax.Conv` do:
   (``features = (heads, head_dim)``) and its output projection (contracting ``(heads,
   head_dim)``). ``k`` counts entries of the flattened ``prod(features)`` output gradient, as
   for ``nn.Dense``; ``per_head=True`` keeps ``k`` per head instead (``k`` of ``head_dim`` in
-  each). See :mod:`meprop_jax._src.general`.
+  each). See :func:`meprop_jax.dense_general`.
 * ``nn.LSTMCell`` and ``nn.OptimizedLSTMCell``: ``k`` entries per gate of the gate
   pre-activation gradient, at every step.
 * ``nn.Conv``: ``k`` output channels (``k`` per group with ``feature_group_count > 1``), see
@@ -306,7 +306,7 @@ def sparsify(
         is refused (select the ``Dense`` layers only with ``layers=``).
       per_head: a ``nn.DenseGeneral`` with several feature axes (the attention projections'
         ``[heads, head_dim]``) keeps ``k`` entries per head instead of ``k`` over the
-        flattened ``heads * head_dim`` (see :mod:`meprop_jax._src.general`).
+        flattened ``heads * head_dim`` (see :func:`meprop_jax.dense_general`).
 
     Returns:
       A function with ``apply_fn``'s signature and results. Its first call with a new

@@ -4,7 +4,7 @@
 ``nnx.MultiHeadAttention``'s query, key and value projections (``out_features = (heads,
 head_dim)``) and of its output projection (``in_features = (heads, head_dim)``, ``axis =
 (-2, -1)``). :func:`meprop_jax.nnx.sparsify` converts those layers to it. What ``k`` means
-for several contracted or feature axes is documented in :mod:`meprop_jax._src.general`:
+for several contracted or feature axes is documented in :func:`meprop_jax.dense_general`:
 ``k`` entries of the flattened ``prod(out_features)`` output gradient, or ``k`` per head
 with ``per_head=True``.
 """

@@ -9,7 +9,7 @@ configuration and parameter values. ``nnx.MultiHeadAttention`` is four ``nnx.Lin
 layers (query, key, value, and the output projection contracting ``(heads, head_dim)``), so
 a stock Transformer is converted whole; ``k`` counts entries of a layer's flattened output
 features (``heads * head_dim`` for a query projection), or ``k`` per head with
-``per_head=True`` (see :mod:`meprop_jax._src.general`). Embeddings and LayerNorms stay
+``per_head=True`` (see :func:`meprop_jax.dense_general`). Embeddings and LayerNorms stay
 dense. The model it is given is left as it was, so every
 ``graphdef`` taken from it still describes it: one taken before the call never turns a
 sparsified model back into the dense one behind the user's back. An LSTM cell's own gate

@@ -153,3 +153,10 @@ def test_errors_name_the_argument():
     assert general.flat_features((2, 4), per_head=True) == (4, 2)
     assert general.flat_features((2, 4), per_head=False) == (8, 1)
     assert general.flat_features((6,), per_head=True) == (6, 1)
+
+
+def test_doctests():
+    import doctest
+
+    result = doctest.testmod(general, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
