@@ -24,9 +24,11 @@ class SparsifiedLayer(NamedTuple):
     Attributes:
       path: module path, ``"/"``-joined.
       kind: the Flax class name (Linen ``"Dense"``, ``"DenseGeneral"``, ``"Conv"``,
-        ``"LSTMCell"``, ``"OptimizedLSTMCell"``; NNX ``"Linear"``, ``"Conv"``, ``"LSTMCell"``).
+        ``"LSTMCell"``, ``"OptimizedLSTMCell"``; NNX ``"Linear"``, ``"LinearGeneral"``,
+        ``"Conv"``, ``"LSTMCell"``).
       features: output width the selection ranks (per gate for LSTM cells, per group for a
-        grouped convolution).
+        grouped convolution; a general projection's flattened features, or one head's with
+        ``per_head``).
       k: the ``k`` its backward pass uses; ``0`` means ordinary dense backprop.
       reason: why: ``"sparsified"``, ``"output layer"``, ``"not selected"``,
         ``"features <= k"`` or the unsupported configuration.

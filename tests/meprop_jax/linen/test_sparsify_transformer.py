@@ -16,6 +16,7 @@ import pytest
 from flax import linen as nn
 
 import meprop_jax
+from tests.helpers import forward_products
 from tests.meprop_jax._src.test_general import assert_close, np_dense_general
 
 VOCAB, LENGTH, D, HEADS, MLP, TAGS = 20, 6, 16, 2, 32, 5
@@ -70,6 +71,9 @@ def test_forward_is_the_stock_forward_bit_for_bit(mode, per_head):
     np.testing.assert_array_equal(sparse_apply(params, tokens, rngs=RNGS), expected)
     jitted = jax.jit(lambda p, t: sparse_apply(p, t, rngs=RNGS))(params, tokens)
     np.testing.assert_array_equal(jitted, jax.jit(model.apply)(params, tokens))
+    # The same products on any CPU, not only equal outputs on this one.
+    sparse_products = forward_products(lambda p, t: sparse_apply(p, t, rngs=RNGS), params, tokens)
+    assert sparse_products == forward_products(model.apply, params, tokens)
 
 
 def test_report_lists_every_projection_with_its_k():
