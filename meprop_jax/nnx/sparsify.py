@@ -5,15 +5,16 @@ The NNX counterpart of :func:`meprop_jax.sparsify`. It returns a sparsified copy
 ``nnx.Conv`` and ``nnx.LSTMCell`` layers are this package's drop-ins
 (:class:`meprop_jax.nnx.Linear`, :class:`~meprop_jax.nnx.LinearGeneral`,
 :class:`~meprop_jax.nnx.Conv`, :class:`~meprop_jax.nnx.LSTMCell`) with the same
-configuration and parameter values. ``nnx.MultiHeadAttention`` is four ``nnx.LinearGeneral``
-layers (query, key, value, and the output projection contracting ``(heads, head_dim)``), so
-a stock Transformer is converted whole; ``k`` counts entries of a layer's flattened output
-features (``heads * head_dim`` for a query projection), or ``k`` per head with
-``per_head=True`` (see :func:`meprop_jax.dense_general`). Embeddings and LayerNorms stay
-dense. The model it is given is left as it was, so every
+configuration and parameter values. The model it is given is left as it was, so every
 ``graphdef`` taken from it still describes it: one taken before the call never turns a
 sparsified model back into the dense one behind the user's back. An LSTM cell's own gate
 layers are part of the cell and never chosen separately.
+
+``nnx.MultiHeadAttention`` is four ``nnx.LinearGeneral`` layers (query, key and value, and
+the output projection contracting ``(heads, head_dim)``), so a stock Transformer block is
+converted whole; embeddings and LayerNorms stay dense. ``k`` counts entries of a layer's
+flattened output features (``heads * head_dim`` for a query projection), or ``k`` per head
+with ``per_head=True`` (see :func:`meprop_jax.dense_general`).
 """
 
 from __future__ import annotations
@@ -132,12 +133,12 @@ def sparsify(
 
     In the copy, the selected ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and
     ``nnx.LSTMCell`` layers are :class:`Linear`, :class:`LinearGeneral`, :class:`Conv` and
-    :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the
-    given ``k``, the same configuration and the same parameter values, so the forward pass
-    is the stock one (the same products, bit for bit). Layers that already are meProp layers
-    (hand-built, or from an earlier ``sparsify``) take the new ``k`` and mode too, ``0`` where
-    the new plan leaves them dense, and are reported like the others; other subclasses of the
-    stock layers are left alone. Build optimizers and take ``graphdef``s from the copy.
+    :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the given ``k``, the same configuration
+    and the same parameter values, so the forward pass is the stock one (the same products,
+    bit for bit). Layers that already are meProp layers (hand-built, or from an earlier
+    ``sparsify``) take the new ``k`` and mode too, ``0`` where the new plan leaves them dense,
+    and are reported like the others; other subclasses of the stock layers are left alone.
+    Build optimizers and take ``graphdef``s from the copy.
 
     Args:
       model: the model; it is not modified.
