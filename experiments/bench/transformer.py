@@ -9,8 +9,8 @@ error against a fixed random target. Variants, timed interleaved on one data set
 
 * ``dense``: ``model.apply``;
 * ``unified`` (or the ``--modes`` value): :func:`meprop_jax.sparsify` over the same apply with
-  ``k`` for every projection it converts (query, key, value, the attention output where the
-  library supports it, and both MLP layers); ``extra["layers"]`` lists what it converted;
+  ``k`` for every projection (query, key, value and output of the attention, both MLP
+  layers; ``k`` over the flattened output features); ``extra["layers"]`` lists them;
 * ``forward``: the loss alone, whose ratio to dense bounds any backward-side saving.
 
 ``speedup`` is the dense step's median over the row's, from the same run.

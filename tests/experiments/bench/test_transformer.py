@@ -40,6 +40,7 @@ def test_timed_meprop_step_updates_k_columns_and_dense_all():
         assert np.isfinite(float(loss)) and np.isfinite(float(dx_sum))
         steps[name] = new
     for kernel in (("attention", "query"), ("attention", "value"), ("mlp_in",), ("mlp_out",)):
+        # kernels [in, ...out]; the attention's output projection [heads, head_dim, d] below
 
         def get(tree, kernel=kernel):
             for key in kernel:
@@ -49,6 +50,9 @@ def test_timed_meprop_step_updates_k_columns_and_dense_all():
         width = int(np.prod(get(params).shape[1:]))
         assert 0 < _changed_columns(get(params), get(steps["meprop"])) <= k, kernel
         assert _changed_columns(get(params), get(steps["dense"])) == width, kernel
+    out = [tree["attention"]["out"]["kernel"] for tree in (params, steps["meprop"])]
+    before, after = (np.asarray(w).reshape(-1, d) for w in out)  # [heads * head_dim, d]
+    assert 0 < _changed_columns(before, after) <= k
 
 
 def test_quick_run_writes_records_with_the_converted_layers(tmp_path, capsys):
@@ -63,7 +67,8 @@ def test_quick_run_writes_records_with_the_converted_layers(tmp_path, capsys):
     for r in records:  # ratios are the dense median over the row's, from the same run
         assert r.ratio_vs_dense == pytest.approx(records[0].median_ms / r.median_ms)
     layers = {layer["path"]: layer for layer in records[1].extra["layers"]}
-    for path in ("attention/query", "attention/key", "attention/value", "mlp_in", "mlp_out"):
+    attention = [f"attention/{name}" for name in ("query", "key", "value", "out")]
+    for path in (*attention, "mlp_in", "mlp_out"):
         assert layers[path]["k"] == k and layers[path]["reason"] == "sparsified"
     assert records[1].k == k and records[0].k == 0 and records[2].k == 0
     data = json.loads(out.read_text())

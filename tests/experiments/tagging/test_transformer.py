@@ -70,9 +70,10 @@ def test_too_long_a_batch_is_refused():
 
 @pytest.mark.parametrize("mode", ["unified", "per_example"])
 def test_meprop_keeps_k_columns_of_the_projections(mode):
-    """sparsify's backward: the attention and MLP kernels' gradients keep at most k output
-    columns (unified: k for the batch), the forward pass is bit-identical, and the output
-    layer, whose input is the unchanged forward, gets the dense gradient."""
+    """sparsify's backward: the attention (query, key, value, output) and MLP kernels'
+    gradients keep at most k output columns (unified: k for the batch), the forward pass is
+    bit-identical, and the output layer, whose input is the unchanged forward, gets the dense
+    gradient."""
     model, k = _model(), 3
     variables = init_params(model, jax.random.key(1))
     words, features, lengths, tags, mask = _batch(1)
@@ -90,14 +91,16 @@ def test_meprop_keeps_k_columns_of_the_projections(mode):
     dense, meprop = grads(dense_apply), grads(sparse)
     for block in ("block_0", "block_1"):
         attention, g = meprop[block]["attention"], meprop[block]
+        # Output columns: the feature axes after the input's one, or (the attention's output
+        # projection, which contracts heads and head_dim) its last axis.
         kernels = {
-            "query": attention["query"]["kernel"],
-            "value": attention["value"]["kernel"],
-            "mlp_in": g["mlp_in"]["kernel"],
-            "mlp_out": g["mlp_out"]["kernel"],
+            "query": np.asarray(attention["query"]["kernel"]).reshape(16, -1),
+            "value": np.asarray(attention["value"]["kernel"]).reshape(16, -1),
+            "out": np.asarray(attention["out"]["kernel"]).reshape(-1, 16),
+            "mlp_in": np.asarray(g["mlp_in"]["kernel"]),
+            "mlp_out": np.asarray(g["mlp_out"]["kernel"]),
         }
-        for name, kernel in kernels.items():
-            columns = np.asarray(kernel).reshape(kernel.shape[0], -1)
+        for name, columns in kernels.items():
             touched = int(np.sum(np.any(columns != 0, axis=0)))
             width = columns.shape[1]
             if mode == "unified":
@@ -184,7 +187,7 @@ def test_tiny_run_records_the_model_and_predicts(corpus, tmp_path, capsys, k):
     assert (cfg["layers"], cfg["d_model"], cfg["heads"]) == (1, 16, 2)
     converted = {layer["path"]: layer["k"] for layer in cfg["sparsified"]}
     if k:
-        for path in ("query", "key", "value"):
+        for path in ("query", "key", "value", "out"):
             assert converted[f"block_0/attention/{path}"] == k
         assert converted["block_0/mlp_in"] == k and converted["block_0/mlp_out"] == k
         assert converted["input"] == 0 and converted["output"] == 0
