@@ -8,6 +8,15 @@ paper). ``--bidirectional`` adds a second LSTM reading the sentence right to lef
 outputs are concatenated. Optional inverted dropout (``--dropout``) acts on the 190 inputs and
 on the LSTM outputs.
 
+``--model transformer`` replaces the LSTM with a Transformer encoder of stock Flax layers
+(:mod:`~experiments.tagging.transformer`): the same 190 inputs projected to ``--d-model`` 256,
+learned positions, ``--layers`` 2 pre-LayerNorm blocks of ``--heads`` 4 with an MLP 4 x
+``--d-model``, padded keys masked out of attention, and the same dense output layer. meProp
+comes from :func:`meprop_jax.sparsify`: ``--k`` (default 32) for the attention projections
+(query, key, value, output) and the MLP layers, ``--k-attn`` / ``--k-mlp`` to set them apart.
+The results record says which model trained (``config.model``) and what ``sparsify_report``
+said of every layer (``config.sparsified``).
+
 Vocabularies (all built from the training sentences, saved in ``<out>/vocab.json``):
 
 * words: lowercased, every digit replaced by ``0``; forms seen fewer than ``--min-count``
@@ -75,7 +84,8 @@ run made with other settings or vocabularies before writing anything into it.
 
 Modules: :mod:`~experiments.tagging.features` (word features, vocabularies),
 :mod:`~experiments.tagging.batching` (buckets, minibatches), :mod:`~experiments.tagging.model`
-(the :class:`~experiments.tagging.model.Tagger`), :mod:`~experiments.tagging.task` (settings,
+(the :class:`~experiments.tagging.model.Tagger`), :mod:`~experiments.tagging.transformer`
+(the Transformer tagger), :mod:`~experiments.tagging.task` (settings,
 data, the loop's task), :mod:`~experiments.tagging.predict` (``--predict``) and
 :mod:`~experiments.tagging.cli` (the flags).
 
