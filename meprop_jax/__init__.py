@@ -6,8 +6,9 @@ weight and input gradients come from products ``k / out`` of the dense size.
 
 The package is layered; each layer imports only those beneath it:
 
-* ``meprop_jax._src``: the framework-free ops (selection, linear, conv, recurrent, taps,
-  feedback, adaptive k), re-exported here (:func:`linear`, :func:`conv`, ...);
+* ``meprop_jax._src``: the framework-free ops (selection, linear, general (multi-axis)
+  projections, conv, recurrent, taps, feedback, adaptive k), re-exported here
+  (:func:`linear`, :func:`dense_general`, :func:`conv`, ...);
 * :mod:`meprop_jax.optim`: column-sparse optimizers for compact gradients;
 * :mod:`meprop_jax.linen` and :mod:`meprop_jax.nnx`: layers, ``sparsify`` and the train state
   or optimizer of each Flax API;
@@ -19,6 +20,7 @@ import sys
 from meprop_jax import feedback, linen, mesimp, nnx, optim
 from meprop_jax._src.adaptive import AdaptiveK, AdaptiveTap, adaptive_tap
 from meprop_jax._src.conv import conv
+from meprop_jax._src.general import dense_general
 from meprop_jax._src.linear import linear, multi_linear
 from meprop_jax._src.selection import (
     MODES,
@@ -61,6 +63,7 @@ __all__ = [
     "column_scores",
     "compact_tap",
     "conv",
+    "dense_general",
     "feedback",
     "linear",
     "linen",

@@ -24,9 +24,11 @@ class SparsifiedLayer(NamedTuple):
     Attributes:
       path: module path, ``"/"``-joined.
       kind: the Flax class name (Linen ``"Dense"``, ``"DenseGeneral"``, ``"Conv"``,
-        ``"LSTMCell"``, ``"OptimizedLSTMCell"``; NNX ``"Linear"``, ``"Conv"``, ``"LSTMCell"``).
+        ``"LSTMCell"``, ``"OptimizedLSTMCell"``; NNX ``"Linear"``, ``"LinearGeneral"``,
+        ``"Conv"``, ``"LSTMCell"``).
       features: output width the selection ranks (per gate for LSTM cells, per group for a
-        grouped convolution).
+        grouped convolution; a general projection's flattened features, or one head's with
+        ``per_head``).
       k: the ``k`` its backward pass uses; ``0`` means ordinary dense backprop.
       reason: why: ``"sparsified"``, ``"output layer"``, ``"not selected"``,
         ``"features <= k"`` or the unsupported configuration.
@@ -39,6 +41,10 @@ class SparsifiedLayer(NamedTuple):
     reason: str
 
 
+# Layers whose kernel is [*in, *features]: no compact (sparse_update) gradient for them.
+_GENERAL_KINDS = ("DenseGeneral", "LinearGeneral")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Options:
     k: int | tuple[tuple[str, int], ...]
@@ -47,6 +53,7 @@ class _Options:
     sparse_bias: bool
     rng_collection: str
     sparse_update: bool = False
+    per_head: bool = False
 
 
 class _Seen(NamedTuple):
@@ -106,13 +113,21 @@ def _plan(opts: _Options, seen: Sequence[_Seen]) -> list[SparsifiedLayer]:
             reason = "features <= k" if k else "k = 0"
         else:
             reason = "sparsified"
+        if reason == "sparsified" and opts.sparse_update and s.kind in _GENERAL_KINDS:
+            raise ValueError(
+                f"sparsify: sparse_update=True keeps compact gradients of [in, out] kernels "
+                f"only, and layer {path!r} is a {s.kind} (multi-axis kernel): leave it dense "
+                "(layers= or k= patterns that skip it) or pass sparse_update=False"
+            )
         report.append(
             SparsifiedLayer(path, s.kind, s.features, k if reason == "sparsified" else 0, reason)
         )
     return report
 
 
-def _check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update=False) -> _Options:
+def _check_options(
+    k, mode, layers, sparse_bias, rng_collection, sparse_update=False, per_head=False
+) -> _Options:
     mode = _selection.check_mode(mode)
     if isinstance(k, Mapping):
         if not k:
@@ -138,4 +153,6 @@ def _check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update=F
         layers = tuple(layers)
     if not isinstance(rng_collection, str):
         raise TypeError(f"sparsify: rng_collection must be a str, got {rng_collection!r}")
-    return _Options(k, mode, layers, bool(sparse_bias), rng_collection, bool(sparse_update))
+    return _Options(
+        k, mode, layers, bool(sparse_bias), rng_collection, bool(sparse_update), bool(per_head)
+    )

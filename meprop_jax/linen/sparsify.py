@@ -6,9 +6,13 @@ forward pass, bit for bit; in the backward pass the selected layers keep only th
 entries of their output gradient, as :class:`meprop_jax.Dense`, :class:`meprop_jax.LSTMCell`
 and :class:`meprop_jax.Conv` do:
 
-* ``nn.Dense``, and ``nn.DenseGeneral`` contracting the input's last axis only (the query,
-  key and value projections of ``nn.MultiHeadDotProductAttention``; its output projection
-  contracts two axes and stays dense): ``k`` output columns, see :func:`meprop_jax.linear`.
+* ``nn.Dense``: ``k`` output columns, see :func:`meprop_jax.linear`.
+* ``nn.DenseGeneral`` with any contracted ``axis`` and any ``features`` (no ``batch_dims``):
+  the query, key and value projections of ``nn.MultiHeadDotProductAttention``
+  (``features = (heads, head_dim)``) and its output projection (contracting ``(heads,
+  head_dim)``). ``k`` counts entries of the flattened ``prod(features)`` output gradient, as
+  for ``nn.Dense``; ``per_head=True`` keeps ``k`` per head instead (``k`` of ``head_dim`` in
+  each). See :func:`meprop_jax.dense_general`.
 * ``nn.LSTMCell`` and ``nn.OptimizedLSTMCell``: ``k`` entries per gate of the gate
   pre-activation gradient, at every step.
 * ``nn.Conv``: ``k`` output channels (``k`` per group with ``feature_group_count > 1``), see
@@ -47,7 +51,6 @@ Example: a stock MLP, meProp in one line (the default spares the output layer).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +60,7 @@ from flax import linen as nn
 from flax.core import meta
 from flax.linen.dtypes import promote_dtype
 
+from meprop_jax._src import general as _general
 from meprop_jax._src import linear as _linear
 from meprop_jax._src import recurrent as _recurrent
 from meprop_jax._src.collections import RNG_COLLECTION
@@ -67,7 +71,6 @@ from meprop_jax._src.paths import (
     _plan,
     _Seen,
 )
-from meprop_jax._src.projection import project
 from meprop_jax.linen.conv import linen_conv_call
 from meprop_jax.linen.layers import compact_tap_state
 
@@ -91,11 +94,12 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
-def _width_and_issue(module: nn.Module, kind: str, inputs: Any) -> tuple[int, int, str | None]:
+def _width_and_issue(module: nn.Module, kind: str, per_head: bool) -> tuple[int, int, str | None]:
     """``(features, groups, issue)`` of a Dense, DenseGeneral or Conv layer.
 
-    ``features`` is the width each of the ``groups`` selections ranks; ``issue`` says why the
-    layer cannot be sparsified (None if it can).
+    ``features`` is the width each of the ``groups`` selections ranks (a DenseGeneral's
+    flattened features, or one head's with ``per_head``); ``issue`` says why the layer cannot
+    be sparsified (None if it can).
     """
     if kind == "Conv":
         groups = module.feature_group_count
@@ -108,13 +112,10 @@ def _width_and_issue(module: nn.Module, kind: str, inputs: Any) -> tuple[int, in
     issue = "dot_general hook" if hooked else None
     if kind == "Dense":
         return module.features, 1, issue
-    features = (module.features,) if isinstance(module.features, int) else module.features
-    axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-    batch = (module.batch_dims,) if isinstance(module.batch_dims, int) else module.batch_dims
-    ndim = jnp.ndim(inputs)
-    if tuple(a % ndim for a in axis) != (ndim - 1,) or tuple(batch):
-        issue = "contracts more than the last axis"
-    return math.prod(features), 1, issue
+    if tuple(_general.as_tuple(module.batch_dims)):
+        issue = "batch_dims"
+    width, groups = _general.flat_features(_general.as_tuple(module.features), per_head)
+    return width, groups, issue
 
 
 # --------------------------------------------------------------------------- planning
@@ -124,7 +125,7 @@ def _path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
-def _record_layers(apply_fn: Callable, args, kwargs) -> list[_Seen]:
+def _record_layers(apply_fn: Callable, per_head: bool, args, kwargs) -> list[_Seen]:
     """Every supported layer call of ``apply_fn(*args, **kwargs)``, by an abstract trace."""
     seen: list[_Seen] = []
     inside_cell = []  # an LSTM cell's own Dense layers are part of the cell
@@ -138,7 +139,7 @@ def _record_layers(apply_fn: Callable, args, kwargs) -> list[_Seen]:
         if is_cell:  # k per gate; the hidden width is the carry's last axis
             features, groups, issue = jnp.shape(call_args[0][1])[-1], 4, None
         else:
-            features, groups, issue = _width_and_issue(module, kind, call_args[0])
+            features, groups, issue = _width_and_issue(module, kind, per_head)
         seen.append(_Seen(_path(module), kind, features, groups, issue))
         if not is_cell:
             return next_fun(*call_args, **call_kwargs)
@@ -205,31 +206,23 @@ def _dense(module: nn.Dense, opts: _Options, k: int, inputs: Array) -> Array:
 
 
 def _dense_general(module: nn.DenseGeneral, opts: _Options, k: int, inputs: Array) -> Array:
-    features = (module.features,) if isinstance(module.features, int) else tuple(module.features)
-    kernel = _param(module, "kernel", (jnp.shape(inputs)[-1], *features))
+    features = _general.as_tuple(module.features)
+    axis = _general.normalize_axes(module.axis, jnp.ndim(inputs))
+    in_shape = tuple(jnp.shape(inputs)[a] for a in axis)
+    kernel = _param(module, "kernel", (*in_shape, *features))
     bias = _param(module, "bias", features) if module.use_bias else None
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
-    precision = module.precision
-
-    def forward(xs, kernels, biases):
-        # flax.linen.DenseGeneral's expression for one contracting axis and no batch axes.
-        (x,), ((w,),) = xs, kernels
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-        if biases:
-            y += jnp.reshape(biases[0], (1,) * (x.ndim - 1) + features)
-        return y
-
-    return project(
-        forward,
-        (inputs,),
-        ((kernel,),),
-        (bias,) if bias is not None else (),
+    return _general.dense_general(
+        inputs,
+        kernel,
+        bias,
+        axis=axis,
         k=k,
         mode=opts.mode,
         key=_key(module, opts),
-        feature_ndim=len(features),
+        groups=_general.flat_features(features, opts.per_head)[1],
         sparse_bias=opts.sparse_bias,
-        precision=precision,
+        precision=module.precision,
     )
 
 
@@ -287,6 +280,7 @@ def sparsify(
     sparse_bias: bool = False,
     rng_collection: str = RNG_COLLECTION,
     sparse_update: bool = False,
+    per_head: bool = False,
 ) -> Callable[..., Any]:
     """A meProp version of a Linen ``apply`` function (see the module docstring).
 
@@ -308,6 +302,11 @@ def sparsify(
         zero taps come from one call with ``mutable=["meprop_taps"]`` (the second result
         holds them, ``apply(variables, x, mutable=["meprop_taps"])[1]``), made with the
         training batch shape; :class:`meprop_jax.TrainState` then takes compact steps.
+        Compact gradients need an ``[in, out]`` kernel: a sparsified ``nn.DenseGeneral``
+        is refused (select the ``Dense`` layers only with ``layers=``).
+      per_head: a ``nn.DenseGeneral`` with several feature axes (the attention projections'
+        ``[heads, head_dim]``) keeps ``k`` entries per head instead of ``k`` over the
+        flattened ``heads * head_dim`` (see :func:`meprop_jax.dense_general`).
 
     Returns:
       A function with ``apply_fn``'s signature and results. Its first call with a new
@@ -317,14 +316,14 @@ def sparsify(
       TypeError, ValueError: for a bad ``k``, ``mode`` or ``layers``; at the first call, for
         a pattern that matches no layer.
     """
-    opts = _check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update)
+    opts = _check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update, per_head)
     plans: dict[Any, list[SparsifiedLayer]] = {}
 
     def plan_for(args, kwargs) -> list[SparsifiedLayer]:
         key = _cache_key(args, kwargs)
         if key is not None and key in plans:
             return plans[key]
-        plan = _plan(opts, _record_layers(apply_fn, args, kwargs))
+        plan = _plan(opts, _record_layers(apply_fn, opts.per_head, args, kwargs))
         if key is not None:
             plans[key] = plan
         return plan

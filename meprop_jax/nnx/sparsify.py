@@ -1,13 +1,20 @@
 """meProp for stock Flax NNX models: :func:`meprop_jax.nnx.sparsify`.
 
 The NNX counterpart of :func:`meprop_jax.sparsify`. It returns a sparsified copy of the model
-(as ``nnx.clone`` copies it) in which the selected ``nnx.Linear``, ``nnx.Conv`` and
-``nnx.LSTMCell`` layers are this package's drop-ins (:class:`meprop_jax.nnx.Linear`,
+(as ``nnx.clone`` copies it) in which the selected ``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Conv`` and ``nnx.LSTMCell`` layers are this package's drop-ins
+(:class:`meprop_jax.nnx.Linear`, :class:`~meprop_jax.nnx.LinearGeneral`,
 :class:`~meprop_jax.nnx.Conv`, :class:`~meprop_jax.nnx.LSTMCell`) with the same
 configuration and parameter values. The model it is given is left as it was, so every
 ``graphdef`` taken from it still describes it: one taken before the call never turns a
 sparsified model back into the dense one behind the user's back. An LSTM cell's own gate
 layers are part of the cell and never chosen separately.
+
+``nnx.MultiHeadAttention`` is four ``nnx.LinearGeneral`` layers (query, key and value, and
+the output projection contracting ``(heads, head_dim)``), so a stock Transformer block is
+converted whole; embeddings and LayerNorms stay dense. ``k`` counts entries of a layer's
+flattened output features (``heads * head_dim`` for a query projection), or ``k`` per head
+with ``per_head=True`` (see :func:`meprop_jax.dense_general`).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from typing import Any, NamedTuple
 from flax import nnx
 
 import meprop_jax.nnx.layers as mnnx
+from meprop_jax._src import general as _general
 from meprop_jax._src import paths as _paths
 from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax.nnx.general import LinearGeneral, general_issue
 
 SparsifiedLayer = _paths.SparsifiedLayer
 
@@ -28,9 +37,11 @@ _OURS = {
     nnx.Linear: mnnx.Linear,
     nnx.Conv: mnnx.Conv,
     nnx.LSTMCell: mnnx.LSTMCell,
+    nnx.LinearGeneral: LinearGeneral,
     mnnx.Linear: mnnx.Linear,
     mnnx.Conv: mnnx.Conv,
     mnnx.LSTMCell: mnnx.LSTMCell,
+    LinearGeneral: LinearGeneral,
 }
 
 
@@ -46,7 +57,9 @@ class SparsifiedModel(NamedTuple):
     layers: list[SparsifiedLayer]
 
 
-def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _paths._Seen]]:
+def _candidates(
+    model: nnx.Module, per_head: bool
+) -> dict[str, tuple[nnx.Module, type, _paths._Seen]]:
     """Every supported layer of ``model`` by ``"/"``-joined path (cells' gates excluded)."""
     found = {}
     for path, node in nnx.iter_graph(model):
@@ -58,6 +71,9 @@ def _candidates(model: nnx.Module) -> dict[str, tuple[nnx.Module, type, _paths._
         if kind == "Linear":
             hooked = node.dot_general is not nnx.Linear.__init__.__kwdefaults__["dot_general"]
             seen = _paths._Seen(name, kind, node.out_features, 1, hooked and "dot_general hook")
+        elif kind == "LinearGeneral":
+            width, groups = _general.flat_features(node.out_features, per_head)
+            seen = _paths._Seen(name, kind, width, groups, general_issue(node))
         elif kind == "Conv":
             groups = node.feature_group_count
             hooked = (
@@ -111,16 +127,18 @@ def sparsify(
     rngs: nnx.Rngs | None = None,
     rng_collection: str = RNG_COLLECTION,
     sparse_update: bool = False,
+    per_head: bool = False,
 ) -> SparsifiedModel:
     """A copy of an NNX model whose layers are meProp layers; ``model`` is left unchanged.
 
-    In the copy, the selected ``nnx.Linear``, ``nnx.Conv`` and ``nnx.LSTMCell`` layers are
-    :class:`Linear`, :class:`Conv` and :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the
-    given ``k``, the same configuration and the same parameter values, so the forward pass
-    is the stock one (the same products, bit for bit). Layers that already are meProp layers
-    (hand-built, or from an earlier ``sparsify``) take the new ``k`` and mode too, ``0`` where
-    the new plan leaves them dense, and are reported like the others; other subclasses of the
-    stock layers are left alone. Build optimizers and take ``graphdef``s from the copy.
+    In the copy, the selected ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and
+    ``nnx.LSTMCell`` layers are :class:`Linear`, :class:`LinearGeneral`, :class:`Conv` and
+    :class:`LSTMCell` of :mod:`meprop_jax.nnx` with the given ``k``, the same configuration
+    and the same parameter values, so the forward pass is the stock one (the same products,
+    bit for bit). Layers that already are meProp layers (hand-built, or from an earlier
+    ``sparsify``) take the new ``k`` and mode too, ``0`` where the new plan leaves them dense,
+    and are reported like the others; other subclasses of the stock layers are left alone.
+    Build optimizers and take ``graphdef``s from the copy.
 
     Args:
       model: the model; it is not modified.
@@ -138,7 +156,10 @@ def sparsify(
       rng_collection: the stream random mode forks.
       sparse_update: sparsified ``nnx.Linear`` layers keep their kernel gradient compact, as
         ``meprop_jax.nnx.Linear(sparse_update=True)`` does: :class:`meprop_jax.nnx.Optimizer`
-        then takes compact, column-sparse steps (convolutions and cells are unaffected).
+        then takes compact, column-sparse steps (convolutions and cells are unaffected). A
+        sparsified ``nnx.LinearGeneral`` (multi-axis kernel) is refused by name.
+      per_head: an ``nnx.LinearGeneral`` with several output axes (``(heads, head_dim)``)
+        keeps ``k`` per head instead of ``k`` over the flattened ``heads * head_dim``.
 
     Returns:
       A :class:`SparsifiedModel`: the copy, and one :class:`~meprop_jax.SparsifiedLayer` per
@@ -173,11 +194,13 @@ def sparsify(
       >>> bool((sparse(x) == model(x)).all())  # the same forward pass
       True
     """
-    opts = _paths._check_options(k, mode, layers, sparse_bias, rng_collection, sparse_update)
+    opts = _paths._check_options(
+        k, mode, layers, sparse_bias, rng_collection, sparse_update, per_head
+    )
     if opts.mode == "random" and rngs is None:
         raise ValueError("sparsify: mode='random' needs rngs=nnx.Rngs(meprop=...)")
     model = nnx.clone(model)
-    candidates = _candidates(model)
+    candidates = _candidates(model, opts.per_head)
     if example_args is not None:
         order = _call_order(model, candidates, tuple(example_args), dict(example_kwargs or {}))
         seen = [candidates[p][2] for p in order]
@@ -208,3 +231,5 @@ def _set_meprop(node: nnx.Module, ours: type, k: int, opts: _paths._Options, rng
     mnnx._set_meprop(node, k, opts.mode, sparse_bias, rngs, opts.rng_collection)
     if ours is mnnx.Linear:
         node.sparse_update = opts.sparse_update
+    if ours is LinearGeneral:
+        node.per_head = opts.per_head
