@@ -15,13 +15,14 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
   the compact ``dW`` (``+compact``, the form the column-sparse optimizers consume), in both
   layouts.
 * ``layer+update``: the backward pass and an Adam step of the layer: dense + ``optax.adam``;
-  the compact ``dW`` + :func:`meprop_jax.optim.sparse_adam` (lazy Adam, selected columns only).
+  the compact ``dW`` + :func:`meprop_jax.optim.sparse_adam` (lazy Adam, selected columns only),
+  with the kernel stored ``[in, out]`` and ``[out, in]`` (``:out_in``).
 * ``lstm`` (the gates of an LSTM cell, ``[x, h] -> 4h`` with h = 500, batch 8, k = 5 and 10
   per gate): the backward pass of :func:`meprop_jax.multi_linear` with ``groups=4``.
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
   dense with ``optax.adam``, per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), and per-example with compact gradients and ``sparse_adam``
-  (``--sparse-update``, kernels ``[in, out]``); the authors' rule in both layouts.
+  (``--sparse-update``); each in both layouts.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from experiments.bench.steps import _compact_train_scan, _train_scan
 from experiments.common.models import MLP
 from meprop_jax import optim, train_state
 from meprop_jax._src import native
+from meprop_jax.linen import TRANSPOSED_KERNEL
 
 # (batch, in, out, k): the paper's MNIST layers.
 LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((10, 784, 500, 20), (10, 500, 500, 20))
@@ -193,7 +195,7 @@ def bench_layer_update(
     batch: int, d_in: int, d_out: int, k: int, *, steps: int, repeats: int, warmup: int, seed: int
 ) -> list[Record]:
     """One layer's backward pass and Adam step: dense + optax.adam against the compact
-    gradient + sparse_adam (the compact optimizers take ``[in, out]`` kernels)."""
+    gradient + sparse_adam, with the kernel stored ``[in, out]`` and ``[out, in]``."""
     rng = np.random.default_rng(seed)
     xs, gs = _data(rng, steps, [(batch, d_in), (batch, d_out)])
     w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
@@ -215,41 +217,44 @@ def bench_layer_update(
     opt = optim.sparse_adam(ADAM_LR)
     tap = meprop_jax.compact_tap(d_in, d_out, k=k, mode=MODE, batch_shape=(batch,))
 
-    def sparse_run(carry, xs, gs):
-        def body(carry, xg):
-            (params, state), dx_sum = carry
-            w = params["kernel"]
+    def sparse_run_of(name: str, layout: str):
+        def sparse_run(carry, xs, gs):
+            def body(carry, xg):
+                (params, state), dx_sum = carry
+                w = params[name]
 
-            def f(x, t, b):
-                return meprop_jax.linear(x, w, b, k=k, mode=MODE, tap=t)
+                def f(x, t, b):
+                    return meprop_jax.linear(x, w, b, k=k, mode=MODE, tap=t, kernel_layout=layout)
 
-            dx, tap_grad, db = jax.vjp(f, xg[0], tap, params["bias"])[1](xg[1])
-            # dx feeds the layer below in a network, which orders the kernel's update after
-            # the backward's reads; alone it needs this (numerically void) term.
-            tap_grad = tap_grad._replace(cols=tap_grad.cols + 0.0 * dx[0, 0])
-            with jax.numpy_dtype_promotion("standard"):
-                params, state = opt.update(
-                    {"kernel": None, "bias": db}, state, params, {"kernel": tap_grad}
-                )
-            return ((params, state), dx_sum + dx), None
+                dx, tap_grad, db = jax.vjp(f, xg[0], tap, params["bias"])[1](xg[1])
+                # dx feeds the layer below in a network, which orders the kernel's update
+                # after the backward's reads; alone it needs this (numerically void) term.
+                tap_grad = tap_grad._replace(cols=tap_grad.cols + 0.0 * dx[0, 0])
+                with jax.numpy_dtype_promotion("standard"):
+                    params, state = opt.update(
+                        {name: None, "bias": db}, state, params, {name: tap_grad}
+                    )
+                return ((params, state), dx_sum + dx), None
 
-        return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
+            return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
+
+        return sparse_run
 
     dense_params = {"kernel": w, "bias": b}
-    sparse_params = {"kernel": w.copy(), "bias": b.copy()}  # each box donates its own
     zero_dx = lambda: jnp.zeros((batch, d_in), jnp.float32)
     dense_box = Carry(((dense_params, tx.init(dense_params)), zero_dx()))
-    sparse_box = Carry(((sparse_params, opt.init(sparse_params, {"kernel": tap})), zero_dx()))
-    _block((dense_box.value, sparse_box.value))
+    _block(dense_box.value)
     compiled = _compile_donated(dense_run, (dense_box.value, xs, gs))
     fns = {"dense+adam": (dense_box.stepper(compiled, xs, gs), ())}
-    for suffix, path in _paths():
-        with path():
-            compiled = _compile_donated(sparse_run, (sparse_box.value, xs, gs))
-        fns[f"{MODE}+compact+sparse_adam{suffix}"] = (
-            sparse_box.stepper(compiled, xs, gs),
-            (),
-        )
+    for layout, name, kernel in (("in_out", "kernel", w), ("out_in", TRANSPOSED_KERNEL, w.T)):
+        tag = "" if layout == "in_out" else f":{layout}"
+        for suffix, path in _paths():
+            params = {name: kernel.copy(), "bias": b.copy()}  # each box donates its own
+            box = Carry(((params, opt.init(params, {name: tap})), zero_dx()))
+            _block(box.value)
+            with path():
+                compiled = _compile_donated(sparse_run_of(name, layout), (box.value, xs, gs))
+            fns[f"{MODE}+compact+sparse_adam{tag}{suffix}"] = (box.stepper(compiled, xs, gs), ())
     per_step = _per_step(time_fns(fns, repeats, warmup), steps)
     k_of = lambda n: 0 if n.startswith("dense") else k
     return _records("layer+update", per_step, "dense+adam", batch, d_in, d_out, k_of)
@@ -282,6 +287,7 @@ def bench_mnist_steps(
             (f"{MODE}{suffix}", k, "in_out", False, path),
             (f"{MODE}:out_in{suffix}", k, "out_in", False, path),
             (f"{MODE}+sparse{suffix}", k, "in_out", True, path),
+            (f"{MODE}+sparse:out_in{suffix}", k, "out_in", True, path),
         ]
     for label, kk, layout, sparse, path in variants:
         m = model(kk, layout, sparse)

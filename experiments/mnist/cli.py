@@ -63,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="how the Dense kernels are stored: in_out ([in, out], flax's) or out_in ([out, in], "
         "the fast layout of per-row top-k; same values and math); auto (default) is out_in for "
-        "the MLP with --mode per-example/random and --k >= 1, without --mesimp or "
-        "--sparse-update, else in_out",
+        "the MLP with --mode per-example/random and --k >= 1, without --mesimp, else in_out",
     )
     p.add_argument(
         "--k",
@@ -196,12 +195,11 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
     layout = args.kernel_layout
     if layout == "auto":
         mlp = network.get("network", "mlp") == "mlp"
-        stock = mesimp.get("mesimp") or args.sparse_update
-        fast = per_row and k >= 1 and mlp and not stock
+        fast = per_row and k >= 1 and mlp and not mesimp.get("mesimp")
         layout = "out_in" if fast else "in_out"
     check(
-        layout == "in_out" or not (mesimp.get("mesimp") or args.sparse_update),
-        "--mesimp and --sparse-update need [in, out] kernels: drop --kernel-layout out_in",
+        layout == "in_out" or not mesimp.get("mesimp"),
+        "--mesimp needs [in, out] kernels: drop --kernel-layout out_in",
     )
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)

@@ -60,10 +60,12 @@ class AccumulationState(NamedTuple):
     touched: dict[str, Array]
 
 
-def _add_rows(leaf: Any, cols: Array, rows: Array) -> Any:
+def _add_rows(leaf: Any, cols: Array, rows: Array, row_major: bool) -> Any:
     rows = rows.astype(_dtype(leaf))
     if _is_transposed(leaf):
         return Transposed(leaf.t.at[cols].add(rows, **_SCATTER))
+    if row_major:  # the sum of a kernel_t [out, in]
+        return leaf.at[cols].add(rows, **_SCATTER)
     return _add_rows_as_columns(leaf, cols, rows)
 
 
@@ -103,8 +105,7 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
         inner = inner_init(params, taps).inner
         acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype), params)
         acc = _transpose_tapped(acc, layout, compact_keys)
-        shapes = dict(zip(layout.keys, layout.shapes, strict=True))
-        touched = {key: jnp.zeros(shapes[key][1:], bool) for key in compact_keys}
+        touched = {key: jnp.zeros((layout.columns(key),), bool) for key in compact_keys}
         zero = jnp.zeros([], jnp.int32)
         return SparseState(AccumulationState(zero, zero, inner, acc, touched))
 
@@ -120,7 +121,7 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
             )
         flat = _flat_grads(grads)
         acc = [
-            _add_rows(a, *decoded[key][::-1])
+            _add_rows(a, *decoded[key][::-1], layout.row_major(key))
             if key in decoded
             else a + _dense_grad(flat, key).astype(a.dtype)
             for key, a in zip(layout.keys, layout.treedef.flatten_up_to(s.acc), strict=True)
@@ -128,24 +129,23 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
         touched = {
             key: t.at[decoded[key][1]].set(True, mode="drop") for key, t in s.touched.items()
         }
-        shapes = dict(zip(layout.keys, layout.shapes, strict=True))
-        width = {key: min(n * decoded[key][0].shape[0], shapes[key][1]) for key in decoded}
+        width = {key: min(n * decoded[key][0].shape[0], layout.columns(key)) for key in decoded}
 
         def emit(args):
             params, inner, acc, touched = args
             scale = 1.0 / n if mean else 1.0
             dtypes = dict(zip(layout.keys, [p.dtype for p in jax.tree.leaves(params)], strict=True))
             union = {key: _union(touched[key], width[key]) for key in touched}
-            dense, compact_ = {}, {}
+            dense, compact_, sums = {}, {}, {}
             for key, a in zip(layout.keys, acc, strict=True):
                 if key in union:
-                    block = (_rows(a, union[key]) * scale).astype(dtypes[key])
-                    compact_[key] = (block, union[key])
+                    sums[key] = _rows(a, union[key], layout.row_major(key))
+                    compact_[key] = ((sums[key] * scale).astype(dtypes[key]), union[key])
                 else:
                     dense[key] = (a * scale).astype(dtypes[key])
             params, inner = _step(inner_tx, layout, dense, compact_, inner, params)
             acc = [
-                _set_rows(a, union[key], jnp.zeros_like(_rows(a, union[key])))
+                _set_rows(a, union[key], jnp.zeros_like(sums[key]), layout.row_major(key))
                 if key in union
                 else jnp.zeros_like(a)
                 for key, a in zip(layout.keys, acc, strict=True)

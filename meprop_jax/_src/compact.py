@@ -4,6 +4,10 @@ A lifted step works on a *compact view* of the parameters, the gradients and the
 state: a compact kernel ``[in, out]`` is replaced by its selected columns as ``[K, in]`` rows
 (the layout of :class:`CompactGrad` blocks), and so is every state leaf that mirrors it; every
 other leaf is kept whole. ``tx.update`` runs on that view and its results are scattered back.
+
+A kernel stored transposed (``kernel_t [out, in]``, ``kernel_layout="out_in"``) already holds
+its columns as contiguous rows, and so do its state leaves: they are gathered and scattered as
+they are, with no :class:`Transposed` wrapper.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from meprop_jax._src.collections import TRANSPOSED_KERNEL
 from meprop_jax._src.taps import CompactGrad, decode_columns
 
 Array = jax.Array
@@ -95,6 +100,20 @@ class _Params(NamedTuple):
     treedef: Any
     shapes: list[tuple[int, ...]]
 
+    def row_major(self, key: str) -> bool:
+        """Whether the kernel at ``key`` is stored ``[out, in]`` (``kernel_layout="out_in"``)."""
+        return is_row_major(key)
+
+    def columns(self, key: str) -> int:
+        """``out`` of the kernel at ``key``."""
+        shape = self.shapes[self.keys.index(key)]
+        return shape[0] if self.row_major(key) else shape[1]
+
+
+def is_row_major(key: str) -> bool:
+    """Whether a parameter key names a transposed kernel, ``.../kernel_t`` ``[out, in]``."""
+    return key.rsplit("/", 1)[-1] == TRANSPOSED_KERNEL
+
 
 def _params(params: PyTree, compact_keys) -> _Params:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -104,7 +123,10 @@ def _params(params: PyTree, compact_keys) -> _Params:
         raise ValueError(f"taps at {missing} match no parameter (pass params and taps trees)")
     for key, (_, p) in zip(keys, flat, strict=True):
         if key in compact_keys and jnp.ndim(p) != 2:
-            raise ValueError(f"the tapped parameter {key} must be an [in, out] kernel")
+            raise ValueError(
+                f"the tapped parameter {key} must be a kernel, [in, out] (or [out, in] named "
+                f"{TRANSPOSED_KERNEL}), got shape {list(jnp.shape(p))}"
+            )
     return _Params(keys, treedef, [tuple(jnp.shape(p)) for _, p in flat])
 
 
@@ -157,7 +179,7 @@ def _transpose_tapped(state: PyTree, layout: _Params, compact_keys) -> PyTree:
         leaves = layout.treedef.flatten_up_to(node)
         return layout.treedef.unflatten(
             [
-                Transposed(a.T) if key in compact_keys else a
+                Transposed(a.T) if key in compact_keys and not is_row_major(key) else a
                 for key, a in zip(layout.keys, leaves, strict=True)
             ]
         )
@@ -165,17 +187,23 @@ def _transpose_tapped(state: PyTree, layout: _Params, compact_keys) -> PyTree:
     return outer.unflatten([transpose(i) if m else i for i, m in zip(items, mirrors, strict=True)])
 
 
-def _rows(leaf: Any, cols: Array) -> Array:
-    """The columns ``cols`` of an ``[in, out]`` leaf as ``[K, in]`` rows; padding gives 0."""
+def _rows(leaf: Any, cols: Array, row_major: bool) -> Array:
+    """The columns ``cols`` of a kernel-shaped leaf as ``[K, in]`` rows; padding gives 0.
+
+    ``row_major``: the leaf is stored ``[out, in]`` (a ``kernel_t`` and its state)."""
     if _is_transposed(leaf):
         return leaf.t.at[cols].get(mode="fill", fill_value=0)
+    if row_major:
+        return leaf.at[cols].get(mode="fill", fill_value=0)
     return jnp.take(leaf, cols, axis=1, mode="fill", fill_value=0).T
 
 
-def _set_rows(leaf: Any, cols: Array, rows: Array) -> Any:
+def _set_rows(leaf: Any, cols: Array, rows: Array, row_major: bool) -> Any:
     rows = rows.astype(_dtype(leaf))
     if _is_transposed(leaf):
         return Transposed(leaf.t.at[cols].set(rows, **_SCATTER))
+    if row_major:
+        return leaf.at[cols].set(rows, **_SCATTER)
     return leaf.at[:, cols].set(rows.T, **_SCATTER)
 
 
@@ -244,10 +272,9 @@ def _decode(
     if not found:
         return {}
     after = _after((grads, taps))
-    shapes = dict(zip(layout.keys, layout.shapes, strict=True))
     names, decoded, oks = tuple(found), {}, []
     for key, tap in found.items():
-        out = shapes[key][1]
+        out = layout.columns(key)
         cols, ok = decode_columns(tap, out)
         # Bad columns may all be out of range: NaN goes to the first K (K <= out) instead.
         cols = jnp.where(ok, cols, jnp.arange(cols.shape[0], dtype=cols.dtype))
@@ -298,7 +325,9 @@ def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, pa
     for key, p in zip(layout.keys, p_leaves, strict=True):
         if key in decoded:
             block, cols = decoded[key]
-            p_view.append(_rows(p, cols))  # unused (and compiled away) unless tx reads params
+            p_view.append(
+                _rows(p, cols, layout.row_major(key))
+            )  # unused (and compiled away) unless tx reads params
             g_view.append(block)
         else:
             p_view.append(p)
@@ -309,7 +338,9 @@ def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, pa
         leaves = layout.treedef.flatten_up_to(node)
         return layout.treedef.unflatten(
             [
-                _rows(a, decoded[key][1]) if key in decoded else (a.t.T if _is_transposed(a) else a)
+                _rows(a, decoded[key][1], layout.row_major(key))
+                if key in decoded
+                else (a.t.T if _is_transposed(a) else a)
                 for key, a in zip(layout.keys, leaves, strict=True)
             ]
         )
@@ -321,7 +352,9 @@ def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, pa
         )
     new_params = []
     for key, p, u in zip(layout.keys, p_leaves, layout.treedef.flatten_up_to(updates), strict=True):
-        if key in decoded:  # p + u in p's dtype, as optax.apply_updates, column by column
+        if key in decoded and layout.row_major(key):  # p + u in p's dtype, row by row
+            new_params.append(p.at[decoded[key][1]].add(u.astype(p.dtype), **_SCATTER))
+        elif key in decoded:  # p + u in p's dtype, as optax.apply_updates, column by column
             new_params.append(_add_rows_as_columns(p, decoded[key][1], u.astype(p.dtype)))
         else:
             new_params.append(jnp.asarray(p + u).astype(p.dtype))
@@ -330,7 +363,7 @@ def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, pa
         olds, news = layout.treedef.flatten_up_to(old), layout.treedef.flatten_up_to(new)
         return layout.treedef.unflatten(
             [
-                _set_rows(o, decoded[key][1], n)
+                _set_rows(o, decoded[key][1], n, layout.row_major(key))
                 if key in decoded
                 else (Transposed(n.T.astype(o.t.dtype)) if _is_transposed(o) else n)
                 for key, o, n in zip(layout.keys, olds, news, strict=True)

@@ -66,25 +66,28 @@ def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap
 
 
 def compact_tap_state(
-    module: nn.Module, inputs: Array, kernel: Array, k: int, mode: str
+    module: nn.Module, inputs: Array, kernel: Array, k: int, mode: str, transposed: bool = False
 ) -> _taps.CompactGrad | None:
     """A sparse Dense layer's zero compact-gradient tap, or None when ``apply`` has none.
 
     The tap is made when ``"meprop_taps"`` is mutable (``init``, or ``apply`` with
     ``mutable=["meprop_taps"]``), with the shape of this call's ``inputs [..., in]`` and
-    ``kernel [in, out]``; otherwise it is read if ``apply`` was given it (training) and the
-    layer is plain meProp if not (evaluation). A second call with the tap raises (see
-    :func:`claim_tap`). :func:`meprop_jax.sparsify` shares it.
+    ``kernel [in, out]`` (``[out, in]`` when ``transposed``, and the tap is then named
+    ``kernel_t`` like the parameter, which the compact optimizers match it to); otherwise it is
+    read if ``apply`` was given it (training) and the layer is plain meProp if not
+    (evaluation). A second call with the tap raises (see :func:`claim_tap`).
+    :func:`meprop_jax.sparsify` shares it.
     """
+    name = TRANSPOSED_KERNEL if transposed else "kernel"
     if not (
-        module.has_variable(TAP_COLLECTION, "kernel")
-        or module.is_mutable_collection(TAP_COLLECTION)
+        module.has_variable(TAP_COLLECTION, name) or module.is_mutable_collection(TAP_COLLECTION)
     ):
         return None
+    d_in, d_out = kernel.shape[::-1] if transposed else kernel.shape
     make_tap = lambda: _taps.compact_tap(
-        *kernel.shape, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
+        d_in, d_out, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
     )
-    tap = module.variable(TAP_COLLECTION, "kernel", make_tap).value
+    tap = module.variable(TAP_COLLECTION, name, make_tap).value
     claim_tap(module)
     return tap
 
@@ -212,13 +215,8 @@ class Dense(nn.Dense):
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         sparse = not _selection.is_dense(k, self.features)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
-        if self.sparse_update and sparse and layout != "in_out":
-            raise ValueError(
-                "meprop_jax.Dense(sparse_update=True) needs kernel_layout='in_out': the compact "
-                "optimizers of meprop_jax.optim update [in, out] kernels"
-            )
         tap = (
-            compact_tap_state(self, inputs, kernel, k, mode)
+            compact_tap_state(self, inputs, kernel, k, mode, transposed=layout == "out_in")
             if self.sparse_update and sparse
             else None
         )

@@ -361,7 +361,7 @@ def test_kernel_layout_auto_is_out_in_for_per_row_modes_only() -> None:
     assert settings("--mode", "unified").kernel_layout == "in_out"
     assert settings("--mode", "per-example", "--k", "0").kernel_layout == "in_out"
     assert settings("--mode", "per-example", "--mesimp").kernel_layout == "in_out"
-    assert settings("--mode", "per-example", "--sparse-update").kernel_layout == "in_out"
+    assert settings("--mode", "per-example", "--sparse-update").kernel_layout == "out_in"
     s = settings("--mode", "per-example", "--kernel-layout", "in_out")
     assert s.kernel_layout == "in_out"
     s = settings("--kernel-layout", "out_in")

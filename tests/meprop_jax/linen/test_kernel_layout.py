@@ -1,7 +1,7 @@
 """``Dense(kernel_layout="out_in")``: the same layer as the stock layout, stored transposed.
 
 Same initial values for the same key, same outputs and gradients (per-row and unified modes),
-``to_kernel_layout`` round trips; the compact optimizers take the stock layout only.
+``to_kernel_layout`` round trips, and the compact optimizers train both layouts alike.
 """
 
 import jax
@@ -85,7 +85,59 @@ def test_same_outputs_and_gradients(mode):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), back, grads)
 
 
-def test_sparse_update_needs_the_stock_layout():
-    x, _ = data(2)
-    with pytest.raises(ValueError, match="kernel_layout='in_out'"):
-        MLP(layout="out_in", sparse_update=True).init(jax.random.key(0), x)
+def _compact_run(layout, tx, steps=4, mode="per_example"):
+    """Params (in the stock layout) after ``steps`` compact updates of the layout's MLP."""
+    model = MLP(layout=layout, sparse_update=True, mode=mode)
+    x, y = data(6)
+    variables = model.init({"params": jax.random.key(0), "meprop": jax.random.key(1)}, x)
+    state = meprop_jax.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        taps=variables[meprop_jax.optim.TAP_COLLECTION],
+        tx=meprop_jax.optim.compact(tx),
+    )
+
+    @jax.jit
+    def step(state, x, y, key):
+        def loss_fn(variables):
+            logits = state.apply_fn(variables, x, rngs={"meprop": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        _, grads = state.value_and_grad(loss_fn)
+        return state.apply_gradients(grads=grads)
+
+    for i in range(steps):
+        x, y = data(6, seed=i + 1)
+        state = step(state, x, y, jax.random.key(i))
+    return to_kernel_layout(state.params, "in_out"), state
+
+
+@pytest.mark.parametrize("mode", ["per_example", "unified"])
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optax.adam(0.05),
+        optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(0.05, weight_decay=0.1)),
+        optax.MultiSteps(optax.adagrad(0.1), 2),
+    ],
+    ids=["adam", "clip+adamw", "multisteps-adagrad"],
+)
+def test_compact_update_trains_both_layouts_alike(tx, mode):
+    stock, _ = _compact_run("in_out", tx, mode=mode)
+    transposed, state = _compact_run("out_in", tx, mode=mode)
+    assert TRANSPOSED_KERNEL in state.params["hidden_0"]
+    assert TRANSPOSED_KERNEL in state.taps["hidden_0"]
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), stock, _compact_run("in_out", tx, 0)[0]
+    )
+    assert all(jax.tree.leaves(changed["hidden_0"]))  # the steps did train the kernels
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), transposed, stock
+    )
+
+
+def test_compact_state_of_a_transposed_kernel_is_row_major():
+    """The optimizer state of a ``kernel_t [out, in]`` stays ``[out, in]`` (no Transposed)."""
+    _, state = _compact_run("out_in", optax.adam(0.05), steps=1)
+    mu = state.opt_state.inner[0].mu["hidden_0"][TRANSPOSED_KERNEL]
+    assert isinstance(mu, jax.Array) and mu.shape == (9, 5)
