@@ -1,7 +1,7 @@
 // Per-row meProp backward on the CPU, as XLA FFI handlers (see meprop_jax/_src/native/__init__.py).
 //
-// meprop_select: each row's k largest scores per group (ties to the lower index; the caller
-//   maps NaN to +inf), the same set as lax.top_k.
+// meprop_select: each row's k largest scores per group, as lax.top_k gives them (ties to the
+//   lower index, -0 below +0; the caller maps NaN to +inf), in its order.
 // meprop_products: from those indices, dx (each row's own kernel columns) and the compact
 //   weight gradient over the union of the rows' columns: block [N*S, in] and cols [N*S], one
 //   slot per selected entry; a slot whose column an earlier slot holds is padding (out + slot,
@@ -21,6 +21,43 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// An unsigned key that orders floats as lax.top_k does (a total order: -0 below +0).
+inline uint32_t OrderKey(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr int kBinBits = 10;
+
+// The k best of row[0, width) by (key desc, index asc) into dst, in that order. A histogram of
+// the keys' top bits finds the bin holding the k-th key; entries in higher bins are in, and
+// only that bin's entries are ranked one by one. On a CPU this is about twice as fast as
+// nth_element over the whole row, whose compares mispredict on every fresh row.
+void SelectRow(const float* row, int64_t width, int64_t k, int32_t* dst,
+               std::vector<uint32_t>& keys, std::vector<int32_t>& cand) {
+  uint32_t hist[1 << kBinBits] = {};
+  for (int64_t j = 0; j < width; ++j) {
+    keys[j] = OrderKey(row[j]);
+    ++hist[keys[j] >> (32 - kBinBits)];
+  }
+  uint32_t t = (1 << kBinBits) - 1;
+  int64_t above = 0;
+  while (above + hist[t] < static_cast<uint64_t>(k)) above += hist[t--];
+  int64_t n_in = 0, n_cand = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    const uint32_t bin = keys[j] >> (32 - kBinBits);
+    if (bin > t) dst[n_in++] = static_cast<int32_t>(j);
+    else if (bin == t) cand[n_cand++] = static_cast<int32_t>(j);
+  }
+  const uint32_t* key = keys.data();
+  auto before = [key](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
+  const int64_t need = k - n_in;
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.begin() + n_cand, before);
+  std::copy(cand.begin(), cand.begin() + need, dst + n_in);
+  std::sort(dst, dst + k, before);
+}
+
 ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx, int64_t k,
                   int64_t groups) {
   const auto dims = scores.dimensions();
@@ -30,19 +67,14 @@ ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx,
     return ffi::Error::InvalidArgument("bad k or groups");
   const float* s = scores.typed_data();
   int32_t* o = idx->typed_data();
-  std::vector<int32_t> order(width);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      const float* row = s + r * out + grp * width;
-      std::iota(order.begin(), order.end(), 0);
-      auto before = [row](int32_t a, int32_t b) {
-        return row[a] > row[b] || (row[a] == row[b] && a < b);
-      };
-      std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
-      std::sort(order.begin(), order.begin() + k, before);
-      int32_t* dst = o + r * groups * k + grp * k;
-      for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<int32_t>(order[j] + grp * width);
-    }
+  std::vector<uint32_t> keys(width);
+  std::vector<int32_t> cand(width);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t grp = 0; grp < groups; ++grp)
+      SelectRow(s + r * out + grp * width, width, k, o + r * groups * k + grp * k, keys, cand);
+  for (int64_t p = 0; p < n * groups * k; ++p) {
+    const int64_t grp = (p / k) % groups;
+    o[p] += static_cast<int32_t>(grp * width);
   }
   return ffi::Error::Success();
 }
@@ -91,15 +123,28 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
       cp[p] = static_cast<int32_t>(out + p);
     }
   }
-  std::fill(bp, bp + slots * in, 0.0f);
+  // Each slot's row is written before anything is added to it: an owner slot takes its own
+  // entry (it is the first slot to reach its column), a padding slot zeros: no pass zeroing
+  // the whole block first.
   auto add_row = [&](int64_t r, int32_t c) {
     float* b = bp + static_cast<int64_t>(owner[c]) * in;
     const float v = gp[r * out + c];
     const float* xr = xp + r * in;
     for (int64_t i = 0; i < in; ++i) b[i] += v * xr[i];
   };
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j < s; ++j) add_row(r, ip[r * s + j]);
+  for (int64_t p = 0; p < slots; ++p) {
+    const int64_t r = p / s;
+    const int32_t c = ip[p];
+    float* b = bp + p * in;
+    if (cp[p] == c) {
+      const float v = gp[r * out + c];
+      const float* xr = xp + r * in;
+      for (int64_t i = 0; i < in; ++i) b[i] = v * xr[i];
+    } else {
+      std::fill(b, b + in, 0.0f);
+      add_row(r, c);
+    }
+  }
   // Non-finite entries past their row's selection, in a column of the union.
   std::vector<char> chosen(out, 0);
   for (int64_t r = 0; r < n; ++r) {

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -138,3 +139,25 @@ def test_build_goes_to_the_cache_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "cache").glob("meprop_rowwise-*.so"))) == 1
     assert shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")
+
+
+@needs_compiler
+@pytest.mark.parametrize("width", [7, 500, 3000])
+def test_select_is_lax_top_k(width):
+    """The native row selection returns lax.top_k's indices in its order: ties (many zeros,
+    -0.0 beside +0.0, repeated values), negative scores, +inf and widths above its histogram."""
+    rng = np.random.default_rng(width)
+    k = min(5, width)
+    rows = [
+        rng.standard_normal(width),
+        np.abs(rng.standard_normal(width)) * (rng.random(width) < 0.3),  # mostly zeros
+        np.round(rng.standard_normal(width) * 2) / 2,  # few distinct values
+        -np.abs(rng.standard_normal(width)),
+        np.where(rng.random(width) < 0.5, -0.0, 0.0),
+    ]
+    spiked = rng.standard_normal(width)
+    spiked[[0, width // 2, width - 1]] = np.inf
+    scores = jnp.asarray(np.stack([*rows, spiked]), jnp.float32)
+    if not native.enabled():
+        pytest.fail("the native kernels did not build")
+    np.testing.assert_array_equal(native.select(scores, k, 1), jax.lax.top_k(scores, k)[1])
