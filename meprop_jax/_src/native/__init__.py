@@ -1,12 +1,14 @@
 """Optional native CPU kernels of the per-row backward pass, through ``jax.ffi``.
 
-``rowwise.cc`` holds two XLA FFI handlers: each row's top-k indices (``meprop_select``) and,
+``rowwise.cc`` holds three XLA FFI handlers: each row's top-k indices (``meprop_select``);
 from them, ``dx`` and the compact weight gradient over the rows' union of columns
-(``meprop_products``); see :mod:`meprop_jax._src.rowwise` for the math, which they share with
-the pure-XLA path, column order and padding included. In the paper's setting (minibatches of
-10, ``k = 20``) they save XLA's per-op overhead and pick each row's columns in about half of
-``lax.top_k``'s time: on a quiet 2-core CPU the compact backward of a 784->500 layer ran 2.1x
-faster than dense backprop through them and 1.2x through XLA.
+(``meprop_products``), whose math (see :mod:`meprop_jax._src.rowwise`) they share with the
+pure-XLA path, column order and padding included; and lazy Adam on the selected rows of a
+kernel stored ``[out, in]``, in place (``meprop_adam_rows``, for
+:func:`meprop_jax.optim.sparse_adam`; see :mod:`meprop_jax._src.fused`). In the paper's
+setting (minibatches of 10, ``k = 20``) they save XLA's per-op overhead and pick each row's
+columns in about half of ``lax.top_k``'s time: on a quiet 2-core CPU the compact backward of
+a 784->500 layer ran 2.1x faster than dense backprop through them and 1.2x through XLA.
 
 The library is built on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``) against ``jax.ffi.include_dir()`` into a cache directory outside the
@@ -43,8 +45,13 @@ Array = jax.Array
 
 _log = logging.getLogger("meprop_jax")
 _SOURCE = Path(__file__).with_name("rowwise.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"meprop_select": "MepropSelect", "meprop_products": "MepropProducts"}
+# -fno-math-errno: sqrt without errno, so that the Adam loop vectorizes.
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {
+    "meprop_select": "MepropSelect",
+    "meprop_products": "MepropProducts",
+    "meprop_adam_rows": "MepropAdamRows",
+}
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -140,16 +147,20 @@ def _unsharded(*arrays: Array) -> bool:
     return True
 
 
-def applies(g: Array, xs, kernels, union_size: int) -> bool:
-    """Whether the native kernels can run this backward pass (see the module docstring)."""
-    arrays = (g, *xs, *kernels)
+def runs(*arrays: Array) -> bool:
+    """Whether the native kernels can take these arrays: float32, unsharded, on a CPU, with
+    the kernels switched on and built."""
     return (
-        union_size < g.shape[-1]
-        and jax.default_backend() == "cpu"
+        jax.default_backend() == "cpu"
         and all(jnp.dtype(a.dtype) == jnp.float32 for a in arrays)
         and _unsharded(*arrays)
         and enabled()
     )
+
+
+def applies(g: Array, xs, kernels, union_size: int) -> bool:
+    """Whether the native kernels can run this backward pass (see the module docstring)."""
+    return union_size < g.shape[-1] and runs(g, *xs, *kernels)
 
 
 def select(scores: Array, k: int, groups: int) -> Array:
@@ -177,3 +188,20 @@ def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
         vmap_method="sequential",
     )
     return call(g, idx, x, kernel, transposed=np.int64(bool(transposed)))
+
+
+def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Array):
+    """Lazy Adam in place on the rows ``cols`` ``[K]`` of ``p``, ``mu``, ``nu`` ``[out, in]``
+    from ``g`` ``[K, in]``; ``hyper`` ``[6]``: b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps.
+
+    Returns the new ``(p, mu, nu)``, which XLA aliases to the inputs (donate them, or run
+    inside ``lax.scan``, to avoid copies).
+    """
+    like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        "meprop_adam_rows",
+        (like, like, like),
+        input_output_aliases={0: 0, 1: 1, 2: 2},
+        vmap_method="sequential",
+    )
+    return call(p, mu, nu, cols, g, hyper)

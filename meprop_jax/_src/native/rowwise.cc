@@ -8,6 +8,7 @@
 //   zero block row). Entries of g that are NaN or +-inf but not selected by their row are added
 //   to their column's block row when that column is in the union, so that the block rows are
 //   non-finite exactly for the columns that hold one (the library's rule).
+// meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -160,6 +161,49 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
   return ffi::Error::Success();
 }
 
+// Lazy Adam on the rows `cols` of a kernel stored [out, in] and of its two moments, in place
+// (the results alias p, mu, nu), from the compact gradient g [K, in]; padding (cols >= out) is
+// skipped. hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1.
+// The arithmetic is optax.scale_by_adam's, then scale_by_learning_rate's, in that order.
+ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
+                    ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::F32> g,
+                    ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
+                    ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
+  const auto pd = p.dimensions(), gd = g.dimensions();
+  if (pd.size() != 2 || gd.size() != 2 || gd[1] != pd[1] || cols.dimensions()[0] != gd[0] ||
+      hyper.element_count() != 6)
+    return ffi::Error::InvalidArgument("p [out, in], cols [K], g [K, in], hyper [6] expected");
+  const int64_t out = pd[0], in = pd[1], k = gd[0];
+  float* P = p_out->typed_data();
+  float* M = mu_out->typed_data();
+  float* V = nu_out->typed_data();
+  // XLA aliases the results to the inputs; should it not, start from copies.
+  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
+  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
+  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  const float* h = hyper.typed_data();
+  const float b1 = h[0], b2 = h[1], c1 = h[2], c2 = h[3], lr = h[4], eps = h[5];
+  const int32_t* c = cols.typed_data();
+  const float* G = g.typed_data();
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t r = c[j];
+    if (r < 0 || r >= out) continue;
+    float* pr = P + static_cast<int64_t>(r) * in;
+    float* mr = M + static_cast<int64_t>(r) * in;
+    float* vr = V + static_cast<int64_t>(r) * in;
+    const float* gr = G + j * in;
+    for (int64_t i = 0; i < in; ++i) {
+      const float gi = gr[i];
+      const float m = (1.0f - b1) * gi + b1 * mr[i];
+      const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
+      mr[i] = m;
+      vr[i] = v;
+      pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
@@ -179,3 +223,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
