@@ -3,7 +3,7 @@
 Same initial values for the same key (transposed), ``to_kernel_layout`` round trips the
 cell's tree (also inside ``nn.RNN``), and a scanned sequence gives the same outputs and the
 same gradients as the stock layout in every mode, with both gate products (the per-row modes
-with and without the native kernels).
+with and without the native kernels), also with meSimp's record, error feedback and adaptive k.
 """
 
 import contextlib
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+import meprop_jax
 from meprop_jax import linen as mlinen
 from meprop_jax._src import native
 from meprop_jax.linen import TRANSPOSED_KERNEL, to_kernel_layout
@@ -116,3 +117,30 @@ def test_bad_kernel_layout_raises_naming_it():
     carry = cell.initialize_carry(jax.random.key(0), XS[:, 0].shape)
     with pytest.raises(ValueError, match="kernel_layout"):
         cell.init(jax.random.key(0), carry, XS[:, 0])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"record": True, "mode": "per_example"},
+        {"feedback": 0.5},
+        {"adaptive": meprop_jax.AdaptiveK(mass=0.9, k_min=1)},
+    ],
+    ids=["record", "feedback", "adaptive"],
+)
+def test_extras_give_the_same_gradients(options):
+    """meSimp's record, error feedback and adaptive k: the same taps and gradients (one step)."""
+    x, h0 = XS[:, 0], jnp.tanh(Y_W[:, 0])
+    carry = (0.5 * h0, h0)
+
+    def grads(layout):
+        cell = mlinen.LSTMCell(H, k=3, kernel_layout=layout, **options)
+        variables = cell.init(jax.random.key(6), carry, x)
+        fixed = {n: v for n, v in variables.items() if n == "mesimp"}  # the mask, not trained
+        free = {n: v for n, v in variables.items() if n != "mesimp"}
+        loss = lambda free: jnp.sum(Y_W[:, 1] * cell.apply({**free, **fixed}, carry, x)[1])
+        return jax.grad(loss)(free)
+
+    stock, transposed = grads("in_out"), grads("out_in")
+    transposed["params"] = to_kernel_layout(transposed["params"], "in_out")
+    assert_trees_close(transposed, stock)
