@@ -305,7 +305,7 @@ class LSTMCell(nn.LSTMCell):
     The parameter tree is the stock one (``ii``, ``if``, ``ig``, ``io`` with ``kernel [in, h]``
     and no bias; ``hi``, ``hf``, ``hg``, ``ho`` with ``kernel [h, h]`` and ``bias [h]``), with
     the same initial values for the same key, so stock checkpoints load. With ``k = 0`` or
-    ``k >= features`` the cell *is* the stock cell.
+    ``k >= features`` (and the stock ``kernel_layout``) the cell *is* the stock cell.
 
     **Random mode inside** ``nn.RNN``: ``nn.RNN`` scans the cell and, by default, hands it only
     the ``"params"`` stream. Give every step its own key with::
