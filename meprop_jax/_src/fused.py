@@ -38,7 +38,6 @@ class AdamRule(NamedTuple):
 
 def fusable(rule: AdamRule | None, row_major: bool, param: Array, block: Array) -> bool:
     """Whether the kernel's update takes the native pass."""
-    print("FUSABLE?", rule is not None, row_major, param.shape, param.dtype, block.dtype)
     return rule is not None and row_major and native.runs(param, block)
 
 

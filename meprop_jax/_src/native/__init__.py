@@ -140,11 +140,31 @@ def disabled() -> Iterator[None]:
 
 
 def _unsharded(*arrays: Array) -> bool:
+    """No array is split over devices (a one-device mesh, as a data-parallel loop makes on a
+    single CPU, splits nothing)."""
     for a in arrays:
         mesh = getattr(jax.typeof(a).sharding, "mesh", None)
-        if mesh is not None and not mesh.empty:
+        if mesh is not None and not mesh.empty and mesh.size > 1:
             return False
     return True
+
+
+def _typed_like(out: Array, like: Array) -> Array:
+    """``out`` with the sharding type of ``like`` under a one-device mesh, where an FFI call's
+    results carry none (unchanged without a mesh)."""
+    sharding = jax.typeof(like).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return out
+    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, sharding.spec))
+
+
+def _replicated(out: Array, ref: Array) -> Array:
+    """``out`` replicated over ``ref``'s one-device mesh (unchanged without a mesh)."""
+    mesh = getattr(jax.typeof(ref).sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return out
+    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def runs(*arrays: Array) -> bool:
@@ -171,7 +191,7 @@ def select(scores: Array, k: int, groups: int) -> Array:
         jax.ShapeDtypeStruct((n, groups * k), jnp.int32),
         vmap_method="sequential",
     )
-    return call(scores, k=np.int64(k), groups=np.int64(groups))
+    return _typed_like(call(scores, k=np.int64(k), groups=np.int64(groups)), scores)
 
 
 def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
@@ -187,7 +207,8 @@ def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
         ),
         vmap_method="sequential",
     )
-    return call(g, idx, x, kernel, transposed=np.int64(bool(transposed)))
+    dx, block, cols = call(g, idx, x, kernel, transposed=np.int64(bool(transposed)))
+    return _typed_like(dx, x), _replicated(block, x), _replicated(cols, x)
 
 
 def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Array):
@@ -204,4 +225,5 @@ def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Arra
         input_output_aliases={0: 0, 1: 1, 2: 2},
         vmap_method="sequential",
     )
-    return call(p, mu, nu, cols, g, hyper)
+    new = call(p, mu, nu, cols, g, hyper)
+    return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import meprop_jax
 from meprop_jax import multi_linear
 from meprop_jax._src import native
 from tests.meprop_jax._src.test_linear import check_against_reference, fast_key, ref_mask
@@ -161,3 +162,41 @@ def test_select_is_lax_top_k(width):
     if not native.enabled():
         pytest.fail("the native kernels did not build")
     np.testing.assert_array_equal(native.select(scores, k, 1), jax.lax.top_k(scores, k)[1])
+
+
+@needs_compiler
+def test_native_paths_run_under_a_one_device_mesh():
+    """A data-parallel loop on one CPU puts its batch on a one-device ``jax.make_mesh``: the
+    native kernels (selection, products and sparse_adam's fused pass) still run there, with
+    their results typed like their inputs, and give the XLA path's numbers."""
+    from meprop_jax import optim
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((6, 40)), jnp.float32)
+    w_t = jnp.asarray(rng.standard_normal((40, 9)), jnp.float32)
+    params = {"kernel_t": w_t}
+    tap = {"kernel_t": meprop_jax.compact_tap(9, 40, k=2, mode="per_example", batch_shape=(6,))}
+    opt = optim.sparse_adam(0.1)
+
+    def step(params, state, x, g):
+        f = lambda x, t: meprop_jax.linear(
+            x, params["kernel_t"], None, k=2, mode="per_example", tap=t, kernel_layout="out_in"
+        )
+        dx, tap_grad = jax.vjp(f, x, tap["kernel_t"])[1](g)
+        return (dx, *opt.update({"kernel_t": None}, state, params, {"kernel_t": tap_grad}))
+
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        xs, gs = jax.device_put(x, batch), jax.device_put(g, batch)
+        compiled = jax.jit(step)
+        text = compiled.lower(params, opt.init(params, tap), xs, gs).as_text()
+        native_out = compiled(params, opt.init(params, tap), xs, gs)
+        with native.disabled():
+            xla_out = jax.jit(step)(params, opt.init(params, tap), xs, gs)
+    for target in ("meprop_select", "meprop_products", "meprop_adam_rows"):
+        assert target in text
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), native_out, xla_out
+    )
