@@ -85,6 +85,7 @@ import optax
 
 from meprop_jax._src import accumulate as _accumulate
 from meprop_jax._src import compact as _compact
+from meprop_jax._src import fused as _fused
 from meprop_jax._src.collections import TAP_COLLECTION
 from meprop_jax._src.compact import SparseState, Transposed, param_layout
 from meprop_jax._src.taps import CompactGrad, compact_tap, compact_width
@@ -194,8 +195,18 @@ def sparse_adam(
     eps: float = 1e-8,
     clip: float | None = None,
 ) -> SparseOptimizer:
-    """Lazy Adam: ``compact(optax.adam(...))``, after ``optax.clip(clip)`` if ``clip`` is set."""
-    return compact(_clipped(optax.adam(learning_rate, b1, b2, eps), clip))
+    """Lazy Adam: ``compact(optax.adam(...))``, after ``optax.clip(clip)`` if ``clip`` is set.
+
+    The same optimizer and state as that, and the same updates to float tolerance; but a
+    float32 kernel stored ``[out, in]`` (``kernel_layout="out_in"``) on a CPU with the native
+    kernels built (see :mod:`meprop_jax._src.native`) is updated by one fused native pass over
+    its selected rows and those of the two moments, in place, instead of gathering them for
+    ``optax.adam`` and scattering them back, which moves about as many bytes as dense Adam.
+    ``MEPROP_JAX_NATIVE=0`` turns the fused pass off.
+    """
+    tx = _clipped(optax.adam(learning_rate, b1, b2, eps), clip)
+    rule = _fused.AdamRule(learning_rate, b1, b2, eps, clip)
+    return SparseOptimizer(*_compact.lift(tx, "nan", rule), tx)
 
 
 def sparse_adagrad(

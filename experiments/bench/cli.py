@@ -61,6 +61,7 @@ from experiments.bench.report import (
     write_json,
 )
 from experiments.bench.steps import QUICK_STEP_CONFIGS, STEP_CONFIGS, bench_steps_config
+from experiments.common.cli import OneLineErrorParser
 
 
 def layer_grid(args: argparse.Namespace) -> list[tuple[int, int, int, int]]:
@@ -253,7 +254,7 @@ def _mode(text: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m experiments.bench",
         description="Time meProp's sparsified backward pass against dense backprop: one "
         "layer's backward (default), its backward + Adam update (--with-update), whole "

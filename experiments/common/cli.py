@@ -11,6 +11,7 @@ from experiments.common.errors import ConfigError, DataError
 __all__ = [
     "CLI_MODES",
     "GROUPS",
+    "OneLineErrorParser",
     "TaskParser",
     "add_mode_argument",
     "add_predict_arguments",
@@ -35,20 +36,24 @@ GROUPS: tuple[str, ...] = (
 )
 
 
-class TaskParser(argparse.ArgumentParser):
-    """An argument parser whose ``--help`` lists the flags under :data:`GROUPS`, in that order
-    whichever module adds them first, and whose usage errors are one line plus a pointer to
-    ``--help`` (the full usage block of 40-odd flags would bury the line that matters)."""
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line plus a pointer to ``--help`` (the
+    full usage block of many flags would bury the line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints ``<prog>: error: <message>`` and ``see '<prog> --help'``; exits with 2."""
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
+
+
+class TaskParser(OneLineErrorParser):
+    """A :class:`OneLineErrorParser` whose ``--help`` lists the flags under :data:`GROUPS`, in
+    that order whichever module adds them first."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("usage", "%(prog)s [flags]  (grouped below)")
         super().__init__(**kwargs)
         for title in GROUPS:
             self.add_argument_group(title)
-
-    def error(self, message: str) -> NoReturn:
-        """Prints ``<prog>: error: <message>`` and ``see '<prog> --help'``; exits with 2."""
-        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help'\n")
 
 
 def flag_group(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from experiments.common import ConfigError
+from experiments.common.cli import OneLineErrorParser
 from experiments.report import cache, grids, records, runners
 
 DEFAULT_OUT = Path("docs/report")
@@ -25,7 +26,7 @@ QUICK_SEEDS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m experiments.report",
         description="Run (or reuse) the grids of experiment runs and write a Markdown report "
         "with figures that compares them with the meProp paper.",

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from meprop_jax._src import fused as _fused
 from meprop_jax._src.collections import TRANSPOSED_KERNEL
 from meprop_jax._src.taps import CompactGrad, decode_columns
 
@@ -313,21 +314,62 @@ def _dense_grad(grads: dict[str, Any], key: str) -> Array:
     return g
 
 
-def _step(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, params: PyTree):
+def _step(
+    tx,
+    layout: _Params,
+    grads: dict[str, Any],
+    decoded,
+    inner: PyTree,
+    params: PyTree,
+    rule: _fused.AdamRule | None = None,
+):
     """One lifted ``tx`` step: ``(new params, new inner state)``.
 
     ``decoded`` maps the compact kernels' keys to ``(block [K, in], cols [K])``; every other
     parameter takes its dense gradient from ``grads``. A :class:`Transposed` state leaf of a
-    kernel without a compact gradient this step is updated whole.
+    kernel without a compact gradient this step is updated whole. With ``rule`` (``tx`` is
+    ``sparse_adam``'s ``optax.adam``) the kernels that :func:`meprop_jax._src.fused.fusable`
+    accepts are given no rows here and take the fused native pass afterwards.
     """
     p_leaves = layout.treedef.flatten_up_to(params)
+    fused = {
+        key: decoded[key]
+        for key, p in zip(layout.keys, p_leaves, strict=True)
+        if key in decoded and _fused.fusable(rule, layout.row_major(key), p, decoded[key][0])
+    }
+    decoded = {k: ((b[:0], c[:0]) if k in fused else (b, c)) for k, (b, c) in decoded.items()}
+    new_params, new_inner = _lifted(tx, layout, grads, decoded, inner, p_leaves)
+    if not fused:
+        return new_params, new_inner
+    return _fused_pass(rule, layout, fused, new_params, new_inner)
+
+
+def _fused_pass(rule, layout: _Params, fused, params: PyTree, inner: PyTree):
+    """:func:`meprop_jax._src.fused.update_rows` on each kernel of ``fused``."""
+    node = _fused.adam_node(inner)
+    p_leaves = layout.treedef.flatten_up_to(params)
+    mu_leaves = layout.treedef.flatten_up_to(node.mu)
+    nu_leaves = layout.treedef.flatten_up_to(node.nu)
+    for i, key in enumerate(layout.keys):
+        if key in fused:
+            block, cols = fused[key]
+            p_leaves[i], mu_leaves[i], nu_leaves[i] = _fused.update_rows(
+                rule, node.count, p_leaves[i], mu_leaves[i], nu_leaves[i], cols, block
+            )
+    node = node._replace(
+        mu=layout.treedef.unflatten(mu_leaves), nu=layout.treedef.unflatten(nu_leaves)
+    )
+    return layout.treedef.unflatten(p_leaves), _fused.replace_adam_node(inner, node)
+
+
+def _lifted(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, p_leaves):
+    """``tx`` on the gathered rows (see :func:`_step`)."""
     p_view, g_view = [], []
     for key, p in zip(layout.keys, p_leaves, strict=True):
         if key in decoded:
             block, cols = decoded[key]
-            p_view.append(
-                _rows(p, cols, layout.row_major(key))
-            )  # unused (and compiled away) unless tx reads params
+            # Unused (and compiled away) unless tx reads params.
+            p_view.append(_rows(p, cols, layout.row_major(key)))
             g_view.append(block)
         else:
             p_view.append(p)
@@ -381,8 +423,11 @@ def _name(tx: Any) -> str:
     return getattr(tx, "__name__", type(tx).__name__)
 
 
-def lift(tx: optax.GradientTransformation, bad_taps: str = "nan"):
-    """``(init, update)`` of ``compact(tx)``; see :func:`meprop_jax.optim.compact`."""
+def lift(
+    tx: optax.GradientTransformation, bad_taps: str = "nan", rule: _fused.AdamRule | None = None
+):
+    """``(init, update)`` of ``compact(tx)``; see :func:`meprop_jax.optim.compact`. ``rule``:
+    ``tx`` is ``optax.adam`` with these hyperparameters (see :mod:`meprop_jax._src.fused`)."""
 
     def init(params: PyTree, taps: PyTree = None) -> SparseState:
         compact_keys = tap_leaves(taps)
@@ -396,7 +441,7 @@ def lift(tx: optax.GradientTransformation, bad_taps: str = "nan"):
         _check_state(state)
         layout = _params(params, ())
         decoded = _decode(taps, layout, grads, bad_taps)
-        params, inner = _step(tx, layout, _flat_grads(grads), decoded, state.inner, params)
+        params, inner = _step(tx, layout, _flat_grads(grads), decoded, state.inner, params, rule)
         return params, SparseState(inner)
 
     return init, update

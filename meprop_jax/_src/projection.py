@@ -7,6 +7,9 @@ axes. Rounding depends on how the products are split, so a meProp layer that mus
 the stock forward pass bit for bit keeps the stock expression (:func:`project`'s
 ``forward``) and takes the backward pass of ``multi_linear`` on the concatenation of its
 kernel blocks.
+
+With ``kernel_layout="out_in"`` every block is stored transposed, ``[features, in_j]``, and
+the blocks join along their first axis into ``multi_linear``'s ``[out, in_j]`` kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from meprop_jax._src import rowwise
 from meprop_jax._src.linear import multi_linear
 
 Array = jax.Array
@@ -35,18 +39,25 @@ class _Spec:
     options: tuple[tuple[str, Any], ...]  # static keyword arguments of multi_linear
 
 
-def _joined(kernels, biases) -> tuple[tuple[Array, ...], Array | None]:
-    """Each input's ``[in_j, *features]`` blocks as one ``[in_j, out]`` kernel; one bias."""
-    flat = lambda w: w.reshape((w.shape[0], -1))
-    joined = tuple(jnp.concatenate([flat(w) for w in blocks], axis=1) for blocks in kernels)
+def _joined(kernels, biases, transposed: bool) -> tuple[tuple[Array, ...], Array | None]:
+    """Each input's ``[in_j, *features]`` blocks as one ``[in_j, out]`` kernel; one bias.
+
+    ``transposed`` blocks are ``[features, in_j]`` and join into one ``[out, in_j]`` kernel.
+    """
+    if transposed:
+        joined = tuple(jnp.concatenate(blocks, axis=0) for blocks in kernels)
+    else:
+        flat = lambda w: w.reshape((w.shape[0], -1))
+        joined = tuple(jnp.concatenate([flat(w) for w in blocks], axis=1) for blocks in kernels)
     bias = jnp.concatenate([b.reshape(-1) for b in biases]) if biases else None
     return joined, bias
 
 
 def _dense_form(spec: _Spec, key, xs, kernels, biases, extras) -> Array:
     """``multi_linear`` on the joined blocks: the function whose backward pass is taken."""
-    joined, bias = _joined(kernels, biases)
-    return multi_linear(xs, joined, bias, key=key, **dict(spec.options), **extras)
+    options = dict(spec.options)
+    joined, bias = _joined(kernels, biases, options["kernel_layout"] == "out_in")
+    return multi_linear(xs, joined, bias, key=key, **options, **extras)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -85,6 +96,7 @@ def project(
     record: Any = None,
     memory: Array | None = None,
     adaptive_tap: Any = None,
+    kernel_layout: str = "in_out",
     **options: Any,
 ) -> Array:
     """``forward(xs, kernels, biases)``, with the backward pass of :func:`multi_linear`.
@@ -102,6 +114,9 @@ def project(
       k, mode, key, groups: as in :func:`multi_linear`.
       feature_ndim: the number of feature axes of the blocks and of ``forward``'s result.
       record, memory, adaptive_tap: as in :func:`multi_linear`; their gradients are its.
+      kernel_layout: ``"in_out"`` (blocks ``[in_j, *features]``) or ``"out_in"`` (blocks
+        stored transposed, ``[features, in_j]``; one feature axis only), as in
+        :func:`multi_linear`.
       **options: the other static keyword arguments of :func:`multi_linear` (``sparse_bias``,
         ``precision``, ``decay``, ``adaptive``, ``feedback_steps``).
 
@@ -111,7 +126,13 @@ def project(
     xs = tuple(xs)
     kernels = tuple(tuple(blocks) for blocks in kernels)
     biases = tuple(biases)
-    options = {"k": k, "mode": mode, "groups": groups, **options}
+    kernel_layout = rowwise.check_kernel_layout(kernel_layout)
+    if kernel_layout == "out_in" and feature_ndim != 1:
+        raise ValueError(
+            f"kernel_layout='out_in' needs feature_ndim=1 (blocks [features, in]), got "
+            f"feature_ndim={feature_ndim}"
+        )
+    options = {"k": k, "mode": mode, "groups": groups, "kernel_layout": kernel_layout, **options}
     spec = _Spec(forward, feature_ndim, tuple(sorted(options.items())))
     extras = {"record": record, "memory": memory, "adaptive_tap": adaptive_tap}
     # multi_linear's checks now, on shapes, rather than in the backward pass.

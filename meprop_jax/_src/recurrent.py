@@ -4,17 +4,21 @@ The gate pre-activations are computed as a stock Flax cell computes them, so the
 is that cell's bit for bit: one product per gate and input (``flax.linen.LSTMCell``,
 ``flax.nnx.LSTMCell``) or one product per input over the joined kernels
 (``flax.linen.OptimizedLSTMCell``, fewer and larger products). Their backward pass keeps ``k``
-columns per gate (see :func:`meprop_jax.multi_linear`, ``groups=4``).
+columns per gate (see :func:`meprop_jax.multi_linear`, ``groups=4``). With
+``kernel_layout="out_in"`` the kernels are stored transposed, ``[hidden, in]``, and the same
+products contract their second axis.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from meprop_jax._src import rowwise
 from meprop_jax._src.projection import project
 
 Array = jax.Array
@@ -24,10 +28,13 @@ Array = jax.Array
 Promote = Callable[[tuple[Array | None, ...]], tuple[Array | None, ...]]
 
 
-def _per_gate(xs, kernels, biases) -> Array:
-    """flax's ``LSTMCell`` (Linen and NNX): one Dense per gate and input, summed per gate."""
+def _per_gate(xs, kernels, biases, w_axis: int = 0) -> Array:
+    """flax's ``LSTMCell`` (Linen and NNX): one Dense per gate and input, summed per gate.
+
+    ``w_axis`` is the kernels' input axis: 0 for ``[in, hidden]``, 1 for ``[hidden, in]``.
+    """
     x, h = xs
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    dims = (((x.ndim - 1,), (w_axis,)), ((), ()))
     gates = []
     for w_i, w_h, b in zip(*kernels, biases, strict=True):
         z_h = jax.lax.dot_general(h, w_h, dims)
@@ -44,6 +51,24 @@ def _concatenated(xs, kernels, biases) -> Array:
     return z_h + jnp.dot(x, jnp.concatenate(w_i, axis=-1))
 
 
+def _concatenated_t(xs, kernels, biases) -> Array:
+    """``_concatenated`` for ``[hidden, in]`` kernels: joined ``[4 * hidden, in]``."""
+    (x, h), (w_i, w_h) = xs, kernels
+    product = lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (1,)), ((), ())))
+    z_h = product(h, jnp.concatenate(w_h, axis=0))
+    z_h += jnp.reshape(jnp.concatenate(biases, axis=-1), (1,) * (z_h.ndim - 1) + (-1,))
+    return z_h + product(x, jnp.concatenate(w_i, axis=0))
+
+
+# The stock cells' gate pre-activations, by (fused, kernel_layout).
+_FORWARDS = {
+    (False, "in_out"): _per_gate,
+    (True, "in_out"): _concatenated,
+    (False, "out_in"): functools.partial(_per_gate, w_axis=1),
+    (True, "out_in"): _concatenated_t,
+}
+
+
 def lstm_step(
     carry: tuple[Array, Array],
     inputs: Array,
@@ -56,6 +81,7 @@ def lstm_step(
     activation_fn: Callable[..., Any],
     fused: bool = False,
     mask: Array | None = None,
+    kernel_layout: str = "in_out",
     **meprop: Any,
 ) -> tuple[tuple[Array, Array], Array]:
     """One step of an LSTM cell whose gate pre-activation gradient keeps ``k`` per gate.
@@ -63,14 +89,19 @@ def lstm_step(
     Args:
       carry: ``(c, h)``, each ``[batch, hidden]``.
       inputs: ``[batch, in]``.
-      input_kernels: the gates' ``[in, hidden]`` input kernels, in order i, f, g, o.
-      recurrent_kernels: their ``[hidden, hidden]`` recurrent kernels.
+      input_kernels: the gates' ``[in, hidden]`` input kernels, in order i, f, g, o
+        (``[hidden, in]`` with ``kernel_layout="out_in"``).
+      recurrent_kernels: their ``[hidden, hidden]`` recurrent kernels (transposed with
+        ``"out_in"``).
       biases: their ``[hidden]`` biases (the recurrent layers' in the stock cells).
       promote: the framework's dtype promotion, applied per gate layer as the stock cell does.
       gate_fn, activation_fn: as in the stock cells.
       fused: compute the forward pass as ``flax.linen.OptimizedLSTMCell`` does, rather than
         as ``flax.linen.LSTMCell`` and ``flax.nnx.LSTMCell`` do.
       mask: optional ``[hidden]`` meSimp mask that multiplies the new ``c`` and ``h``.
+      kernel_layout: ``"in_out"`` (the stock kernels) or ``"out_in"`` (stored transposed, so
+        the per-row backward pass gathers contiguous kernel rows; see
+        :func:`meprop_jax.multi_linear`).
       **meprop: the keyword arguments of :func:`meprop_jax._src.projection.project` (``k``,
         ``mode``, ``key``, ``sparse_bias``, ``record``, ``memory``, ...).
 
@@ -84,8 +115,9 @@ def lstm_step(
     h_in = promoted[0][0]
     w_h = tuple(w for _, w, _ in promoted)
     b = tuple(b for _, _, b in promoted)
-    forward = _concatenated if fused else _per_gate  # the stock cells' gate pre-activations
-    z = project(forward, (x, h_in), (w_i, w_h), b, groups=4, **meprop)
+    kernel_layout = rowwise.check_kernel_layout(kernel_layout)
+    forward = _FORWARDS[bool(fused), kernel_layout]
+    z = project(forward, (x, h_in), (w_i, w_h), b, groups=4, kernel_layout=kernel_layout, **meprop)
     new_c, new_h = lstm_update(z, c, gate_fn, activation_fn)
     if mask is not None:
         new_c, new_h = new_c * mask.astype(new_c.dtype), new_h * mask.astype(new_h.dtype)

@@ -108,6 +108,19 @@ def _adaptive_state(module: nn.Module) -> _adaptive.AdaptiveTap | None:
     return None
 
 
+def _layout_kernel(module: nn.Module, layout: str, init, shape: tuple[int, int], dtype) -> Array:
+    """Declares a kernel of logical shape ``shape = (in, out)`` in ``layout``; returns it.
+
+    ``"in_out"`` is the stock parameter ``kernel [in, out]``; ``"out_in"`` stores its transpose
+    as ``kernel_t [out, in]``, drawn by the stock initializer at ``[in, out]`` and transposed,
+    so that the same key gives the same values in both layouts.
+    """
+    if layout == "in_out":
+        return module.param("kernel", init, shape, dtype)
+    transposed_init = lambda key, shape, dtype: init(key, shape[::-1], dtype).T
+    return module.param(TRANSPOSED_KERNEL, transposed_init, shape[::-1], dtype)
+
+
 class Dense(nn.Dense):
     """A linear layer, ``y = x @ kernel + bias``, whose backward pass keeps only top-k entries.
 
@@ -200,13 +213,7 @@ class Dense(nn.Dense):
             return super().__call__(inputs)
         layout = rowwise.check_kernel_layout(self.kernel_layout)
         shape = (jnp.shape(inputs)[-1], self.features)
-        if layout == "in_out":
-            name, kernel = "kernel", self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        else:
-            # The stock initializer draws the [in, out] values; the parameter is their transpose.
-            init = lambda key, shape, dtype: self.kernel_init(key, shape[::-1], dtype).T
-            name = TRANSPOSED_KERNEL
-            kernel = self.param(name, init, shape[::-1], self.param_dtype)
+        kernel = _layout_kernel(self, layout, self.kernel_init, shape, self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias
@@ -254,7 +261,8 @@ class _GateParams(nn.Module):
     """Declares ``kernel [in, features]`` (and ``bias [features]``) exactly as ``nn.Dense`` does.
 
     Named like the stock cell's ``nn.Dense`` submodules, it yields the same parameter tree and,
-    for the same key, the same initial values, without running a product of its own.
+    for the same key, the same initial values, without running a product of its own. With
+    ``kernel_layout="out_in"`` the kernel is ``kernel_t [features, in]``, as in ``Dense``.
     """
 
     features: int
@@ -262,12 +270,12 @@ class _GateParams(nn.Module):
     kernel_init: nn.initializers.Initializer
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
     param_dtype: jnp.dtype = jnp.float32
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[Array, Array | None]:
-        kernel = self.param(
-            "kernel", self.kernel_init, (in_features, self.features), self.param_dtype
-        )
+        shape = (in_features, self.features)
+        kernel = _layout_kernel(self, self.kernel_layout, self.kernel_init, shape, self.param_dtype)
         bias = (
             self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias
@@ -297,7 +305,7 @@ class LSTMCell(nn.LSTMCell):
     The parameter tree is the stock one (``ii``, ``if``, ``ig``, ``io`` with ``kernel [in, h]``
     and no bias; ``hi``, ``hf``, ``hg``, ``ho`` with ``kernel [h, h]`` and ``bias [h]``), with
     the same initial values for the same key, so stock checkpoints load. With ``k = 0`` or
-    ``k >= features`` the cell *is* the stock cell.
+    ``k >= features`` (and the stock ``kernel_layout``) the cell *is* the stock cell.
 
     **Random mode inside** ``nn.RNN``: ``nn.RNN`` scans the cell and, by default, hands it only
     the ``"params"`` stream. Give every step its own key with::
@@ -338,6 +346,14 @@ class LSTMCell(nn.LSTMCell):
         gates' joined kernels, exactly as ``flax.linen.OptimizedLSTMCell`` does (the default:
         fewer, larger products, faster on CPU); ``False`` runs one product per gate and
         input, exactly as ``flax.linen.LSTMCell`` does. The two differ by float rounding.
+      kernel_layout: ``"in_out"`` (the default: the stock tree above) or ``"out_in"``: every
+        gate's kernel is stored transposed as ``kernel_t`` (``[h, in]`` and ``[h, h]``), so
+        that the per-row modes' backward pass gathers the kept columns as contiguous rows (as
+        ``Dense(kernel_layout="out_in")`` does). The same key initializes the same
+        (transposed) weights; :func:`to_kernel_layout` converts parameter trees between the
+        layouts. The forward pass contracts the transposed kernels, so it matches the stock
+        cell to float rounding rather than bit for bit, also with ``k = 0``. The NNX cell
+        (:class:`meprop_jax.nnx.LSTMCell`) keeps the stock layout only.
 
     ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
@@ -363,6 +379,7 @@ class LSTMCell(nn.LSTMCell):
     feedback_steps: int = 1
     adaptive: AdaptiveK | None = None
     fused_gates: bool = True
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(
@@ -379,15 +396,21 @@ class LSTMCell(nn.LSTMCell):
         """
         k = _selection.check_k(self.k)
         mode = _selection.check_mode(self.mode)
+        layout = rowwise.check_kernel_layout(self.kernel_layout)
         hidden = carry[1].shape[-1]
-        if _selection.is_dense(k, 4 * hidden, groups=4) and not self.record:
+        if _selection.is_dense(k, 4 * hidden, groups=4) and not self.record and layout == "in_out":
             # Nothing is dropped: run the stock cell itself, so results match it bit for bit.
             return super().__call__(carry, inputs)
 
         input_gates = [
-            _GateParams(hidden, False, self.kernel_init, param_dtype=self.param_dtype, name=n)(
-                jnp.shape(inputs)[-1]
-            )[0]
+            _GateParams(
+                hidden,
+                False,
+                self.kernel_init,
+                param_dtype=self.param_dtype,
+                kernel_layout=layout,
+                name=n,
+            )(jnp.shape(inputs)[-1])[0]
             for n in _LINEN_INPUT_GATES
         ]
         recurrent_gates = [
@@ -397,6 +420,7 @@ class LSTMCell(nn.LSTMCell):
                 self.recurrent_kernel_init,
                 self.bias_init,
                 self.param_dtype,
+                layout,
                 name=n,
             )(hidden)
             for n in _LINEN_RECURRENT_GATES
@@ -417,6 +441,7 @@ class LSTMCell(nn.LSTMCell):
             activation_fn=self.activation_fn,
             fused=self.fused_gates,
             mask=mask,
+            kernel_layout=layout,
             k=k,
             mode=mode,
             key=key,
@@ -431,12 +456,13 @@ class LSTMCell(nn.LSTMCell):
 
 
 def to_kernel_layout(params, kernel_layout: str, *, where=None):
-    """A parameter tree with its ``Dense`` kernels in ``kernel_layout``.
+    """A parameter tree with its ``Dense`` and ``LSTMCell`` kernels in ``kernel_layout``.
 
     ``"out_in"`` turns every 2-D ``kernel [in, out]`` into ``kernel_t [out, in]`` (its
-    transpose), for ``Dense(kernel_layout="out_in")``; ``"in_out"`` turns every ``kernel_t``
-    back into the stock ``kernel``, so a stock ``flax.linen.Dense`` checkpoint loads into the
-    transposed layer and back. Other leaves are kept as they are.
+    transpose), for ``Dense(kernel_layout="out_in")`` and ``LSTMCell(kernel_layout="out_in")``
+    (whose gate kernels are such leaves); ``"in_out"`` turns every ``kernel_t`` back into the
+    stock ``kernel``, so a stock ``flax.linen.Dense`` or ``flax.linen.LSTMCell`` checkpoint
+    loads into the transposed layer and back. Other leaves are kept as they are.
 
     Args:
       params: a nested mapping of parameters (e.g. ``variables["params"]``).

@@ -255,6 +255,9 @@ class LSTMCell(nnx.LSTMCell):
     This is our reading of meProp for LSTMs: the authors never released their LSTM code; we
     sparsify the gate pre-activation gradient, ``k`` entries per gate, at every step. With
     ``k = 0`` or ``k >= hidden_features`` the cell runs exactly as ``flax.nnx.LSTMCell``.
+    Its kernels keep the stock layout, ``[in, h]`` and ``[h, h]``: the transposed layout of
+    the per-row backward pass, ``kernel_layout="out_in"``, is offered by the Linen cell
+    (:class:`meprop_jax.linen.LSTMCell`) only.
 
     Args:
       in_features: input size.

@@ -16,7 +16,10 @@ def _usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    # One line and a pointer to --help, never argparse's whole usage block.
+    error, pointer = capsys.readouterr().err.strip().splitlines()
+    assert pointer == "see 'python -m experiments.bench --help'"
+    return error
 
 
 def test_grid_and_modes_parsing(capsys):

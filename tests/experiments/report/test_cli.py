@@ -171,3 +171,16 @@ def test_write_only_reports_finished_runs_and_runs_nothing(tmp_path):
     # Every setting's command is written beside its table.
     for spec in grids.build(["table6"], 1, True)[0].specs():
         assert " ".join(spec.command()[:-2]) + " --seed S --out DIR" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--seeds", "x"], "--seeds: invalid int value"), (["--bogus"], "unrecognized arguments")],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    error, pointer = capsys.readouterr().err.strip().splitlines()
+    assert message in error and error.startswith("python -m experiments.report: error:")
+    assert pointer == "see 'python -m experiments.report --help'"

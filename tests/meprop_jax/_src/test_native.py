@@ -9,9 +9,11 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import meprop_jax
 from meprop_jax import multi_linear
 from meprop_jax._src import native
 from tests.meprop_jax._src.test_linear import check_against_reference, fast_key, ref_mask
@@ -138,3 +140,63 @@ def test_build_goes_to_the_cache_directory(tmp_path):
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "cache").glob("meprop_rowwise-*.so"))) == 1
     assert shutil.which("g++") or shutil.which("c++") or os.environ.get("CXX")
+
+
+@needs_compiler
+@pytest.mark.parametrize("width", [7, 500, 3000])
+def test_select_is_lax_top_k(width):
+    """The native row selection returns lax.top_k's indices in its order: ties (many zeros,
+    -0.0 beside +0.0, repeated values), negative scores, +inf and widths above its histogram."""
+    rng = np.random.default_rng(width)
+    k = min(5, width)
+    rows = [
+        rng.standard_normal(width),
+        np.abs(rng.standard_normal(width)) * (rng.random(width) < 0.3),  # mostly zeros
+        np.round(rng.standard_normal(width) * 2) / 2,  # few distinct values
+        -np.abs(rng.standard_normal(width)),
+        np.where(rng.random(width) < 0.5, -0.0, 0.0),
+    ]
+    spiked = rng.standard_normal(width)
+    spiked[[0, width // 2, width - 1]] = np.inf
+    scores = jnp.asarray(np.stack([*rows, spiked]), jnp.float32)
+    if not native.enabled():
+        pytest.fail("the native kernels did not build")
+    np.testing.assert_array_equal(native.select(scores, k, 1), jax.lax.top_k(scores, k)[1])
+
+
+@needs_compiler
+def test_native_paths_run_under_a_one_device_mesh():
+    """A data-parallel loop on one CPU puts its batch on a one-device ``jax.make_mesh``: the
+    native kernels (selection, products and sparse_adam's fused pass) still run there, with
+    their results typed like their inputs, and give the XLA path's numbers."""
+    from meprop_jax import optim
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((6, 40)), jnp.float32)
+    w_t = jnp.asarray(rng.standard_normal((40, 9)), jnp.float32)
+    params = {"kernel_t": w_t}
+    tap = {"kernel_t": meprop_jax.compact_tap(9, 40, k=2, mode="per_example", batch_shape=(6,))}
+    opt = optim.sparse_adam(0.1)
+
+    def step(params, state, x, g):
+        f = lambda x, t: meprop_jax.linear(
+            x, params["kernel_t"], None, k=2, mode="per_example", tap=t, kernel_layout="out_in"
+        )
+        dx, tap_grad = jax.vjp(f, x, tap["kernel_t"])[1](g)
+        return (dx, *opt.update({"kernel_t": None}, state, params, {"kernel_t": tap_grad}))
+
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        xs, gs = jax.device_put(x, batch), jax.device_put(g, batch)
+        compiled = jax.jit(step)
+        text = compiled.lower(params, opt.init(params, tap), xs, gs).as_text()
+        native_out = compiled(params, opt.init(params, tap), xs, gs)
+        with native.disabled():
+            xla_out = jax.jit(step)(params, opt.init(params, tap), xs, gs)
+    for target in ("meprop_select", "meprop_products", "meprop_adam_rows"):
+        assert target in text
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), native_out, xla_out
+    )
