@@ -14,7 +14,9 @@ def _usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    error, pointer = capsys.readouterr().err.strip().splitlines()
+    assert pointer == "see 'python -m experiments.bench --help'"
+    return error
 
 
 def _changed_columns(before, after) -> int:
