@@ -34,8 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import meprop_jax
-from experiments.bench import transformer
+from experiments.bench import flags, transformer
 from experiments.bench.conv import bench_conv_shape, conv_configs, conv_entry
 from experiments.bench.harness import Record
 from experiments.bench.layer import (
@@ -195,64 +194,6 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[Record]]] = {
 SECTION_FLAGS = ("steps", "mesimp", "conv", "per_example", "transformer")
 
 
-def _grid_entry(text: str) -> tuple[int, int, int, int]:
-    try:
-        parts = tuple(int(p) for p in text.lower().split("x"))
-    except ValueError:
-        parts = ()
-    if len(parts) != 4 or min(parts[:3]) < 1 or parts[3] < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected BATCHxINxOUTxK with positive ints, e.g. 256x4096x4096x32; got {text!r}"
-        )
-    # k >= out keeps every column: that is dense backprop, not a meProp configuration.
-    if parts[3] >= parts[2]:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: K ({parts[3]}) must be below OUT ({parts[2]}); k >= out is dense backprop"
-        )
-    return parts  # type: ignore[return-value]
-
-
-def _mlp_entry(text: str) -> tuple[tuple[int, ...], int, int, int]:
-    try:
-        parts = text.split(":")
-        sizes = tuple(int(s) for s in parts[0].split("-"))
-        rest = [int(p) for p in parts[1:]]
-    except ValueError:
-        parts, sizes, rest = [], (), []
-    if len(sizes) < 3 or len(rest) not in (2, 3) or min(sizes + tuple(rest)) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected SIZES:BATCH:K[:STEPS] with SIZES like 784-500-500-10 (at least one "
-            f"hidden layer) and positive ints, e.g. 784-4096-4096-10:256:32:5; got {text!r}"
-        )
-    batch, k = rest[:2]
-    steps = rest[2] if len(rest) == 3 else 10
-    if k >= min(sizes[1:-1]):
-        raise argparse.ArgumentTypeError(f"--mlp {text}: k must be below every hidden size")
-    return sizes, batch, k, steps
-
-
-def _units_entry(text: str) -> tuple[int, ...]:
-    try:
-        units = tuple(int(u) for u in text.split(","))
-    except ValueError:
-        units = ()
-    if not units or min(units) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected surviving units per hidden layer as positive ints, e.g. 154,154; got "
-            f"{text!r}"
-        )
-    return units
-
-
-def _mode(text: str) -> str:
-    try:
-        return meprop_jax.MODES[meprop_jax.MODES.index(text.replace("-", "_"))]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown mode {text!r}; choose from {', '.join(meprop_jax.MODES)}"
-        ) from None
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = OneLineErrorParser(
         prog="python -m experiments.bench",
@@ -313,14 +254,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--mesimp-sizes",
-        type=_units_entry,
+        type=flags.units_entry,
         metavar="UNITS,UNITS",
         help="surviving units of each hidden layer for --mesimp (default 154,154, the "
         "authors' MNIST result)",
     )
     p.add_argument(
         "--mlp",
-        type=_mlp_entry,
+        type=flags.mlp_entry,
         action="append",
         metavar="SIZES:BATCH:K[:STEPS]",
         help="a --steps configuration instead of the defaults, e.g. 784-4096-4096-10:256:32:5 "
@@ -336,7 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--grid",
-        type=_grid_entry,
+        type=flags.grid_entry,
         action="append",
         metavar="BxINxOUTxK",
         help="a (batch, in, out, k) configuration, e.g. 256x4096x4096x32; repeatable",
@@ -349,7 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny grid (for tests)")
     p.add_argument(
         "--modes",
-        type=_mode,
+        type=flags.mode,
         nargs="+",
         metavar="MODE",
         help="meProp modes to time besides dense (default: all; unified for --paper-table7)",
