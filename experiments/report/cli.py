@@ -205,15 +205,19 @@ def main(
     except ConfigError as exc:
         parser.error(str(exc))
     root = cache.repo_root()
-    built = grids.build(names, seeds, args.quick)
+    # The report covers every grid, from whatever is recorded; --only limits what runs.
+    built = grids.build(grids.GRID_NAMES, seeds, args.quick)
     tasks = sorted({s.task for g in built for s in g.specs()})
     codes = {t: cache.code_version(root, t) for t in tasks}
     if flags is None:
         flags = {t: help_flags(t, args.cache, codes[t], forked=args.quick) for t in tasks}
-    selected = [grids.check_flags(g, flags) for g in built]
+    every = [grids.check_flags(g, flags) for g in built]
+    selected = [g for g in every if g.name in names]
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    grid = Runs(
-        cache.unique(s for g in selected if not g.skipped for s in g.specs()), out, args.cache
+    runnable = lambda gs: cache.unique(s for g in gs if not g.skipped for s in g.specs())
+    grid, reported = (
+        Runs(runnable(selected), out, args.cache),
+        Runs(runnable(every), out, args.cache),
     )
     specs = grid.specs
     est = cache.estimate(specs, grid.dirs())
@@ -230,15 +234,20 @@ def main(
     from experiments.report import write
 
     def write_report(outcomes: Mapping[grids.RunSpec, cache.Outcome]) -> Path:
-        pending = {s: cache.Outcome(s, grid.work[s], "not run") for s in specs}
+        pending = {s: cache.Outcome(s, reported.work[s], "not run") for s in reported.specs}
+        done = {
+            s: cache.Outcome(s, reported.records[s], "reused")
+            for s in reported.specs
+            if reported.recorded(s)
+        }
         return write.write_report(
             out,
-            selected,
-            grid.dirs(),
-            {**pending, **outcomes},
+            every,
+            reported.dirs(),
+            {**pending, **done, **outcomes},
             quick=args.quick,
             seeds=seeds,
-            stray=records.stray(out, specs),
+            stray=records.stray(out, reported.specs),
         )
 
     def commit_record(spec: grids.RunSpec, outcomes: Mapping[grids.RunSpec, cache.Outcome]) -> None:

@@ -93,7 +93,24 @@ def test_only_runs_the_named_grids(tmp_path):
     assert {s.task for s, _ in runner.calls} == {"bench", "mnist"}
     assert [s for s, _ in runner.calls] == _quick_specs(["table6", "speed"])
     text = (tmp_path / "report" / "README.md").read_text()
-    assert "## Table 6" in text and "## Table 5" not in text and "## Speed" in text
+    assert "## Table 6" in text and "## Speed" in text
+    # The report still covers every grid: the others' cells are listed as not run yet.
+    table5 = text[text.index("## Table 5") :].split("\n## ")[0]
+    assert "not run yet" in table5
+
+
+def test_only_keeps_what_other_grids_recorded_in_the_report(tmp_path):
+    """A grid run with --only (and --commit-each) rewrites the whole report, keeping the
+    cells that other grids already recorded."""
+    assert _main(tmp_path, "--only", "table5", runner=StubRunner()) == 0
+    before = (tmp_path / "report" / "README.md").read_text()
+    table5 = before[before.index("## Table 5") :].split("\n## ")[0]
+    assert "not run yet" not in table5
+    runner = StubRunner()
+    assert _main(tmp_path, "--only", "table6", runner=runner) == 0
+    assert {s.task for s, _ in runner.calls} == {"mnist"}
+    after = (tmp_path / "report" / "README.md").read_text()
+    assert after[after.index("## Table 5") :].split("\n## ")[0] == table5
 
 
 def test_only_rejects_an_unknown_grid(tmp_path, capsys):
@@ -162,9 +179,11 @@ def test_write_only_reports_finished_runs_and_runs_nothing(tmp_path):
     assert runner.calls == []
     report = tmp_path / "report"
     text = (report / "README.md").read_text()
-    assert "1 reused, 0 failed, 1 not run yet" in text
-    assert "- Run time: 1 of the 2 runs have a timing record; they took" in text
-    assert text.count("(not run yet)") + text.count("(not finished)") == 1
+    total = len(_quick_specs())  # the report covers every grid, --only or not
+    assert f"1 reused, 0 failed, {total - 1} not run yet" in text
+    assert f"- Run time: 1 of the {total} runs have a timing record; they took" in text
+    table6 = text[text.index("## Table 6") :].split("\n## ")[0]
+    assert table6.count("(not run yet)") + table6.count("(not finished)") == 1
     links = re.findall(r"\]\(([^)]+results\.json)\)", text)
     assert links and all(link.startswith("runs/mnist/") for link in links)
     assert all((report / link).is_file() for link in links)
