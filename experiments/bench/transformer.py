@@ -1,6 +1,6 @@
 """Section ``transformer``: one Transformer encoder block's training step, dense against meProp.
 
-The block is the tagger's (:class:`experiments.tagging.transformer.EncoderBlock`: pre-LayerNorm,
+The block is the tagger's (:class:`experiments.common.models.EncoderBlock`: pre-LayerNorm,
 stock ``nn.MultiHeadDotProductAttention`` with ``d / 64`` heads, an MLP ``d -> 4d -> d``). A
 training step is the forward pass, the backward pass to the parameters and to the block's input
 (a block inside a stack hands ``dx`` down) and optax Adam on the parameters, for a squared
@@ -40,7 +40,7 @@ from experiments.bench.harness import (
     memory_stats,
     time_fns,
 )
-from experiments.tagging.transformer import EncoderBlock
+from experiments.common.models import EncoderBlock
 
 __all__ = [
     "QUICK_TRANSFORMER_CONFIGS",

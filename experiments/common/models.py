@@ -8,7 +8,7 @@ from flax import linen as nn
 import meprop_jax
 from experiments.common.layers import inverted_dropout
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "EncoderBlock"]
 
 
 class MLP(nn.Module):
@@ -84,3 +84,43 @@ class MLP(nn.Module):
             kernel_layout=self.kernel_layout,
             name="output",
         )(x)
+
+
+class EncoderBlock(nn.Module):
+    """One pre-LayerNorm Transformer encoder block of stock Flax layers (the tagger's
+    ``--model transformer`` and the bench's ``--transformer``).
+
+    Attributes:
+      d_model: model width.
+      heads: attention heads (``d_model`` divisible by it).
+      mlp_dim: hidden width of the MLP.
+      dropout: inverted-dropout rate on each branch's output before the residual sum.
+    """
+
+    d_model: int
+    heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+
+    def _drop(self, x: jax.Array, train: bool) -> jax.Array:
+        if train and self.dropout > 0:
+            return inverted_dropout(x, self.dropout, self.make_rng("dropout"))
+        return x
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+        """``x [batch, time, d_model]`` and the attention ``mask [batch, 1, 1, time]``
+        (true: a key that may be attended to) -> ``[batch, time, d_model]``."""
+        h = nn.LayerNorm(name="attention_norm")(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads,
+            qkv_features=self.d_model,
+            out_features=self.d_model,
+            deterministic=True,
+            name="attention",
+        )(h, mask=mask)
+        x = x + self._drop(h, train)
+        h = nn.LayerNorm(name="mlp_norm")(x)
+        h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h))
+        h = nn.Dense(self.d_model, name="mlp_out")(h)
+        return x + self._drop(h, train)

@@ -25,13 +25,13 @@ from flax import linen as nn
 
 import meprop_jax
 from experiments.common import inverted_dropout
+from experiments.common.models import EncoderBlock
 from experiments.tagging.model import embed_tokens
 
 __all__ = [
     "ATTENTION_LAYERS",
     "MAX_LENGTH",
     "MLP_LAYERS",
-    "EncoderBlock",
     "TransformerTagger",
     "k_patterns",
     "layer_report",
@@ -43,45 +43,6 @@ MAX_LENGTH = 512
 #: The module paths each of ``--k-attn`` and ``--k-mlp`` applies to (``*`` crosses ``/``).
 ATTENTION_LAYERS = "block_*/attention/*"
 MLP_LAYERS = "block_*/mlp_*"
-
-
-class EncoderBlock(nn.Module):
-    """One pre-LayerNorm encoder block.
-
-    Attributes:
-      d_model: model width.
-      heads: attention heads (``d_model`` divisible by it).
-      mlp_dim: hidden width of the MLP.
-      dropout: inverted-dropout rate on each branch's output before the residual sum.
-    """
-
-    d_model: int
-    heads: int
-    mlp_dim: int
-    dropout: float = 0.0
-
-    def _drop(self, x: jax.Array, train: bool) -> jax.Array:
-        if train and self.dropout > 0:
-            return inverted_dropout(x, self.dropout, self.make_rng("dropout"))
-        return x
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
-        """``x [batch, time, d_model]`` and the attention ``mask [batch, 1, 1, time]``
-        (true: a key that may be attended to) -> ``[batch, time, d_model]``."""
-        h = nn.LayerNorm(name="attention_norm")(x)
-        h = nn.MultiHeadDotProductAttention(
-            num_heads=self.heads,
-            qkv_features=self.d_model,
-            out_features=self.d_model,
-            deterministic=True,
-            name="attention",
-        )(h, mask=mask)
-        x = x + self._drop(h, train)
-        h = nn.LayerNorm(name="mlp_norm")(x)
-        h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h))
-        h = nn.Dense(self.d_model, name="mlp_out")(h)
-        return x + self._drop(h, train)
 
 
 class TransformerTagger(nn.Module):
