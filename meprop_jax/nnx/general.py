@@ -19,7 +19,7 @@ from flax import nnx
 from meprop_jax._src import general as _general
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
-from meprop_jax.nnx.layers import RngArg, _draw_key, _set_meprop
+from meprop_jax.nnx.layers import RngArg, _set_meprop, _step_key
 
 Array = jax.Array
 
@@ -117,11 +117,7 @@ class LinearGeneral(nnx.LinearGeneral):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = (
-            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
-            if self.mode == "random"
-            else None
-        )
+        key = _step_key(self, rngs)
         y = _general.dense_general(
             inputs,
             kernel,

@@ -73,6 +73,13 @@ def _set_meprop(
     module.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
 
 
+def _step_key(layer: nnx.Module, rngs: RngArg) -> Array | None:
+    """A meProp layer's key for this call: drawn in ``mode="random"`` only."""
+    if layer.mode != "random":
+        return None
+    return _draw_key(rngs, layer.meprop_rngs, layer.rng_collection)
+
+
 def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -> Array:
     """One key from the call argument if given, else from the stream kept at construction."""
     source = rngs if rngs is not None else stored
@@ -215,11 +222,7 @@ class Linear(nnx.Linear):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = (
-            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
-            if self.mode == "random"
-            else None
-        )
+        key = _step_key(self, rngs)
         tap = layer_tap(self, inputs, kernel) if self.sparse_update else None
         y = _linear.linear(
             inputs,
@@ -354,11 +357,7 @@ class LSTMCell(nnx.LSTMCell):
             # Nothing is dropped: the stock cell, bit for bit.
             return super().__call__(carry, inputs)
         recurrent = (self.hi, self.hf, self.hg, self.ho)
-        key = (
-            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
-            if self.mode == "random"
-            else None
-        )
+        key = _step_key(self, rngs)
         return _recurrent.lstm_step(
             carry,
             inputs,
@@ -453,11 +452,7 @@ class Conv(nnx.Conv):
             kernel *= self.mask
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = (
-            _draw_key(rngs, self.meprop_rngs, self.rng_collection)
-            if self.mode == "random"
-            else None
-        )
+        key = _step_key(self, rngs)
         y = _conv.conv(inputs, kernel, bias, k=self.k, mode=self.mode, key=key, **conv_kwargs)
         if out_sharding is not None:
             y = jax.sharding.reshard(y, out_sharding)
