@@ -8,15 +8,7 @@ import pytest
 
 from experiments import loop
 from experiments.bench import cli, harness, transformer
-
-
-def _usage_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.parse_args(argv)
-    assert exit_info.value.code == 2
-    error, pointer = capsys.readouterr().err.strip().splitlines()
-    assert pointer == "see 'python -m experiments.bench --help'"
-    return error
+from tests.experiments.bench.test_cli import _usage_error
 
 
 def _changed_columns(before, after) -> int:
