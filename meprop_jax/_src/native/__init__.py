@@ -149,22 +149,15 @@ def _unsharded(*arrays: Array) -> bool:
     return True
 
 
-def _typed_like(out: Array, like: Array) -> Array:
-    """``out`` with the sharding type of ``like`` under a one-device mesh, where an FFI call's
-    results carry none (unchanged without a mesh)."""
+def _typed_like(out: Array, like: Array, replicated: bool = False) -> Array:
+    """``out`` with the sharding type of ``like`` (or replicated over its mesh) under a
+    one-device mesh, where an FFI call's results carry none; unchanged without a mesh."""
     sharding = jax.typeof(like).sharding
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or mesh.empty:
         return out
-    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, sharding.spec))
-
-
-def _replicated(out: Array, ref: Array) -> Array:
-    """``out`` replicated over ``ref``'s one-device mesh (unchanged without a mesh)."""
-    mesh = getattr(jax.typeof(ref).sharding, "mesh", None)
-    if mesh is None or mesh.empty:
-        return out
-    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    spec = jax.sharding.PartitionSpec() if replicated else sharding.spec
+    return jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, spec))
 
 
 def runs(*arrays: Array) -> bool:
@@ -208,7 +201,7 @@ def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
         vmap_method="sequential",
     )
     dx, block, cols = call(g, idx, x, kernel, transposed=np.int64(bool(transposed)))
-    return _typed_like(dx, x), _replicated(block, x), _replicated(cols, x)
+    return _typed_like(dx, x), _typed_like(block, x, True), _typed_like(cols, x, True)
 
 
 def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Array):
