@@ -33,6 +33,7 @@ from meprop_jax._src.compact import (
     _set_rows,
     _step,
     _transpose_tapped,
+    is_row_major,
     lift,
     tap_leaves,
 )
@@ -121,7 +122,7 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
             )
         flat = _flat_grads(grads)
         acc = [
-            _add_rows(a, *decoded[key][::-1], layout.row_major(key))
+            _add_rows(a, *decoded[key][::-1], is_row_major(key))
             if key in decoded
             else a + _dense_grad(flat, key).astype(a.dtype)
             for key, a in zip(layout.keys, layout.treedef.flatten_up_to(s.acc), strict=True)
@@ -139,13 +140,13 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
             dense, compact_, sums = {}, {}, {}
             for key, a in zip(layout.keys, acc, strict=True):
                 if key in union:
-                    sums[key] = _rows(a, union[key], layout.row_major(key))
+                    sums[key] = _rows(a, union[key], is_row_major(key))
                     compact_[key] = ((sums[key] * scale).astype(dtypes[key]), union[key])
                 else:
                     dense[key] = (a * scale).astype(dtypes[key])
             params, inner = _step(inner_tx, layout, dense, compact_, inner, params)
             acc = [
-                _set_rows(a, union[key], jnp.zeros_like(sums[key]), layout.row_major(key))
+                _set_rows(a, union[key], jnp.zeros_like(sums[key]), is_row_major(key))
                 if key in union
                 else jnp.zeros_like(a)
                 for key, a in zip(layout.keys, acc, strict=True)

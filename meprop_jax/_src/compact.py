@@ -101,14 +101,10 @@ class _Params(NamedTuple):
     treedef: Any
     shapes: list[tuple[int, ...]]
 
-    def row_major(self, key: str) -> bool:
-        """Whether the kernel at ``key`` is stored ``[out, in]`` (``kernel_layout="out_in"``)."""
-        return is_row_major(key)
-
     def columns(self, key: str) -> int:
         """``out`` of the kernel at ``key``."""
         shape = self.shapes[self.keys.index(key)]
-        return shape[0] if self.row_major(key) else shape[1]
+        return shape[0] if is_row_major(key) else shape[1]
 
 
 def is_row_major(key: str) -> bool:
@@ -335,7 +331,7 @@ def _step(
     fused = {
         key: decoded[key]
         for key, p in zip(layout.keys, p_leaves, strict=True)
-        if key in decoded and _fused.fusable(rule, layout.row_major(key), p, decoded[key][0])
+        if key in decoded and _fused.fusable(rule, is_row_major(key), p, decoded[key][0])
     }
     decoded = {k: ((b[:0], c[:0]) if k in fused else (b, c)) for k, (b, c) in decoded.items()}
     new_params, new_inner = _lifted(tx, layout, grads, decoded, inner, p_leaves)
@@ -369,7 +365,7 @@ def _lifted(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, 
         if key in decoded:
             block, cols = decoded[key]
             # Unused (and compiled away) unless tx reads params.
-            p_view.append(_rows(p, cols, layout.row_major(key)))
+            p_view.append(_rows(p, cols, is_row_major(key)))
             g_view.append(block)
         else:
             p_view.append(p)
@@ -380,7 +376,7 @@ def _lifted(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, 
         leaves = layout.treedef.flatten_up_to(node)
         return layout.treedef.unflatten(
             [
-                _rows(a, decoded[key][1], layout.row_major(key))
+                _rows(a, decoded[key][1], is_row_major(key))
                 if key in decoded
                 else (a.t.T if _is_transposed(a) else a)
                 for key, a in zip(layout.keys, leaves, strict=True)
@@ -394,7 +390,7 @@ def _lifted(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, 
         )
     new_params = []
     for key, p, u in zip(layout.keys, p_leaves, layout.treedef.flatten_up_to(updates), strict=True):
-        if key in decoded and layout.row_major(key):  # p + u in p's dtype, row by row
+        if key in decoded and is_row_major(key):  # p + u in p's dtype, row by row
             new_params.append(p.at[decoded[key][1]].add(u.astype(p.dtype), **_SCATTER))
         elif key in decoded:  # p + u in p's dtype, as optax.apply_updates, column by column
             new_params.append(_add_rows_as_columns(p, decoded[key][1], u.astype(p.dtype)))
@@ -405,7 +401,7 @@ def _lifted(tx, layout: _Params, grads: dict[str, Any], decoded, inner: PyTree, 
         olds, news = layout.treedef.flatten_up_to(old), layout.treedef.flatten_up_to(new)
         return layout.treedef.unflatten(
             [
-                _set_rows(o, decoded[key][1], n, layout.row_major(key))
+                _set_rows(o, decoded[key][1], n, is_row_major(key))
                 if key in decoded
                 else (Transposed(n.T.astype(o.t.dtype)) if _is_transposed(o) else n)
                 for key, o, n in zip(layout.keys, olds, news, strict=True)
