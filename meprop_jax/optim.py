@@ -134,7 +134,10 @@ class SparseOptimizer(NamedTuple):
 
 
 def compact(
-    tx: optax.GradientTransformation | optax.MultiSteps, *, bad_taps: str = "nan"
+    tx: optax.GradientTransformation | optax.MultiSteps,
+    *,
+    bad_taps: str = "nan",
+    lazy: bool = True,
 ) -> SparseOptimizer:
     """Lifts an optax transformation to compact meProp kernel gradients.
 
@@ -154,6 +157,13 @@ def compact(
     itself: its ``gradient_transformation()``, alone or in a chain, is refused, since its
     accumulator and whole-tree reset cannot be split into columns.
 
+    ``lazy=False`` keeps the gradients compact but applies the authors' rule: each compact
+    gradient is scattered into a masked dense gradient and ``tx`` updates the whole kernel,
+    exactly as ``tx`` on the masked gradients of ``Dense(sparse_update=False)``. It saves the
+    backward pass's dense ``dW`` only, so use it for optimizers with momentum (for SGD and
+    AdaGrad the lazy rule is already the same); :func:`sparse_adam` fuses it into one native
+    pass.
+
     A tap gradient that is a sum or mean of compact gradients with different columns (see the
     module docstring) never updates silently: with ``bad_taps="nan"`` (the default) its
     kernel's first ``K`` columns become NaN, at no cost to a healthy step; with ``"raise"`` the
@@ -165,6 +175,8 @@ def compact(
       tx: an ``optax.GradientTransformation``, an ``optax.MultiSteps``, or an already lifted
         :class:`SparseOptimizer` (returned as it is).
       bad_taps: ``"nan"`` or ``"raise"``, see above.
+      lazy: ``True`` for the compact rule (only the selected columns move), ``False`` for the
+        authors' rule (every weight moves, as with the masked dense gradient).
 
     Returns:
       a :class:`SparseOptimizer`.
@@ -177,14 +189,14 @@ def compact(
     if isinstance(tx, SparseOptimizer):
         return tx
     if isinstance(tx, optax.MultiSteps):
-        init, update = _accumulate.lift_multi_steps(tx, bad_taps)
+        init, update = _accumulate.lift_multi_steps(tx, bad_taps, lazy)
         return SparseOptimizer(init, update, tx)
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(
             "compact(tx) takes an optax GradientTransformation or optax.MultiSteps, got "
             f"{type(tx).__name__}"
         )
-    init, update = _compact.lift(tx, bad_taps)
+    init, update = _compact.lift(tx, bad_taps, lazy=lazy)
     return SparseOptimizer(init, update, tx)
 
 
@@ -194,19 +206,23 @@ def sparse_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     clip: float | None = None,
+    lazy: bool = True,
 ) -> SparseOptimizer:
-    """Lazy Adam: ``compact(optax.adam(...))``, after ``optax.clip(clip)`` if ``clip`` is set.
+    """Adam on compact gradients: ``compact(optax.adam(...), lazy=lazy)``, after
+    ``optax.clip(clip)`` if ``clip`` is set.
 
     The same optimizer and state as that, and the same updates to float tolerance; but a
     float32 kernel stored ``[out, in]`` (``kernel_layout="out_in"``) on a CPU with the native
-    kernels built (see :mod:`meprop_jax._src.native`) is updated by one fused native pass over
-    its selected rows and those of the two moments, in place, instead of gathering them for
-    ``optax.adam`` and scattering them back, which moves about as many bytes as dense Adam.
-    ``MEPROP_JAX_NATIVE=0`` turns the fused pass off.
+    kernels built (see :mod:`meprop_jax._src.native`) is updated by one fused native pass, in
+    place: over its selected rows and those of the two moments (lazy Adam), instead of
+    gathering them for ``optax.adam`` and scattering them back, which moves about as many
+    bytes as dense Adam; or, with ``lazy=False`` (the authors' rule), over every row, with the
+    compact gradient read where it is selected and zero elsewhere, so that no dense gradient
+    is written or read. ``MEPROP_JAX_NATIVE=0`` turns the fused pass off.
     """
     tx = _clipped(optax.adam(learning_rate, b1, b2, eps), clip)
     rule = _fused.AdamRule(learning_rate, b1, b2, eps, clip)
-    return SparseOptimizer(*_compact.lift(tx, "nan", rule), tx)
+    return SparseOptimizer(*_compact.lift(tx, "nan", rule, lazy), tx)
 
 
 def sparse_adagrad(

@@ -92,7 +92,7 @@ def _every_k(steps: optax.MultiSteps) -> int:
     return n
 
 
-def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
+def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan", lazy: bool = True):
     """``(init, update)`` of ``compact(optax.MultiSteps(inner, n))``: accumulation by columns."""
     n = _every_k(steps)
     mean = steps._use_grad_mean
@@ -107,8 +107,9 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
         acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), acc_dtype), params)
         acc = _transpose_tapped(acc, layout, compact_keys)
         touched = {key: jnp.zeros((layout.columns(key),), bool) for key in compact_keys}
-        zero = jnp.zeros([], jnp.int32)
-        return SparseState(AccumulationState(zero, zero, inner, acc, touched))
+        # Two buffers, not one twice: a state given to jit with donation must not alias itself.
+        mini_step, gradient_step = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
+        return SparseState(AccumulationState(mini_step, gradient_step, inner, acc, touched))
 
     def update(grads, state: SparseState, params, taps=None):
         _check_state(state)
@@ -144,7 +145,7 @@ def lift_multi_steps(steps: optax.MultiSteps, bad_taps: str = "nan"):
                     compact_[key] = ((sums[key] * scale).astype(dtypes[key]), union[key])
                 else:
                     dense[key] = (a * scale).astype(dtypes[key])
-            params, inner = _step(inner_tx, layout, dense, compact_, inner, params)
+            params, inner = _step(inner_tx, layout, dense, compact_, inner, params, lazy=lazy)
             acc = [
                 _set_rows(a, union[key], jnp.zeros_like(sums[key]), is_row_major(key))
                 if key in union

@@ -318,6 +318,7 @@ def _step(
     inner: PyTree,
     params: PyTree,
     rule: _fused.AdamRule | None = None,
+    lazy: bool = True,
 ):
     """One lifted ``tx`` step: ``(new params, new inner state)``.
 
@@ -325,7 +326,9 @@ def _step(
     parameter takes its dense gradient from ``grads``. A :class:`Transposed` state leaf of a
     kernel without a compact gradient this step is updated whole. With ``rule`` (``tx`` is
     ``sparse_adam``'s ``optax.adam``) the kernels that :func:`meprop_jax._src.fused.fusable`
-    accepts are given no rows here and take the fused native pass afterwards.
+    accepts are given no rows here and take the fused native pass afterwards. With
+    ``lazy=False`` every other compact gradient is scattered into a dense masked gradient and
+    ``tx`` updates its kernel whole.
     """
     p_leaves = layout.treedef.flatten_up_to(params)
     fused = {
@@ -333,14 +336,28 @@ def _step(
         for key, p in zip(layout.keys, p_leaves, strict=True)
         if key in decoded and _fused.fusable(rule, is_row_major(key), p, decoded[key][0])
     }
+    if not lazy:
+        grads = dict(grads)
+        for key, p in zip(layout.keys, p_leaves, strict=True):
+            if key in decoded and key not in fused:
+                grads[key] = _masked_dense(p, *decoded[key], is_row_major(key))
+        decoded = {k: v for k, v in decoded.items() if k in fused}
     decoded = {k: ((b[:0], c[:0]) if k in fused else (b, c)) for k, (b, c) in decoded.items()}
     new_params, new_inner = _lifted(tx, layout, grads, decoded, inner, p_leaves)
     if not fused:
         return new_params, new_inner
-    return _fused_pass(rule, layout, fused, new_params, new_inner)
+    return _fused_pass(rule, layout, fused, new_params, new_inner, lazy)
 
 
-def _fused_pass(rule, layout: _Params, fused, params: PyTree, inner: PyTree):
+def _masked_dense(p: Array, block: Array, cols: Array, row_major: bool) -> Array:
+    """The dense gradient of a kernel shaped like ``p``: ``block`` at ``cols``, zero elsewhere."""
+    zeros = jnp.zeros(p.shape, block.dtype)
+    if row_major:
+        return zeros.at[cols].set(block, **_SCATTER)
+    return zeros.at[:, cols].set(block.T, **_SCATTER)
+
+
+def _fused_pass(rule, layout: _Params, fused, params: PyTree, inner: PyTree, lazy: bool = True):
     """:func:`meprop_jax._src.fused.update_rows` on each kernel of ``fused``."""
     node = _fused.adam_node(inner)
     p_leaves = layout.treedef.flatten_up_to(params)
@@ -350,7 +367,7 @@ def _fused_pass(rule, layout: _Params, fused, params: PyTree, inner: PyTree):
         if key in fused:
             block, cols = fused[key]
             p_leaves[i], mu_leaves[i], nu_leaves[i] = _fused.update_rows(
-                rule, node.count, p_leaves[i], mu_leaves[i], nu_leaves[i], cols, block
+                rule, node.count, p_leaves[i], mu_leaves[i], nu_leaves[i], cols, block, lazy
             )
     node = node._replace(
         mu=layout.treedef.unflatten(mu_leaves), nu=layout.treedef.unflatten(nu_leaves)
@@ -420,10 +437,14 @@ def _name(tx: Any) -> str:
 
 
 def lift(
-    tx: optax.GradientTransformation, bad_taps: str = "nan", rule: _fused.AdamRule | None = None
+    tx: optax.GradientTransformation,
+    bad_taps: str = "nan",
+    rule: _fused.AdamRule | None = None,
+    lazy: bool = True,
 ):
-    """``(init, update)`` of ``compact(tx)``; see :func:`meprop_jax.optim.compact`. ``rule``:
-    ``tx`` is ``optax.adam`` with these hyperparameters (see :mod:`meprop_jax._src.fused`)."""
+    """``(init, update)`` of ``compact(tx, lazy=lazy)``; see :func:`meprop_jax.optim.compact`.
+    ``rule``: ``tx`` is ``optax.adam`` with these hyperparameters (see
+    :mod:`meprop_jax._src.fused`)."""
 
     def init(params: PyTree, taps: PyTree = None) -> SparseState:
         compact_keys = tap_leaves(taps)
@@ -437,7 +458,9 @@ def lift(
         _check_state(state)
         layout = _params(params, ())
         decoded = _decode(taps, layout, grads, bad_taps)
-        params, inner = _step(tx, layout, _flat_grads(grads), decoded, state.inner, params, rule)
+        params, inner = _step(
+            tx, layout, _flat_grads(grads), decoded, state.inner, params, rule, lazy
+        )
         return params, SparseState(inner)
 
     return init, update

@@ -58,9 +58,17 @@ def replace_adam_node(state: PyTree, node: optax.ScaleByAdamState) -> PyTree:
 
 
 def update_rows(
-    rule: AdamRule, count: Array, p: Array, mu: Array, nu: Array, cols: Array, block: Array
+    rule: AdamRule,
+    count: Array,
+    p: Array,
+    mu: Array,
+    nu: Array,
+    cols: Array,
+    block: Array,
+    lazy: bool = True,
 ) -> tuple[Array, Array, Array]:
-    """The native pass: ``(p, mu, nu)`` after lazy Adam on the rows ``cols``.
+    """The native pass: ``(p, mu, nu)`` after lazy Adam on the rows ``cols`` or, with
+    ``lazy=False``, after Adam on every row with a zero gradient outside ``cols``.
 
     Args:
       rule: the hyperparameters.
@@ -74,9 +82,18 @@ def update_rows(
     lr = rule.learning_rate
     # optax.adam's schedule sees its own count, which is the step count before the increment.
     lr = lr(count - 1) if callable(lr) else lr
-    t = count.astype(jnp.float32)
-    b1, b2 = jnp.float32(rule.b1), jnp.float32(rule.b2)
+    # The bias corrections by optax's own expression (a Python float to an int32 power), so
+    # that they round as optax's do.
+    with jax.numpy_dtype_promotion("standard"):
+        c1, c2 = 1 - rule.b1**count, 1 - rule.b2**count
     hyper = jnp.stack(
-        [b1, b2, 1 - b1**t, 1 - b2**t, jnp.asarray(lr, jnp.float32), jnp.float32(rule.eps)]
+        [
+            jnp.float32(rule.b1),
+            jnp.float32(rule.b2),
+            jnp.asarray(c1, jnp.float32),
+            jnp.asarray(c2, jnp.float32),
+            jnp.asarray(lr, jnp.float32),
+            jnp.float32(rule.eps),
+        ]
     )
-    return native.adam_rows(p, mu, nu, cols, block, hyper)
+    return native.adam_rows(p, mu, nu, cols, block, hyper, lazy)

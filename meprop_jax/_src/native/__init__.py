@@ -204,9 +204,14 @@ def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
     return _typed_like(dx, x), _typed_like(block, x, True), _typed_like(cols, x, True)
 
 
-def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Array):
+def adam_rows(
+    p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Array, lazy: bool = True
+):
     """Lazy Adam in place on the rows ``cols`` ``[K]`` of ``p``, ``mu``, ``nu`` ``[out, in]``
     from ``g`` ``[K, in]``; ``hyper`` ``[6]``: b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps.
+
+    With ``lazy=False``, Adam on every row, the gradient being zero outside ``cols`` (which
+    must then be distinct): ``optax.adam`` on the masked dense gradient.
 
     Returns the new ``(p, mu, nu)``, which XLA aliases to the inputs (donate them, or run
     inside ``lax.scan``, to avoid copies).
@@ -218,5 +223,5 @@ def adam_rows(p: Array, mu: Array, nu: Array, cols: Array, g: Array, hyper: Arra
         input_output_aliases={0: 0, 1: 1, 2: 2},
         vmap_method="sequential",
     )
-    new = call(p, mu, nu, cols, g, hyper)
+    new = call(p, mu, nu, cols, g, hyper, lazy=np.int64(bool(lazy)))
     return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))

@@ -161,14 +161,36 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
   return ffi::Error::Success();
 }
 
-// Lazy Adam on the rows `cols` of a kernel stored [out, in] and of its two moments, in place
-// (the results alias p, mu, nu), from the compact gradient g [K, in]; padding (cols >= out) is
-// skipped. hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1.
-// The arithmetic is optax.scale_by_adam's, then scale_by_learning_rate's, in that order.
+// One row of Adam in place, by optax's arithmetic: scale_by_adam, then scale_by_learning_rate.
+// hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1. Without
+// a gradient row (gr == nullptr) the gradient is zero, still written into the arithmetic so
+// that every weight takes exactly the steps it would take on a zero entry of a dense gradient.
+template <bool kZeroGradient>
+inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
+                    const float* hyper) {
+  const float b1 = hyper[0], b2 = hyper[1], c1 = hyper[2], c2 = hyper[3], lr = hyper[4],
+              eps = hyper[5];
+  const float zero = 0.0f;
+  for (int64_t i = 0; i < in; ++i) {
+    const float gi = kZeroGradient ? zero : gr[i];
+    const float m = (1.0f - b1) * gi + b1 * mr[i];
+    const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
+    mr[i] = m;
+    vr[i] = v;
+    pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
+  }
+}
+
+// Adam on a kernel stored [out, in] and on its two moments, in place (the results alias p, mu,
+// nu), from the compact gradient g [K, in] of the rows `cols`; padding (cols >= out) is
+// skipped. hyper as for AdamRow. lazy: only the rows `cols` move. Not lazy: every row moves,
+// the gradient being zero outside `cols` (which must then be distinct), i.e. optax.adam on the
+// masked dense gradient (the authors' rule) without building that gradient.
 ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
                     ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::F32> g,
                     ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
-                    ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
+                    ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                    int64_t lazy) {
   const auto pd = p.dimensions(), gd = g.dimensions();
   if (pd.size() != 2 || gd.size() != 2 || gd[1] != pd[1] || cols.dimensions()[0] != gd[0] ||
       hyper.element_count() != 6)
@@ -181,25 +203,24 @@ ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buff
   if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
   if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
   if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
-  const float* h = hyper.typed_data();
-  const float b1 = h[0], b2 = h[1], c1 = h[2], c2 = h[3], lr = h[4], eps = h[5];
   const int32_t* c = cols.typed_data();
   const float* G = g.typed_data();
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t r = c[j];
-    if (r < 0 || r >= out) continue;
-    float* pr = P + static_cast<int64_t>(r) * in;
-    float* mr = M + static_cast<int64_t>(r) * in;
-    float* vr = V + static_cast<int64_t>(r) * in;
-    const float* gr = G + j * in;
-    for (int64_t i = 0; i < in; ++i) {
-      const float gi = gr[i];
-      const float m = (1.0f - b1) * gi + b1 * mr[i];
-      const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
-      mr[i] = m;
-      vr[i] = v;
-      pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
+  const float* h = hyper.typed_data();
+  if (lazy) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = c[j];
+      if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
     }
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> slot(out, -1);
+  for (int64_t j = 0; j < k; ++j)
+    if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
+  for (int64_t r = 0; r < out; ++r) {
+    if (slot[r] >= 0)
+      AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
+    else
+      AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
   }
   return ffi::Error::Success();
 }
@@ -234,4 +255,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("lazy"));
