@@ -20,9 +20,11 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
 * ``lstm`` (the gates of an LSTM cell, ``[x, h] -> 4h`` with h = 500, batch 8, k = 5 and 10
   per gate): the backward pass of :func:`meprop_jax.multi_linear` with ``groups=4``.
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
-  dense with ``optax.adam``, per-example with the masked dense gradient and ``optax.adam``
-  (the authors' rule), and per-example with compact gradients and ``sparse_adam``
-  (``--sparse-update``); each in both layouts.
+  dense with ``optax.adam``; per-example with the masked dense gradient and ``optax.adam``
+  (the authors' rule), in both layouts; the authors' rule from compact gradients
+  (``+compact:out_in``, ``sparse_adam(lazy=False)``, what ``experiments.mnist`` runs by
+  default in this setting); and per-example with compact gradients and lazy ``sparse_adam``
+  (``+sparse``, ``--sparse-update``), in both layouts.
 """
 
 from __future__ import annotations
@@ -266,13 +268,13 @@ def bench_mnist_steps(
     """Whole training steps of the MNIST MLP (see the module docstring)."""
     hidden = tuple(sizes[1:-1])
 
-    def model(k: int, layout: str, sparse: bool = False) -> MLP:
+    def model(k: int, layout: str, sparse: bool | str = False) -> MLP:
         return MLP(
             hidden=hidden,
             k=k,
             mode=MODE,
             num_classes=sizes[-1],
-            sparse_update=sparse,
+            sparse_update=bool(sparse),
             kernel_layout=layout,
         )
 
@@ -286,6 +288,7 @@ def bench_mnist_steps(
         variants += [
             (f"{MODE}{suffix}", k, "in_out", False, path),
             (f"{MODE}:out_in{suffix}", k, "out_in", False, path),
+            (f"{MODE}+compact:out_in{suffix}", k, "out_in", "authors", path),
             (f"{MODE}+sparse{suffix}", k, "in_out", True, path),
             (f"{MODE}+sparse:out_in{suffix}", k, "out_in", True, path),
         ]
@@ -299,7 +302,7 @@ def bench_mnist_steps(
                     apply_fn=m.apply,
                     params=params,
                     taps=variables[optim.TAP_COLLECTION],
-                    tx=loop.make_sparse_optimizer("adam", ADAM_LR),
+                    tx=loop.make_sparse_optimizer("adam", ADAM_LR, lazy=sparse is True),
                 )
             )
             run = _compact_train_scan()

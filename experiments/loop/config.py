@@ -79,6 +79,10 @@ class TrainConfig:
       progress: show a tqdm bar; None shows one when stderr is a terminal.
       sparse_update: compact meProp gradients and column-sparse optimizer updates (see the
         module docstring); the task's model must have compact-gradient taps.
+      compact_gradients: compact meProp gradients (the model must have taps, as for
+        ``sparse_update``) with the authors' update: the optimizer moves every weight as it
+        would on the masked dense gradient (``optim.compact(..., lazy=False)``). The same
+        updates, without building the dense kernel gradient.
       patience: early stopping: end the run once the dev metric has not improved for this
         many epochs (the best epoch is at least ``patience`` epochs before the last); 0 runs
         every epoch. The test score is still read at the best dev epoch.
@@ -99,6 +103,7 @@ class TrainConfig:
     chunk_steps: int = 0
     progress: bool | None = None
     sparse_update: bool = False
+    compact_gradients: bool = False
     patience: int = 0
 
     @property
@@ -133,17 +138,22 @@ def make_optimizer(name: str, lr: float, clip: float = 0.0) -> optax.GradientTra
     return optax.chain(optax.clip(clip), tx) if clip > 0 else tx
 
 
-def make_sparse_optimizer(name: str, lr: float, clip: float = 0.0) -> optim.SparseOptimizer:
-    """The column-sparse twin of :func:`make_optimizer` for ``--sparse-update``.
+def make_sparse_optimizer(
+    name: str, lr: float, clip: float = 0.0, lazy: bool = True
+) -> optim.SparseOptimizer:
+    """The twin of :func:`make_optimizer` for compact meProp kernel gradients.
 
     Same hyperparameters (AdaGrad's accumulator from 0 with ``eps = 1e-6``, Adam's optax
-    defaults) and the same element-wise clipping; compact meProp kernels are updated in their
-    selected columns only (Adam lazily, see :mod:`meprop_jax.optim`), every other parameter
-    densely by the same rule.
+    defaults) and the same element-wise clipping. With ``lazy`` (``--sparse-update``) compact
+    meProp kernels are updated in their selected columns only (Adam lazily, see
+    :mod:`meprop_jax.optim`), every other parameter densely by the same rule; with
+    ``lazy=False`` Adam moves every weight, as :func:`make_optimizer`'s does on the masked
+    dense gradient (AdaGrad and SGD move nothing where the gradient is zero, so for them the
+    two rules are one).
     """
     bound = clip if clip > 0 else None
     if name == "adam":
-        return optim.sparse_adam(lr, clip=bound)
+        return optim.sparse_adam(lr, clip=bound, lazy=lazy)
     if name == "adagrad":
         return optim.sparse_adagrad(lr, initial_accumulator_value=0.0, eps=1e-6, clip=bound)
     if name == "sgd":

@@ -143,14 +143,17 @@ def train(
         check_group_batches(groups, n_devices)
     mesh = jax.make_mesh((n_devices,), ("data",), devices=jax.devices()[:n_devices])
     hooks = state_hooks(task)
-    if cfg.sparse_update:
+    if cfg.sparse_update or cfg.compact_gradients:
         if hooks is not None:
+            flag = "--sparse-update" if cfg.sparse_update else "--kernel-grad compact"
             raise ConfigError(
-                f"--sparse-update does not combine with the model state of {task.name!r} "
+                f"{flag} does not combine with the model state of {task.name!r} "
                 f"(collections {', '.join(hooks.collections)})"
             )
         check_taps(task, root_subkey(cfg.seed, KEY_INIT))
-        tx = make_sparse_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
+        tx = make_sparse_optimizer(
+            cfg.optimizer, cfg.learning_rate, cfg.clip, lazy=cfg.sparse_update
+        )
     else:
         tx = make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.clip)
     config = run_config(task, cfg, n_devices)

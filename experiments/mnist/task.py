@@ -104,6 +104,7 @@ class MnistSettings:
     source: str = "local"
     data_dir: str | None = None
     sparse_update: bool = False
+    compact_gradients: bool = False
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
     mesimp: bool = False
@@ -114,6 +115,12 @@ class MnistSettings:
     channels: tuple[int, ...] = DEFAULT_CHANNELS
     k_conv: int = 0
     kernel_layout: str = "in_out"
+
+    @property
+    def taps(self) -> bool:
+        """Whether the meProp layers hand compact kernel gradients to the loop (through
+        taps): for ``sparse_update`` and for ``compact_gradients``."""
+        return self.sparse_update or self.compact_gradients
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -141,7 +148,7 @@ class MnistSettings:
             k_output=self.k_output,
             dropout=self.dropout,
             num_classes=NUM_CLASSES,
-            sparse_update=self.sparse_update,
+            sparse_update=self.taps,
             feedback=self.feedback,
             adaptive=self.adaptive,
             record=self.mesimp,
@@ -176,7 +183,7 @@ class MnistTask(StateHooks):
         taps, whose width in the per-row modes depends on the training batch size; with
         ``mesimp``, the record, without its taps, which the loop makes each step)."""
         k_params, k_meprop = jax.random.split(key)
-        rows = self.settings.batch_size if self.settings.sparse_update else 1
+        rows = self.settings.batch_size if self.settings.taps else 1
         x = jnp.zeros((rows, self.data.train_x.shape[1]), jnp.float32)
         variables = self.settings.model().init({"params": k_params, "meprop": k_meprop}, x, False)
         if self.settings.mesimp:

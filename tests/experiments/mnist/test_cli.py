@@ -22,6 +22,7 @@ from experiments.loop import ConfigError
 from experiments.mnist import cli
 from experiments.mnist import task as mnist_task
 from experiments.mnist.data import MNIST_DEV_SIZE, MNIST_FILES, FileSpec, load_mnist
+from meprop_jax._src import native
 
 REAL_DATA_DIR = os.environ.get("MEPROP_DATA_DIR")
 REPO = Path(__file__).resolve().parents[3]
@@ -278,6 +279,13 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--lr", "0"], ["--lr"]),
         (["--sparse-update", "--k", "0"], ["--sparse-update", "--k >= 1"]),
         (["--sparse-update", "--kdim", "--k", "5"], ["--sparse-update", "--kdim"]),
+        (["--kernel-grad", "compact", "--k", "0"], ["--kernel-grad compact", "--k 0"]),
+        (["--kernel-grad", "compact", "--mesimp"], ["--kernel-grad compact", "--mesimp"]),
+        (
+            ["--kernel-grad", "compact", "--error-feedback", "0.1"],
+            ["--kernel-grad compact", "--error-feedback"],
+        ),
+        (["--kernel-grad", "dense"], ["--kernel-grad", "dense"]),
     ],
 )
 def test_bad_arguments_rejected_before_training(
@@ -368,6 +376,43 @@ def test_kernel_layout_auto_is_out_in_for_per_row_modes_only() -> None:
     assert s.model().kernel_layout == "out_in"
     with pytest.raises(ConfigError, match="kernel-layout"):
         settings("--mode", "per-example", "--mesimp", "--kernel-layout", "out_in")
+
+
+def test_kernel_grad_auto_is_compact_where_kernels_are_out_in() -> None:
+    s = settings("--mode", "per-example", "--k", "20")
+    assert s.compact_gradients and not s.sparse_update and s.taps
+    assert s.model().sparse_update  # the layers hand compact gradients through their taps
+    assert settings("--mode", "random", "--k", "20").compact_gradients
+    for flags in (
+        ("--mode", "unified"),
+        ("--mode", "per-example", "--k", "0"),
+        ("--mode", "per-example", "--kernel-layout", "in_out"),
+        ("--mode", "per-example", "--kernel-grad", "masked"),
+        ("--mode", "per-example", "--sparse-update"),  # compact too, but the lazy rule
+        ("--mode", "per-example", "--mesimp"),
+    ):
+        assert not settings(*flags).compact_gradients, flags
+    assert settings("--mode", "unified", "--kernel-grad", "compact").compact_gradients
+    assert not settings("--mode", "per-example", "--kernel-grad", "masked").taps
+
+
+@pytest.mark.slow
+def test_compact_kernel_grad_trains_as_the_masked_one(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # Same updates (the authors' Adam over every weight); only the kernel gradient's form
+    # differs. On the XLA path the two programs compute the same numbers.
+    results = {}
+    for form in ("masked", "compact"):
+        out = tmp_path / form
+        argv = tiny_args(tiny_dir, out, "--mode", "per-example", "--hidden", "64", "--k", "2")
+        with native.disabled():
+            assert cli.main([*argv, "--kernel-grad", form]) == 0
+        results[form] = json.loads((out / "results.json").read_text())
+    assert results["compact"]["config"]["compact_gradients"] is True
+    assert results["masked"]["config"]["compact_gradients"] is False
+    for a, b in zip(results["masked"]["epochs"], results["compact"]["epochs"], strict=True):
+        assert (a["loss"], a["dev_acc"], a["test_acc"]) == (b["loss"], b["dev_acc"], b["test_acc"])
 
 
 def test_kdim_builds_a_dense_mlp_of_width_k() -> None:
