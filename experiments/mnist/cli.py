@@ -67,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--kernel-grad",
-        choices=("auto", "masked", "compact"),
-        default="auto",
+        choices=("masked", "compact"),
+        default="masked",
         help="the form of the meProp kernels' gradient under the authors' update (without "
-        "--sparse-update): masked (dense, zero outside the selected columns) or compact (the "
-        "selected columns only, scattered into the dense optimizer step: the same updates "
-        "without a dense kernel gradient, faster on a CPU); auto (default) is compact "
-        "wherever the kernels are stored out_in (see --kernel-layout), else masked",
+        "--sparse-update): masked (default; dense, zero outside the selected columns) or "
+        "compact (the selected columns only, which the optimizer's dense step reads in place "
+        "of zeros: the same updates without a dense kernel gradient; not faster on a CPU "
+        "here, see the README)",
     )
     p.add_argument(
         "--k",
@@ -211,7 +211,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         layout == "in_out" or not mesimp.get("mesimp"),
         "--mesimp needs [in, out] kernels: drop --kernel-layout out_in",
     )
-    compact_gradients = _compact_gradients(args, k, layout, adaptive, mesimp)
+    compact_gradients = _compact_gradients(args, k, adaptive, mesimp)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return MnistSettings(
@@ -237,10 +237,10 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
     )
 
 
-def _compact_gradients(args, k: int, layout: str, adaptive, mesimp: dict) -> bool:
+def _compact_gradients(args, k: int, adaptive, mesimp: dict) -> bool:
     """``--kernel-grad`` resolved: whether the authors' update takes compact gradients."""
     if args.kernel_grad == "masked" or args.sparse_update:
-        return False
+        return False  # --sparse-update: compact gradients too, but the lazy rule
     blocker = next(
         (
             flag
@@ -255,8 +255,6 @@ def _compact_gradients(args, k: int, layout: str, adaptive, mesimp: dict) -> boo
         ),
         None,
     )
-    if args.kernel_grad == "auto":
-        return layout == "out_in" and blocker is None
     loop.require(
         blocker is None,
         f"--kernel-grad compact needs meProp hidden layers of the MLP without their own "

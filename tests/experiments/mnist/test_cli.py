@@ -285,7 +285,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
             ["--kernel-grad", "compact", "--error-feedback", "0.1"],
             ["--kernel-grad compact", "--error-feedback"],
         ),
-        (["--kernel-grad", "dense"], ["--kernel-grad", "dense"]),
+        (["--kernel-grad", "auto"], ["--kernel-grad", "auto"]),
     ],
 )
 def test_bad_arguments_rejected_before_training(
@@ -378,22 +378,16 @@ def test_kernel_layout_auto_is_out_in_for_per_row_modes_only() -> None:
         settings("--mode", "per-example", "--mesimp", "--kernel-layout", "out_in")
 
 
-def test_kernel_grad_auto_is_compact_where_kernels_are_out_in() -> None:
+def test_kernel_grad_compact_gives_the_layers_taps() -> None:
     s = settings("--mode", "per-example", "--k", "20")
+    assert not s.compact_gradients and not s.taps  # masked by default
+    s = settings("--mode", "per-example", "--k", "20", "--kernel-grad", "compact")
     assert s.compact_gradients and not s.sparse_update and s.taps
     assert s.model().sparse_update  # the layers hand compact gradients through their taps
-    assert settings("--mode", "random", "--k", "20").compact_gradients
-    for flags in (
-        ("--mode", "unified"),
-        ("--mode", "per-example", "--k", "0"),
-        ("--mode", "per-example", "--kernel-layout", "in_out"),
-        ("--mode", "per-example", "--kernel-grad", "masked"),
-        ("--mode", "per-example", "--sparse-update"),  # compact too, but the lazy rule
-        ("--mode", "per-example", "--mesimp"),
-    ):
-        assert not settings(*flags).compact_gradients, flags
     assert settings("--mode", "unified", "--kernel-grad", "compact").compact_gradients
-    assert not settings("--mode", "per-example", "--kernel-grad", "masked").taps
+    # --sparse-update has compact gradients too, with the lazy rule.
+    s = settings("--mode", "per-example", "--kernel-grad", "compact", "--sparse-update")
+    assert not s.compact_gradients and s.sparse_update and s.taps
 
 
 @pytest.mark.slow
