@@ -71,6 +71,9 @@ def _wait(join: Callable[[float | None], None], kill: Callable[[], None]) -> Non
 
 
 def _log_command(log_path: Path, command: Sequence[str]) -> None:
+    """Echoes the command into the run's log. Callers name the interpreter ``python``, not
+    ``sys.executable``: the log is committed with the run's record, which must hold no path
+    of the machine that ran it."""
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
 
@@ -108,7 +111,7 @@ def subprocess_runner(cache: Path) -> Runner:
 
     def run(spec: RunSpec, directory: Path, mode: str) -> int:
         args = command_args(spec, directory, mode)
-        _log_command(directory / LOG_FILE, fresh_command(spec.task, args))
+        _log_command(directory / LOG_FILE, [f"python -m experiments.{spec.task}", *args])
         return run_fresh(spec.task, args, directory / LOG_FILE, env)
 
     return run
