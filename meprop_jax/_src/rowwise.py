@@ -16,7 +16,8 @@ The weight gradient is built from the union of the rows' columns (at most ``N * 
 size): its ``[K, in]`` block ``g_cols^T x`` is small, and it stays compact for the optimizers
 of :mod:`meprop_jax.optim` or is written into a dense gradient by the caller. All this holds
 while ``N * S < out``; once the rows cover the layer (the parser's minibatches of 250) the
-caller runs the full products of the masked gradient instead.
+caller runs the full products of the masked gradient instead, except that for a kernel stored
+``[out, in]`` the native kernels still give ``dx`` from each row's own kernel rows.
 
 NaN and ±inf follow the rule of :mod:`meprop_jax._selection`: they rank above every finite
 score, so a row keeps its own non-finite entries first (``dx`` of that row is non-finite, as
@@ -168,12 +169,18 @@ def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
     return idx, g_kept, mask, g_sparse
 
 
-def native_backward(xs, kernels, g: Array, scores: Array, k: int, groups: int, layout: str, rows):
+def native_backward(
+    xs, kernels, g: Array, scores: Array, k: int, groups: int, layout: str, rows, covers=False
+):
     """The backward of the per-row modes through the native kernels (:mod:`.native`).
 
-    Same results as the XLA path of ``meprop_jax._src.linear._rowwise_backward`` when the
-    union is below ``out``: ``(dxs, blocks, cols, g_sparse, mask)``, each block ``[K, in]``
-    with ``rows`` (compact, or an ``[out, in]`` kernel) and ``[in, K]`` otherwise.
+    ``(dxs, blocks, cols, g_sparse, mask)``: the results of the XLA path of
+    ``meprop_jax._src.linear._rowwise_backward`` when the union is below ``out``, each block
+    ``[K, in]`` with ``rows`` (compact, or an ``[out, in]`` kernel) and ``[in, K]`` otherwise.
+    When the rows cover the layer (``covers``) only ``dxs`` are computed, still from each row's
+    own kernel rows (``N * S * in`` multiply-adds, without materializing the gathered rows as
+    XLA would), and ``blocks`` and ``cols`` are None: the caller takes the weight gradient from
+    the full product of ``g_sparse``.
     """
     from meprop_jax._src import native
 
@@ -181,12 +188,13 @@ def native_backward(xs, kernels, g: Array, scores: Array, k: int, groups: int, l
     g2 = g.reshape(-1, out)
     ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
     idx = native.select(ranked.reshape(-1, out), k, groups)
-    dxs, blocks = [], []
+    dxs, blocks, cols = [], [], None
     for x, w in zip(xs, kernels, strict=True):
         x2 = x.reshape(-1, x.shape[-1])
-        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in")
+        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", not covers)
         dxs.append(dx.reshape(x.shape))
         blocks.append(block if rows else block.T)
     mask = selection_mask(idx, out)
     g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
-    return tuple(dxs), tuple(blocks), cols, g_sparse, mask.reshape(g.shape)
+    blocks = None if covers else tuple(blocks)
+    return tuple(dxs), blocks, None if covers else cols, g_sparse, mask.reshape(g.shape)

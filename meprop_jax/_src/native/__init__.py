@@ -171,9 +171,9 @@ def runs(*arrays: Array) -> bool:
     )
 
 
-def applies(g: Array, xs, kernels, union_size: int) -> bool:
+def applies(g: Array, xs, kernels) -> bool:
     """Whether the native kernels can run this backward pass (see the module docstring)."""
-    return union_size < g.shape[-1] and runs(g, *xs, *kernels)
+    return runs(g, *xs, *kernels)
 
 
 def select(scores: Array, k: int, groups: int) -> Array:
@@ -187,16 +187,18 @@ def select(scores: Array, k: int, groups: int) -> Array:
     return _typed_like(call(scores, k=np.int64(k), groups=np.int64(groups)), scores)
 
 
-def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool):
-    """``(dx [N, in], block [N*S, in], cols [N*S] int32)`` for one input (see ``rowwise.cc``)."""
+def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, block=True):
+    """``(dx [N, in], block [N*S, in], cols [N*S] int32)`` for one input (see ``rowwise.cc``);
+    with ``block=False`` the block and the columns are empty (``dx`` alone)."""
     n, s = idx.shape
     d_in = x.shape[-1]
+    slots = n * s if block else 0
     call = jax.ffi.ffi_call(
         "meprop_products",
         (
             jax.ShapeDtypeStruct((n, d_in), jnp.float32),
-            jax.ShapeDtypeStruct((n * s, d_in), jnp.float32),
-            jax.ShapeDtypeStruct((n * s,), jnp.int32),
+            jax.ShapeDtypeStruct((slots, d_in), jnp.float32),
+            jax.ShapeDtypeStruct((slots,), jnp.int32),
         ),
         vmap_method="sequential",
     )

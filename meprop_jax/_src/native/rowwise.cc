@@ -80,7 +80,8 @@ ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx,
   return ffi::Error::Success();
 }
 
-// kernel: [out, in] (transposed != 0) or [in, out].
+// kernel: [out, in] (transposed != 0) or [in, out]. block [N*S, in] and cols [N*S], or both
+// empty for dx alone.
 ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> block, ffi::ResultBuffer<ffi::S32> cols,
@@ -112,6 +113,10 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
       }
     }
   }
+
+  // An empty block asks for dx alone (the rows cover the layer: the caller forms the weight
+  // gradient from the full product of the masked gradient).
+  if (block->dimensions()[0] == 0) return ffi::Error::Success();
 
   // The union: the first slot to hold a column owns its block row.
   std::vector<int32_t> owner(out, -1);

@@ -56,14 +56,19 @@ def _lowered_text(xs, ws, b, g, *, k, mode, groups, layout, compact):
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("mode", ["per_example", "random"])
 @pytest.mark.parametrize(
-    ("lead", "out", "groups", "n_ins"), [((3,), 20, 1, (5,)), ((2, 2), 24, 4, (5, 3))]
+    ("lead", "out", "groups", "n_ins"),
+    # The last: 6 rows of k = 2 cover the 8 columns, so the kernels compute dx alone.
+    [((3,), 20, 1, (5,)), ((2, 2), 24, 4, (5, 3)), ((6,), 8, 1, (5,))],
+    ids=["union", "groups", "covering"],
 )
 def test_native_and_fallback_match_the_reference(layout, compact, mode, lead, out, groups, n_ins):
     xs, ws, b, g = _problem(out, lead, out, n_ins)
     kw = dict(k=1 if groups > 1 else 2, mode=mode, groups=groups, layout=layout, compact=compact)
     key = fast_key(1)
     assert native.enabled()
-    assert "meprop_products" in _lowered_text(xs, ws, b, g, **kw)
+    # Covering rows take the kernels for [out, in] kernels only (contiguous rows for dx).
+    native_path = out > int(np.prod(lead)) * kw["k"] * groups or layout == "out_in"
+    assert ("meprop_products" in _lowered_text(xs, ws, b, g, **kw)) == native_path
     with_native = vjp_in_layout(xs, ws, b, g, key, **kw)
     with native.disabled():
         assert "meprop_products" not in _lowered_text(xs, ws, b, g, **kw)
