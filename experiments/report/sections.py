@@ -308,7 +308,7 @@ def feedback(results: Sequence[CellResult], out: Path) -> str:
 def _paper_speed(record: dict) -> str:
     """The paper's figure beside one bench record: Table 1's CPU backprop speedups for
     per-example top-k, Table 7's GPU speedup at the same k for unified top-k."""
-    if record.get("section") == "per-example" and record.get("mode") == "per_example":
+    if record.get("section") == "per_example" and record.get("mode") == "per_example":
         return " / ".join(f"{t} {x:g}x" for t, x in paper.CPU_SPEEDUP.items()) + " (CPU)"
     if record.get("mode") == "unified" and record.get("k") in paper.TABLE7:
         return f"{paper.TABLE7[record['k']][1]:g}x (GPU, h=8192)"
