@@ -35,8 +35,14 @@ def test_quick_report_end_to_end(tmp_path):
         assert f"({name})" in text
     # The paper's numbers sit beside ours, with the verdicts.
     assert "97.82" in text and "98.01" in text and "Quick run" in text
-    # The bench records' table, beside the paper's CPU speedups.
-    assert "| 10 | 784→500 | 20 | per_example | 0.250 | 2.00x | mnist 21.4x / pos 65.4x" in text
+    # The bench records' tables: the per-example section's own, beside Table 1's CPU
+    # speedups, and the unified rows beside Table 7's GPU ones; each with its date and load.
+    row = "| layer backward | 4 × 24→16 | 2 | per_example:out_in | native (C++ FFI) | 0.021 | 1.72x"
+    assert row in text
+    assert "| MNIST | 20 | 169.5 → 7.9 | 21.4x |" in text and "| POS | 5 |" in text
+    assert "| 256 | 4096→4096 | 32 | unified | 0.250 | 2.00x | 27.5x (GPU, h=8192) |" in text
+    assert "Ran 2026-12-07T02:50:21+00:00 on 2 CPUs; load average 2.35, 1.94, 1.92" in text
+    assert text.count("Ran 2026-12-01T20:00:00+00:00 on 2 CPUs; load average 1.00") == 3
     assert re.search(r"\| (holds|within seed spread|does not hold) \|", text)
     links = re.findall(r"\]\(([^)]+results\.json)\)", text)
     assert len(links) > 20
