@@ -168,15 +168,16 @@ def paper_cpu_table() -> str:
 
 
 PER_EXAMPLE_NOTE = (
-    "What is and is not comparable: the paper's CPU speedups are Table 1's 'backprop "
-    "time' per epoch, the backward of the hidden layers' linear transformations alone (top-k "
-    "selection included; no activations, forward pass or update), in its authors' C# "
-    "framework, which runs one example at a time as matrix–vector products; ours are JAX "
-    "steps of 10 examples (LSTM: 8) inside one jitted `lax.scan`, timed per step. So the "
-    "layer and LSTM gate rows time the same kind of work, but our dense row multiplies all "
-    "examples of a step at once, reading each weight once per step where the authors' loop "
-    "reads it once per example, and the ratios need not match; the rows with an update or a "
-    "whole step time more than the paper did (Table 2's FP+BP leaves the update out too)."
+    "What is and is not comparable: the paper's CPU speedups are Table 1's 'backprop time' "
+    "per epoch, the backward of the linear transformations alone (in the authors' MNIST "
+    "code, the hidden layers' with their top-k selection; no activations, forward pass or "
+    "update), in its authors' C# framework, which runs one example at a time as "
+    "matrix–vector products; ours are JAX steps of 10 examples (LSTM: 8) inside one jitted "
+    "`lax.scan`, timed per step. So the layer and LSTM gate rows time the same kind of "
+    "work, but our dense row multiplies all examples of a step at once, reading each "
+    "weight once per step where the authors' loop reads it once per example, and the ratios "
+    "need not match; the rows with an update or a whole step time more than the paper did "
+    "(Table 2's FP+BP leaves the update out too)."
 )
 
 

@@ -40,6 +40,7 @@ def test_quick_report_end_to_end(tmp_path):
     row = "| layer backward | 4 × 24→16 | 2 | per_example:out_in | native (C++ FFI) | 0.021 | 1.72x"
     assert row in text
     assert "| MNIST | 20 | 169.5 → 7.9 | 21.4x |" in text and "| POS | 5 |" in text
+    assert "What is and is not comparable: the paper's CPU speedups are Table 1's" in text
     assert "| 256 | 4096→4096 | 32 | unified | 0.250 | 2.00x | 27.5x (GPU, h=8192) |" in text
     assert "Ran 2026-12-07T02:50:21+00:00 on 2 CPUs; load average 2.35, 1.94, 1.92" in text
     assert text.count("Ran 2026-12-01T20:00:00+00:00 on 2 CPUs; load average 1.00") == 3
