@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.report import cache, paper
+from experiments.report import paper
+from experiments.report.speed import speed
 from experiments.report.tables import (
     CellResult,
     cell_text,
@@ -18,7 +19,6 @@ from experiments.report.tables import (
     linked,
     markdown,
     ratio_stat,
-    relative,
     run_links,
     seeds_note,
     verdict,
@@ -303,76 +303,6 @@ def feedback(results: Sequence[CellResult], out: Path) -> str:
             markdown([*header, "runs (plain / feedback)"], rows),
         ]
     )
-
-
-def _paper_speed(record: dict) -> str:
-    """The paper's figure beside one bench record: Table 1's CPU backprop speedups for
-    per-example top-k, Table 7's GPU speedup at the same k for unified top-k."""
-    if record.get("section") == "per-example" and record.get("mode") == "per_example":
-        return " / ".join(f"{t} {x:g}x" for t, x in paper.CPU_SPEEDUP.items()) + " (CPU)"
-    if record.get("mode") == "unified" and record.get("k") in paper.TABLE7:
-        return f"{paper.TABLE7[record['k']][1]:g}x (GPU, h=8192)"
-    return "—"
-
-
-def _bench_rows(records: Sequence[dict]) -> list[list[str]]:
-    rows = []
-    for r in records:
-        shape = f"{r.get('d_in', '?')}→{r.get('d_out', '?')}"
-        ratio = r.get("ratio_vs_dense")
-        rows.append(
-            [
-                str(r.get("batch", "—")),
-                shape,
-                str(r.get("k", "—")),
-                str(r.get("mode", "—")),
-                fmt(r.get("median_ms"), 3),
-                "—" if ratio is None else f"{ratio:.2f}x",
-                _paper_speed(r),
-            ]
-        )
-    return rows
-
-
-BENCH_HEADER = (
-    "batch",
-    "shape",
-    "k",
-    "mode",
-    "median ms",
-    "ours: speedup vs dense",
-    "paper",
-)
-
-
-def speed(results: Sequence[CellResult], out: Path) -> str:
-    """Each bench section's records as a table, beside the paper's figures: Table 1's CPU
-    backprop speedups (MNIST 21.4x, POS 65.4x, parsing 18.6x; per-example top-k) and
-    Table 7's GPU speedups (unified top-k, h = 8192, batch 1024)."""
-    table7 = ", ".join(f"k={k}: {x:g}x" for k, (_, x) in paper.TABLE7.items())
-    parts = [
-        "Speedups are ratios against dense from the same interleaved run (see each record's "
-        "load average). The paper's CPU figures are Table 1's backprop speedups per epoch in "
-        "its authors' C# code (MNIST 21.4x, POS 65.4x, parsing 18.6x), beside the "
-        "per-example section's rows; its GPU Table 7 (GTX 1080, unified top-k, synthetic "
-        f"data, batch 1024, h = 8192, dense {paper.TABLE7_DENSE_MS:.2f} ms) gives {table7}, "
-        "beside our unified rows at the same k."
-    ]
-    for result in results:
-        section = result.cell.key.get("section")
-        run = result.runs[0]
-        parts.append(f"**{section}** (`{' '.join(run.spec.command())}`)")
-        record = cache.read_json(run.directory / cache.BENCH_FILE)
-        if not cache.is_complete(run.spec, run.directory) or record is None:
-            parts.append("Missing: this section has not run yet.")
-            continue
-        load = record.get("load_average")
-        if load:
-            parts.append(f"Load average while it ran: {', '.join(f'{x:.1f}' for x in load)}.")
-        parts.append(markdown(BENCH_HEADER, _bench_rows(record.get("records") or [])))
-        link = relative(run.directory / cache.BENCH_FILE, out)
-        parts.append(f"Record: [{cache.BENCH_FILE}]({link}).")
-    return "\n\n".join(parts)
 
 
 RENDERERS = {

@@ -42,6 +42,22 @@ def results(spec: grids.RunSpec, status: str = "complete", epochs: int = 2) -> d
     return payload
 
 
+#: A record file of ``python -m experiments.bench --per-example --quick`` (its ``--out``
+#: renamed), the section's real structure.
+PER_EXAMPLE_FILE = Path(__file__).parent / "data" / "bench_per_example_quick.json"
+
+
+def bench_payload(section: str) -> dict:
+    """A bench record file for ``section``: the real quick per-example one, or one unified
+    row at Table 7's k = 32 for the other sections."""
+    if section == "per_example":
+        return json.loads(PER_EXAMPLE_FILE.read_text())
+    record = {"section": section, "batch": 256, "d_in": 4096, "d_out": 4096}
+    record |= {"k": 32, "mode": "unified", "median_ms": 0.25, "ratio_vs_dense": 2.0}
+    when = {"date": "2026-12-01T20:00:00+00:00", "cpu_count": 2}
+    return {"load_average": [1.0, 0.5, 0.25], **when, "records": [record]}
+
+
 class StubRunner:
     """Records its calls as ``(spec, mode)``; ``interrupt_at`` makes that call (0-based)
     leave a checkpoint and an interrupted ``results.json``, and return 130 like a run
@@ -55,11 +71,7 @@ class StubRunner:
         self.calls.append((spec, mode))
         (directory / cache.LOG_FILE).write_text("stub log\n")
         if spec.task == "bench":
-            record = {"section": spec.args[1], "batch": 10, "d_in": 784, "d_out": 500}
-            record |= {"k": 20, "mode": "per_example"}
-            record |= {"median_ms": 0.25, "ratio_vs_dense": 2.0}
-            payload = {"load_average": [1.0, 0.5, 0.25], "records": [record]}
-            (directory / cache.BENCH_FILE).write_text(json.dumps(payload))
+            (directory / cache.BENCH_FILE).write_text(json.dumps(bench_payload(spec.args[1])))
             return 0
         if len(self.calls) - 1 == self.interrupt_at:
             (directory / cache.CHECKPOINT_DIR / "1").mkdir(parents=True)

@@ -75,13 +75,13 @@ def test_the_report_lists_the_missing_cells_and_partial_seeds(tmp_path):
 
 def test_a_missing_bench_section_is_said_plainly(tmp_path):
     flags = all_flags()
-    flags["bench"] = flags["bench"] - {"--section=per-example"}
+    flags["bench"] = flags["bench"] - {"--section=per_example"}
     runner = StubRunner()
     argv = ["--quick", "--only", "speed", "--out", str(tmp_path / "r")]
     assert cli.main([*argv, "--cache", str(tmp_path / "c")], runner=runner, flags=flags) == 0
     assert [s.args[1] for s, _ in runner.calls] == ["layer", "steps", "mesimp"]
     text = (tmp_path / "r" / "README.md").read_text()
-    note = "section=per-example: not available (experiments.bench --section=per-example)"
+    note = "section=per_example: not available (experiments.bench --section=per_example)"
     assert f"Missing: {note}." in text and f"- speed: {note}" in text
 
 
