@@ -20,6 +20,9 @@ refused). The output layer stays dense unless ``--k-output`` is set.
 ``meprop_jax.Dense(sparse_update=True)``: their kernels' gradients stay compact and the
 column-sparse ``--optimizer`` updates only the selected columns (Adam becomes lazy Adam). The
 output layer (and ``--k-output``) keeps the masked dense gradient. It needs ``--k >= 1``.
+``--kernel-grad compact`` builds the same layers but keeps the authors' update: the optimizer
+moves every weight as it would on the masked gradient (``sparse_adam(lazy=False)``), without
+a dense kernel gradient.
 
 ``--model cnn`` trains :class:`~experiments.mnist.cnn.CNN` instead: two 3x3
 ``meprop_jax.Conv`` layers (``--channels``, default 32,64), each -> ReLU -> 2x2 max pooling,
