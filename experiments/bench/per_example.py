@@ -19,6 +19,9 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
   with the kernel stored ``[in, out]`` and ``[out, in]`` (``:out_in``).
 * ``lstm`` (the gates of an LSTM cell, ``[x, h] -> 4h`` with h = 500, batch 8, k = 5 and 10
   per gate): the backward pass of :func:`meprop_jax.multi_linear` with ``groups=4``.
+* ``parser`` (the parser's hidden layer, 2400 -> 500, minibatches of 250, k = 20): the
+  backward pass as in ``layer``. Its rows cover the layer, so the weight gradient is the full
+  product of the masked gradient; only ``dx`` can follow k (natively, for ``[out, in]``).
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
   dense with ``optax.adam``; per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), in both layouts; the authors' rule from compact gradients
@@ -64,11 +67,16 @@ LAYER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((10, 784, 500, 20), (10, 
 LSTM_SHAPES: tuple[tuple[int, int, tuple[int, ...]], ...] = ((8, 500, (5, 10)),)
 # (sizes, batch, k)
 MNIST_CONFIG: tuple[tuple[int, ...], int, int] = ((784, 500, 500, 10), 10, 20)
+# (batch, in, out, k): the parser's hidden layer (48 features of 50 dims -> 500) at its
+# minibatches of 250 transitions, whose rows cover the layer (250 * 20 >= 500).
+PARSER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((250, 2400, 500, 20),)
 STEPS = 200  # minibatches per timed call
+PARSER_STEPS = 20  # its steps take milliseconds
 
 QUICK_LAYER_SHAPES = ((4, 24, 16, 2),)
 QUICK_LSTM_SHAPES = ((2, 8, (1,)),)
 QUICK_MNIST_CONFIG = ((16, 12, 12, 10), 4, 2)
+QUICK_PARSER_SHAPES = ((12, 24, 16, 2),)
 QUICK_STEPS = 3
 
 MODE = "per_example"
@@ -331,6 +339,11 @@ def bench_per_example(*, quick: bool, repeats: int, warmup: int, seed: int) -> l
         records += bench_gates(batch, (h, h), 4 * h, ks, 4, seed=seed, section="lstm", **common)
     sizes, batch, k = QUICK_MNIST_CONFIG if quick else MNIST_CONFIG
     records += bench_mnist_steps(sizes, batch, k, seed=seed, **common)
+    parser = dict(common, steps=QUICK_STEPS if quick else PARSER_STEPS)
+    for batch, d_in, d_out, k in QUICK_PARSER_SHAPES if quick else PARSER_SHAPES:
+        records += bench_gates(
+            batch, (d_in,), d_out, (k,), 1, seed=seed, section="parser", **parser
+        )
     return records
 
 

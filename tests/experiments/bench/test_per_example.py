@@ -9,7 +9,7 @@ from experiments.bench.per_example import bench_per_example, format_per_example
 def test_quick_section_times_every_group_against_its_dense_row():
     records = bench_per_example(quick=True, repeats=1, warmup=0, seed=0)
     groups = {r.section for r in records}
-    assert groups == {"layer", "layer+update", "lstm", "mnist"}
+    assert groups == {"layer", "layer+update", "lstm", "mnist", "parser"}
     for group in groups:
         rows = [r for r in records if r.section == group]
         dense = [r for r in rows if r.mode.startswith("dense")]

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from experiments.report import cli, grids
-from tests.experiments.report.stub import StubRunner, all_flags
+from tests.experiments.report.stub import PER_EXAMPLE_FILE, StubRunner, all_flags
 
 
 def _main(tmp_path, *argv, runner=None, flags=None):
@@ -37,12 +37,22 @@ def test_quick_report_end_to_end(tmp_path):
     assert "97.82" in text and "98.01" in text and "Quick run" in text
     # The bench records' tables: the per-example section's own, beside Table 1's CPU
     # speedups, and the unified rows beside Table 7's GPU ones; each with its date and load.
-    row = "| layer backward | 4 × 24→16 | 2 | per_example:out_in | native (C++ FFI) | 0.021 | 1.72x"
+    fixture = json.loads(PER_EXAMPLE_FILE.read_text())
+    rec = next(
+        r
+        for r in fixture["records"]
+        if r["section"] == "layer" and r["mode"] == "per_example:out_in k=2 [native]"
+    )
+    row = (
+        "| layer backward | 4 × 24→16 | 2 | per_example:out_in | native (C++ FFI) | "
+        f"{rec['median_ms']:.3f} | {rec['ratio_vs_dense']:.2f}x"
+    )
     assert row in text
     assert "| MNIST | 20 | 169.5 → 7.9 | 21.4x |" in text and "| POS | 5 |" in text
     assert "What is and is not comparable: the paper's CPU speedups are Table 1's" in text
     assert "| 256 | 4096→4096 | 32 | unified | 0.250 | 2.00x | 27.5x (GPU, h=8192) |" in text
-    assert "Ran 2026-12-07T02:50:21+00:00 on 2 CPUs; load average 2.35, 1.94, 1.92" in text
+    load = ", ".join(f"{x:.2f}" for x in fixture["load_average"])
+    assert f"Ran {fixture['date']} on 2 CPUs; load average {load}" in text
     assert text.count("Ran 2026-12-01T20:00:00+00:00 on 2 CPUs; load average 1.00") == 3
     assert re.search(r"\| (holds|within seed spread|does not hold) \|", text)
     links = re.findall(r"\]\(([^)]+results\.json)\)", text)

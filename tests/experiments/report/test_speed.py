@@ -75,6 +75,7 @@ def test_paper_speed_for_per_example_rows(payload):
     assert beside("lstm", 10, "per_example k=10 [xla]") == "—"
     assert beside("layer", 0, "dense") == "—"
     assert beside("layer+update", 0, "dense+adam") == "—"
+    assert beside("parser", 20) == "parsing 18.6x (CPU, backprop)"
     # A whole step has a forward pass: Table 2's FP+BP speedup (240 s / 77 s) beside it.
     assert beside("mnist", 20) == f"{mnist}; 3.1x (CPU, FP+BP)"
     # The layer section's per-example rows are not the paper's CPU setting.
@@ -93,7 +94,7 @@ def test_paper_cpu_table_gives_table1_beside_our_nearest_rows():
     table = speed.paper_cpu_table()
     assert "| MNIST | 20 | 169.5 → 7.9 | 21.4x | layer backward 784→500" in table
     assert "| POS | 5 | 16,167.3 → 247.2 | 65.4x | LSTM gates backward, h=500, k=5 |" in table
-    assert "| parsing | 20 | 9,077.7 → 488.7 | 18.6x | none:" in table
+    assert "| parsing | 20 | 9,077.7 → 488.7 | 18.6x | parser hidden layer backward" in table
 
 
 def test_record_line_states_date_and_load(payload):
