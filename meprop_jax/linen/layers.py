@@ -17,6 +17,7 @@ from flax.linen.dtypes import promote_dtype
 
 from meprop_jax._src import adaptive as _adaptive
 from meprop_jax._src import feedback, rowwise
+from meprop_jax._src import layout as _layout
 from meprop_jax._src import linear as _linear
 from meprop_jax._src import recurrent as _recurrent
 from meprop_jax._src import selection as _selection
@@ -473,21 +474,4 @@ def to_kernel_layout(params, kernel_layout: str, *, where=None):
     Returns:
       A new tree (plain dicts); the arrays are transposed copies.
     """
-    layout = rowwise.check_kernel_layout(kernel_layout)
-    src, dst = (
-        ("kernel", TRANSPOSED_KERNEL) if layout == "out_in" else (TRANSPOSED_KERNEL, "kernel")
-    )
-
-    def convert(node, path):
-        if not hasattr(node, "items"):
-            return node
-        out = {}
-        for name, value in node.items():
-            leaf = not hasattr(value, "items")
-            if name == src and leaf and jnp.ndim(value) == 2 and (where is None or where(path)):
-                out[dst] = jnp.asarray(value).T
-            else:
-                out[name] = convert(value, (*path, name))
-        return out
-
-    return convert(params, ())
+    return _layout.convert_kernels(params, kernel_layout, lambda a: jnp.asarray(a).T, where)

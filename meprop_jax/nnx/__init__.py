@@ -8,12 +8,15 @@
   (:mod:`meprop_jax.nnx.sparsify`).
 * :class:`Optimizer` and :class:`CompactGrads`: compact, column-sparse steps
   (:mod:`meprop_jax.nnx.optimizer`).
+* :func:`to_kernel_layout`: converts states between the kernel layouts of
+  ``kernel_layout="in_out"`` (stock) and ``"out_in"`` (:mod:`meprop_jax.nnx.layout`).
 """
 
 from meprop_jax._src.collections import RNG_COLLECTION
 from meprop_jax._src.paths import SparsifiedLayer
 from meprop_jax.nnx.general import LinearGeneral
 from meprop_jax.nnx.layers import Conv, FeedbackMemory, Linear, LSTMCell
+from meprop_jax.nnx.layout import to_kernel_layout
 from meprop_jax.nnx.optimizer import CompactGrads, Optimizer
 from meprop_jax.nnx.sparsify import SparsifiedModel, sparsify
 
@@ -29,4 +32,5 @@ __all__ = [
     "SparsifiedLayer",
     "SparsifiedModel",
     "sparsify",
+    "to_kernel_layout",
 ]

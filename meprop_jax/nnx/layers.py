@@ -35,8 +35,10 @@ from meprop_jax._src import conv as _conv
 from meprop_jax._src import feedback as _feedback
 from meprop_jax._src import linear as _linear
 from meprop_jax._src import recurrent as _recurrent
+from meprop_jax._src import rowwise
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax.nnx import layout as _layout
 from meprop_jax.nnx.optimizer import layer_tap
 
 Array = jax.Array
@@ -136,9 +138,17 @@ class Linear(nnx.Linear):
         indices instead of an ``[in, out]`` array, which :meth:`Optimizer.update` applies
         column by column (see :mod:`meprop_jax.optim`). Anywhere else (evaluation, a plain
         ``nnx.grad``) the layer is plain meProp. No effect on a dense layer.
+      kernel_layout: ``"in_out"`` (the default: the stock ``kernel [in, out]``) or
+        ``"out_in"``: the kernel is stored transposed as the attribute ``kernel_t [out, in]``
+        (state key ``kernel_t``, as in :class:`meprop_jax.Dense`), so that the columns a
+        per-row backward pass selects are contiguous rows (faster on a CPU; see
+        :func:`meprop_jax.linear`). The same ``rngs`` give the same (transposed) values and
+        the outputs and gradients are those of the stock layout;
+        :func:`meprop_jax.nnx.to_kernel_layout` converts states between the layouts. Takes
+        no ``dot_general`` hook.
 
     Raises:
-      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+      TypeError, ValueError: for an invalid ``k``, ``mode`` or ``kernel_layout``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -173,9 +183,15 @@ class Linear(nnx.Linear):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         feedback: float = 0.0,
         sparse_update: bool = False,
+        kernel_layout: str = "in_out",
     ):
         k = _selection.check_k(k)
         mode = _selection.check_mode(mode)
+        layout = rowwise.check_kernel_layout(kernel_layout)
+        if dot_general is not lax.dot_general and layout == "out_in":
+            raise ValueError(
+                "meprop_jax.nnx.Linear with kernel_layout='out_in' does not take a dot_general hook"
+            )
         if dot_general is not lax.dot_general and not _selection.is_dense(k, out_features):
             raise ValueError("meprop_jax.nnx.Linear with k > 0 does not take a dot_general hook")
         decay = _feedback.check_decay(feedback)
@@ -197,6 +213,7 @@ class Linear(nnx.Linear):
             kernel_metadata=kernel_metadata,
             bias_metadata=bias_metadata,
         )
+        _layout.store_kernel(self, layout)
         _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         sparse_memory = decay and not _selection.is_dense(k, out_features)
         self.feedback = decay
@@ -217,13 +234,14 @@ class Linear(nnx.Linear):
         Returns:
           ``[..., out_features]``.
         """
-        if _selection.is_dense(self.k, self.out_features):
+        dense = _selection.is_dense(self.k, self.out_features)
+        if dense and self.kernel_layout == "in_out":
             return super().__call__(inputs, out_sharding)
-        kernel = self.kernel[...]
+        kernel = _layout.stored_kernel(self)
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = _step_key(self, rngs)
-        tap = layer_tap(self, inputs, kernel) if self.sparse_update else None
+        key = None if dense else _step_key(self, rngs)
+        tap = layer_tap(self, inputs, kernel) if self.sparse_update and not dense else None
         y = _linear.linear(
             inputs,
             kernel,
@@ -237,6 +255,7 @@ class Linear(nnx.Linear):
             tap=tap,
             memory=None if self.meprop_memory is None else self.meprop_memory[...],
             decay=0.0 if self.meprop_memory is None else self.feedback,
+            kernel_layout=self.kernel_layout,
         )
         if out_sharding is not None:
             y = jax.sharding.reshard(y, out_sharding)
@@ -257,10 +276,8 @@ class LSTMCell(nnx.LSTMCell):
 
     This is our reading of meProp for LSTMs: the authors never released their LSTM code; we
     sparsify the gate pre-activation gradient, ``k`` entries per gate, at every step. With
-    ``k = 0`` or ``k >= hidden_features`` the cell runs exactly as ``flax.nnx.LSTMCell``.
-    Its kernels keep the stock layout, ``[in, h]`` and ``[h, h]``: the transposed layout of
-    the per-row backward pass, ``kernel_layout="out_in"``, is offered by the Linen cell
-    (:class:`meprop_jax.linen.LSTMCell`) only.
+    ``k = 0`` or ``k >= hidden_features`` (and the stock layout) the cell runs exactly as
+    ``flax.nnx.LSTMCell``.
 
     Args:
       in_features: input size.
@@ -276,12 +293,20 @@ class LSTMCell(nnx.LSTMCell):
         runs one product per gate and input, exactly as ``flax.nnx.LSTMCell`` does, so the
         forward pass is the stock one bit for bit (:func:`meprop_jax.nnx.sparsify`'s cells).
         The two differ by float rounding.
+      kernel_layout: ``"in_out"`` (the default: the stock kernels ``[in, h]`` and ``[h, h]``)
+        or ``"out_in"``: every gate's input and recurrent kernel is stored transposed, as
+        ``kernel_t`` (``[h, in]``, ``[h, h]``), and the gates are then dense
+        :class:`Linear` layers with that layout, so that the per-row backward pass gathers
+        contiguous kernel rows. The same ``rngs`` give the same (transposed) values;
+        :func:`meprop_jax.nnx.to_kernel_layout` converts states (a stock cell's included).
+        The forward pass contracts the transposed kernels, so it matches the stock cell to
+        float rounding rather than bit for bit, also with ``k = 0``.
       gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init, dtype,
         param_dtype, carry_init, promote_dtype, keep_rngs, kernel_metadata,
         recurrent_kernel_metadata, bias_metadata: as in ``flax.nnx.LSTMCell``.
 
     Raises:
-      TypeError, ValueError: for an invalid ``k`` or ``mode``.
+      TypeError, ValueError: for an invalid ``k``, ``mode`` or ``kernel_layout``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -316,9 +341,11 @@ class LSTMCell(nnx.LSTMCell):
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         recurrent_kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        kernel_layout: str = "in_out",
     ):
         k = _selection.check_k(k)
         mode = _selection.check_mode(mode)
+        layout = rowwise.check_kernel_layout(kernel_layout)
         super().__init__(
             in_features,
             hidden_features,
@@ -339,6 +366,10 @@ class LSTMCell(nnx.LSTMCell):
         )
         _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         self.fused_gates = bool(fused_gates)
+        self.kernel_layout = layout
+        if layout == "out_in":
+            for gate in _gates(self):
+                _as_dense_linear(gate, layout)
 
     def __call__(
         self, carry: tuple[Array, Array], inputs: Array, *, rngs: RngArg = None
@@ -353,26 +384,45 @@ class LSTMCell(nnx.LSTMCell):
         Returns:
           ``((c', h'), h')``.
         """
-        if _selection.is_dense(self.k, 4 * self.hidden_features, groups=4):
+        dense = _selection.is_dense(self.k, 4 * self.hidden_features, groups=4)
+        if dense and self.kernel_layout == "in_out":
             # Nothing is dropped: the stock cell, bit for bit.
             return super().__call__(carry, inputs)
-        recurrent = (self.hi, self.hf, self.hg, self.ho)
-        key = _step_key(self, rngs)
+        gates = _gates(self)
+        key = None if dense else _step_key(self, rngs)
         return _recurrent.lstm_step(
             carry,
             inputs,
-            [m.kernel[...] for m in (self.ii, self.if_, self.ig, self.io)],
-            [m.kernel[...] for m in recurrent],
-            [m.bias[...] for m in recurrent],
+            [_layout.stored_kernel(m) for m in gates[:4]],
+            [_layout.stored_kernel(m) for m in gates[4:]],
+            [m.bias[...] for m in gates[4:]],
             promote=lambda arrays: self.promote_dtype(arrays, dtype=self.dtype),
             gate_fn=self.gate_fn,
             activation_fn=self.activation_fn,
             fused=self.fused_gates,
+            kernel_layout=self.kernel_layout,
             k=self.k,
             mode=self.mode,
             key=key,
             sparse_bias=self.sparse_bias,
         )
+
+
+def _gates(cell: nnx.LSTMCell) -> tuple[nnx.Linear, ...]:
+    """The cell's gate layers: the input ones (no bias), then the recurrent ones, i, f, g, o."""
+    return (cell.ii, cell.if_, cell.ig, cell.io, cell.hi, cell.hf, cell.hg, cell.ho)
+
+
+def _as_dense_linear(gate: nnx.Linear, kernel_layout: str) -> None:
+    """Turns a freshly built stock gate into a dense :class:`Linear` in ``kernel_layout``.
+
+    In place, keeping its values: the stock gate would read a ``kernel`` that the transposed
+    layout no longer has, while ours reads ``kernel_t``.
+    """
+    gate.__class__ = Linear  # a new module, in no graphdef yet
+    _set_meprop(gate, 0, "unified", False, None, RNG_COLLECTION)
+    gate.feedback, gate.sparse_update, gate.meprop_memory = 0.0, False, None
+    _layout.store_kernel(gate, kernel_layout)
 
 
 class Conv(nnx.Conv):

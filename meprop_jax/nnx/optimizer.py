@@ -32,6 +32,7 @@ from flax.nnx import filterlib
 from meprop_jax import optim
 from meprop_jax._src import selection as _selection
 from meprop_jax._src import taps as _taps
+from meprop_jax.nnx.layout import kernel_name
 
 Array = jax.Array
 PyTree = Any
@@ -140,9 +141,15 @@ def _nested(flat: dict[Path, Any]) -> dict:
     return tree
 
 
-def _kernel_taps(taps: dict[Path, Any]) -> dict:
+def _kernel_path(path: Path, layer: nnx.Module) -> Path:
+    """The state path of a layer's kernel: ``(*path, "kernel")``, or ``"kernel_t"`` for one
+    stored ``[out, in]`` (which the compact optimizers then update row by row)."""
+    return (*path, kernel_name(layer))
+
+
+def _kernel_taps(taps: dict[Path, Any], layers: dict[Path, nnx.Module]) -> dict:
     """Taps (or their gradients) at their kernels' paths, mirroring the parameter dict."""
-    return _nested({(*path, "kernel"): tap for path, tap in taps.items()})
+    return _nested({_kernel_path(path, layers[path]): tap for path, tap in taps.items()})
 
 
 class Optimizer(nnx.Pytree):
@@ -221,10 +228,11 @@ class Optimizer(nnx.Pytree):
         tx = optim.compact(tx)
         self.tx = tx
         self.wrt = wrt
-        self.tapped = tuple(tapped_layers(model))
+        layers = tapped_layers(model)
+        self.tapped = tuple(layers)
         params = nnx.to_pure_dict(nnx.state(model, wrt))
         taps = _kernel_taps(
-            {path: _taps.CompactGrad(*(jnp.zeros(()),) * 3) for path in self.tapped}
+            {path: _taps.CompactGrad(*(jnp.zeros(()),) * 3) for path in self.tapped}, layers
         )
         try:
             state = tx.init(params, taps)
@@ -290,7 +298,7 @@ class Optimizer(nnx.Pytree):
             )
             for path, layer in layers.items()
         }
-        kernels = {(*path, "kernel") for path in self.tapped}
+        kernels = {_kernel_path(path, layer) for path, layer in layers.items()}
         free = nnx.All(self.wrt, nnx.Not(lambda path, _: tuple(path) in kernels))
 
         def tapped_loss(model, taps):
@@ -345,7 +353,7 @@ class Optimizer(nnx.Pytree):
                 f"(CompactGrads), got {type(grads).__name__}: a plain nnx.grad has no compact "
                 "kernel gradients"
             )
-        self._check_model(model)
+        layers = self._check_model(model)
         names = {_name(p): p for p in self.tapped}
         if set(grads.taps) != set(names):
             raise ValueError(
@@ -359,7 +367,9 @@ class Optimizer(nnx.Pytree):
             nnx.to_pure_dict(nnx.state(grads.params, self.wrt)),
             opt_state,
             params,
-            _kernel_taps({names[n]: tap for n, tap in grads.taps.items()}) if names else None,
+            _kernel_taps({names[n]: tap for n, tap in grads.taps.items()}, layers)
+            if names
+            else None,
         )
         nnx.replace_by_pure_dict(state, new_params)
         nnx.update(model, state)

@@ -222,6 +222,8 @@ def sparsify(
                 node.feedback, node.meprop_memory = 0.0, None
             if ours is mnnx.LSTMCell:  # the stock cell's products, bit for bit
                 node.fused_gates = False
+            if ours in (mnnx.Linear, mnnx.LSTMCell):  # a stock layer's kernels: [in, out]
+                node.kernel_layout = "in_out"
             _set_meprop(node, ours, row.k, opts, rngs)
     return SparsifiedModel(model, plan)
 
