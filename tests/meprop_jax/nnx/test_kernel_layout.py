@@ -20,7 +20,7 @@ from flax import nnx
 import meprop_jax
 from meprop_jax import nnx as mnnx
 from meprop_jax import optim
-from meprop_jax._src import native
+from meprop_jax._src import native, rowwise
 from meprop_jax.linen import TRANSPOSED_KERNEL
 
 # 6 rows of k = 2: 12 columns leave some of HIDDEN's untouched and cover NARROW's.
@@ -170,6 +170,39 @@ def test_same_outputs_and_gradients_as_the_stock_layout(mode, native_on):
     # The gradients are sparse: some columns dropped (else the check proves little).
     dead = np.all(np.asarray(grads["hidden"][0]["kernel"]) == 0, axis=0)
     assert dead.any() and not dead.all()
+
+
+def spy_on_per_row_backward(monkeypatch, native_on):
+    """Records ``(kernel_layout, kernel shape)`` of every per-row backward product."""
+    seen = []
+    if native_on:
+        real_native = rowwise.native_backward
+
+        def native_spy(xs, kernels, g, scores, k, groups, layout, *args, **kwargs):
+            seen.extend((layout, w.shape) for w in kernels)
+            return real_native(xs, kernels, g, scores, k, groups, layout, *args, **kwargs)
+
+        monkeypatch.setattr(rowwise, "native_backward", native_spy)
+    else:
+        real_xla = rowwise.gathered_input_grad
+
+        def xla_spy(g_kept, idx, kernel, kernel_layout, *args):
+            seen.append((kernel_layout, kernel.shape))
+            return real_xla(g_kept, idx, kernel, kernel_layout, *args)
+
+        monkeypatch.setattr(rowwise, "gathered_input_grad", xla_spy)
+    return seen
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "xla"])
+def test_per_row_backward_gathers_rows_of_the_transposed_kernel(native_on, monkeypatch):
+    seen = spy_on_per_row_backward(monkeypatch, native_on)
+    model = MLP(nnx.Rngs(0), layout="out_in")
+    x, y = data()
+    with contextlib.nullcontext() if native_on else native.disabled():
+        value_and_grads(model, x, y, (None, None))
+    assert ("out_in", (HIDDEN, IN)) in seen
+    assert all(layout == "out_in" for layout, _ in seen)
 
 
 def linen_key(layer, variables, key):
