@@ -9,7 +9,8 @@ from __future__ import annotations
 #: The RNG stream (Linen and NNX) that ``mode="random"`` draws its keys from.
 RNG_COLLECTION = "meprop"
 
-#: Parameter (and tap) name of a ``Dense(kernel_layout="out_in")`` kernel, stored ``[out, in]``.
+#: Parameter (and tap) name of a kernel stored ``[out, in]`` (``kernel_layout="out_in"``): Linen
+#: ``Dense``'s parameter, NNX ``Linear``'s attribute.
 TRANSPOSED_KERNEL = "kernel_t"
 
 #: Variable collection holding the compact-gradient taps of ``Dense(sparse_update=True)``.

@@ -354,7 +354,7 @@ class LSTMCell(nn.LSTMCell):
         (transposed) weights; :func:`to_kernel_layout` converts parameter trees between the
         layouts. The forward pass contracts the transposed kernels, so it matches the stock
         cell to float rounding rather than bit for bit, also with ``k = 0``. The NNX cell
-        (:class:`meprop_jax.nnx.LSTMCell`) keeps the stock layout only.
+        (:class:`meprop_jax.nnx.LSTMCell`) takes the same option.
 
     ``gate_fn``, ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
     ``dtype``, ``param_dtype`` and ``carry_init`` behave as in ``flax.linen.LSTMCell``, and so
@@ -473,5 +473,8 @@ def to_kernel_layout(params, kernel_layout: str, *, where=None):
 
     Returns:
       A new tree (plain dicts); the arrays are transposed copies.
+
+    A pure dict of an NNX state (``nnx.to_pure_dict``) converts here too;
+    :func:`meprop_jax.nnx.to_kernel_layout` converts an ``nnx.State`` into an ``nnx.State``.
     """
     return _layout.convert_kernels(params, kernel_layout, lambda a: jnp.asarray(a).T, where)

@@ -2,8 +2,10 @@
 
 ``Linear`` and ``LSTMCell`` are drop-ins for ``flax.nnx.Linear`` and ``flax.nnx.LSTMCell``:
 the same constructor arguments and defaults, the same parameter structure and, for the same
-``rngs``, the same initial values, plus the meProp arguments ``k``, ``mode``, ``sparse_bias``
-and ``rng_collection``. ``k`` and ``mode`` are validated when the module is built.
+``rngs``, the same initial values, plus the meProp arguments ``k``, ``mode``, ``sparse_bias``,
+``rng_collection`` and ``kernel_layout`` (``"out_in"`` stores each kernel transposed, as
+``kernel_t``, for the per-row modes' backward on a CPU; see :mod:`meprop_jax.nnx.layout`).
+``k``, ``mode`` and ``kernel_layout`` are validated when the module is built.
 
 RNG convention for ``mode="random"`` (the other modes need no RNG): at construction, after the
 parameters are drawn, the module forks the stream ``rngs[rng_collection]`` (default
