@@ -165,6 +165,9 @@ class Optimizer(nnx.Pytree):
     is updated densely. The step equals the Linen
     :class:`meprop_jax.TrainState`'s on the same model and data.
 
+    A layer with ``kernel_layout="out_in"`` is updated in its ``kernel_t [out, in]``, whose
+    selected columns (and those of its optimizer state) are contiguous rows.
+
     Each ``sparse_update`` layer must be applied once per step (no weight sharing, no scan
     over one layer) by the loss. Run the step under ``nnx.jit`` so that the column updates
     are done in place.
