@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         "per-example k = 20 climbs steadily instead of swinging from epoch to epoch)",
     )
     m.add_argument(
+        "--kernel-layout",
+        choices=("auto", "in_out", "out_in"),
+        default="auto",
+        help="how the hidden layer's kernel is stored: in_out ([in, out], flax's) or out_in "
+        "([out, in], the fast layout of per-row top-k; same values and math); auto (default) is "
+        "out_in for --mode per-example/random with --k >= 1, without --mesimp, else in_out",
+    )
+    m.add_argument(
         "--min-count", type=int, default=2, help="rarer training words are UNKNOWN (default 2)"
     )
     p = flag_group(parser, "meProp")

@@ -146,6 +146,14 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings
         )
         hidden, k = args.hidden, args.k
     mesimp = simplify.check_mesimp(args)
+    layout = args.kernel_layout
+    if layout == "auto":
+        per_row = args.mode.replace("-", "_") in ("per_example", "random")
+        layout = "out_in" if per_row and k >= 1 and not mesimp.get("mesimp") else "in_out"
+    check(
+        layout == "in_out" or not mesimp.get("mesimp"),
+        "--mesimp needs [in, out] kernels: drop --kernel-layout out_in",
+    )
     decay = feedback_flags.check_feedback(args, k)
     adaptive = feedback_flags.check_adaptive(args, k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
@@ -165,6 +173,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings
         limit_train=args.limit_train,
         feedback=decay,
         adaptive=adaptive,
+        kernel_layout=layout,
         **mesimp,
     )
 

@@ -35,6 +35,7 @@ __all__ = [
     "Vocab",
     "Vocabularies",
     "fast_logits",
+    "hidden_kernel",
     "hidden_tables",
     "normalize_word",
 ]
@@ -184,6 +185,10 @@ class ParserMLP(nn.Module):
       record: keep meSimp's activity record in the hidden layer (``"mesimp"`` at ``hidden``).
       feedback: error-feedback decay of the hidden layer (``Dense(feedback=...)``; 0 = none).
       adaptive: adaptive k of the hidden layer (``Dense(adaptive=...)``; None = fixed k).
+      kernel_layout: the hidden layer's ``Dense(kernel_layout=...)``: ``"in_out"`` (stock
+        ``kernel [in, hidden]``) or ``"out_in"`` (``kernel_t [hidden, in]``, the fast layout of
+        the per-row modes). The output layer keeps the stock layout: its k is 0 by default and
+        its 500 x T kernel is a small share of the step.
     """
 
     num_words: int
@@ -200,6 +205,7 @@ class ParserMLP(nn.Module):
     record: bool = False
     feedback: float = 0.0
     adaptive: meprop_jax.AdaptiveK | None = None
+    kernel_layout: str = "in_out"
 
     @property
     def num_features(self) -> int:
@@ -233,6 +239,7 @@ class ParserMLP(nn.Module):
             record=self.record,
             feedback=self.feedback,
             adaptive=self.adaptive,
+            kernel_layout=self.kernel_layout,
             name="hidden",
         )(x)
         h = _activation(h, self.activation)
@@ -243,11 +250,20 @@ class ParserMLP(nn.Module):
         )(h)
 
 
+def hidden_kernel(params: Any) -> jax.Array:
+    """The hidden layer's kernel ``[F * embed_dim, hidden]`` in either layout (the transpose
+    of ``kernel_t`` for ``kernel_layout="out_in"``)."""
+    hidden = params["params"]["hidden"]
+    if meprop_jax.linen.TRANSPOSED_KERNEL in hidden:
+        return hidden[meprop_jax.linen.TRANSPOSED_KERNEL].T
+    return hidden["kernel"]
+
+
 def hidden_tables(model: ParserMLP, params: Any) -> list[jax.Array]:
     """Per-position hidden contributions: one ``[positions, rows, hidden]`` array per
     embedding table, ``out[p, v] = E[v] @ W_p``."""
     p = params["params"]
-    kernel = p["hidden"]["kernel"]
+    kernel = hidden_kernel(params)
     out, start = [], 0
     for name, _, positions in model.tables():
         block = kernel[start * model.embed_dim : (start + positions) * model.embed_dim]

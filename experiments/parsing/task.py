@@ -70,6 +70,7 @@ class ParserSettings:
     mesimp_prunes_per_epoch: int = mesimp_loop.DEFAULT_PRUNES_PER_EPOCH
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
+    kernel_layout: str = "in_out"
 
     def model(self, vocab: Vocabularies, hidden: int | None = None) -> ParserMLP:
         """The MLP these settings describe, sized for ``vocab``; ``hidden`` overrides the
@@ -89,11 +90,13 @@ class ParserSettings:
             record=self.mesimp,
             feedback=self.feedback,
             adaptive=self.adaptive,
+            kernel_layout=self.kernel_layout,
         )
 
     def model_json(self) -> dict[str, Any]:
         """The fields that shape the model (stored with the vocabularies)."""
         keys = ("embed_dim", "hidden", "k", "mode", "k_output", "kdim", "activation", "dropout")
+        keys += ("kernel_layout",)  # the saved parameters' names and shapes
         if self.mesimp:  # the record's collection is part of the saved variables
             keys += ("mesimp",)
         return {key: getattr(self, key) for key in keys}
