@@ -41,8 +41,11 @@ points from epoch to epoch (seed 0: 76.8, 83.8, 76.3); with dropout 0.5 it climb
 Why 6 epochs: with dropout the dev UAS of k = 20 peaks at epochs 5-6 (seeds 0-2) and that of
 ordinary backprop at epochs 4-6.
 The price of per-example selection: 250 examples x 20 columns cover the whole 500-unit layer,
-so the backward runs full-width products and an epoch takes as long as ordinary backprop's;
-``--mode unified`` is the fast variant (README: Dependency parsing). Evaluation decodes 64
+so the weight gradient is full-width, and with the stock ``[in, out]`` kernel an epoch took as
+long as ordinary backprop's. ``--kernel-layout auto`` therefore stores the hidden kernel
+``[out, in]`` for the per-row modes, where the native CPU kernels compute each row's input
+gradient from its own k kernel rows (README: Dependency parsing, for the measured epochs);
+``--mode unified`` is the fast variant. Evaluation decodes 64
 sentences per batch (``--eval-batch-size``): larger batches were slower on the CPU.
 
 After training, the test set is parsed again with the best epoch's parameters to measure the
