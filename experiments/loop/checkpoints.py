@@ -158,16 +158,38 @@ def restore_params(out: Path, template: Params, epoch: int | None = None) -> tup
     return restored["state"]["params"], epoch
 
 
-def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Differing settings; a loop setting missing from ``saved`` (a checkpoint written before
-    the setting existed) counts as its default."""
+def config_changes(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    task_defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Differing settings; a setting missing from ``saved`` (a checkpoint written before the
+    setting existed) counts as its default: the loop's, or the task's (``task_defaults``, see
+    :func:`task_setting_defaults`)."""
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(TrainConfig)
-        if f.default is not dataclasses.MISSING
-    }
+    defaults = {**(task_defaults or {}), **_field_defaults(TrainConfig)}
     return sorted(k for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
+
+
+def _field_defaults(cls: Any) -> dict[str, Any]:
+    """A dataclass's field defaults as they read back from JSON (tuples as lists, ...)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            try:
+                out[f.name] = json.loads(json.dumps(f.default))
+            except TypeError:  # not JSON: no default to compare with
+                pass
+    return out
+
+
+def task_setting_defaults(task: Any) -> dict[str, Any]:
+    """The defaults of ``task.settings`` (a dataclass, as the tasks here have), so that a run
+    saved before a task setting existed still resumes under that setting's default value."""
+    settings = getattr(task, "settings", None)
+    if not dataclasses.is_dataclass(settings):
+        return {}
+    return _field_defaults(type(settings))
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
@@ -231,7 +253,7 @@ def saved_run(cfg: TrainConfig, task: Any) -> tuple[list[dict[str, Any]], list[s
         return None
     meta = _saved_meta(directory)
     current = run_config(task, cfg, 0)  # the device count may change (RESUMABLE_CHANGES)
-    changed = config_changes(meta["config"], current)
+    changed = config_changes(meta["config"], current, task_setting_defaults(task))
     return list(meta["history"]), [
         f"{k} ({meta['config'].get(k)!r} there, {current.get(k)!r} now)" for k in changed
     ]

@@ -1,5 +1,7 @@
 """Tests of experiments.loop.checkpoints: the run folder checks and a refused resume."""
 
+import dataclasses
+import types
 from pathlib import Path
 
 import jax
@@ -93,6 +95,26 @@ def test_the_best_dev_epochs_checkpoint_outlives_the_kept_latest(
     assert epoch == 2
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(short.state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_task_setting_newer_than_the_run_counts_as_its_default() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        hidden: int = 500
+        kernel_layout: str = "in_out"
+        channels: tuple[int, ...] = (32, 64)
+
+    task = types.SimpleNamespace(settings=Settings())
+    defaults = checkpoints.task_setting_defaults(task)
+    assert defaults == {"hidden": 500, "kernel_layout": "in_out", "channels": [32, 64]}
+    saved = {"hidden": 500}  # written before kernel_layout and channels existed
+    now = {"hidden": 500, "kernel_layout": "in_out", "channels": [32, 64]}
+    assert checkpoints.config_changes(saved, now, defaults) == []
+    moved = {**now, "kernel_layout": "out_in"}
+    assert checkpoints.config_changes(saved, moved, defaults) == ["kernel_layout"]
+    # Without the task's defaults a missing setting differs from any value.
+    assert checkpoints.config_changes(saved, now) == ["channels", "kernel_layout"]
+    assert checkpoints.task_setting_defaults(types.SimpleNamespace()) == {}
 
 
 def test_config_changes_ignores_resumable_settings() -> None:
