@@ -94,6 +94,35 @@ def add_mode_argument(
     )
 
 
+def add_kernel_layout_argument(group: Any, stored: str, auto_when: str) -> None:
+    """``--kernel-layout {auto,in_out,out_in}``; ``stored`` names the kernels it stores,
+    ``auto_when`` the settings for which ``auto`` picks ``out_in``. See
+    :func:`resolve_kernel_layout`."""
+    group.add_argument(
+        "--kernel-layout",
+        choices=("auto", "in_out", "out_in"),
+        default="auto",
+        help=f"how {stored} stored: in_out ([in, out], flax's) or out_in ([out, in], the fast "
+        "layout of per-row top-k; same values and math); auto (default) is out_in for "
+        f"{auto_when}, without --mesimp, else in_out",
+    )
+
+
+def resolve_kernel_layout(requested: str, fast: bool, mesimp: bool) -> str:
+    """``--kernel-layout`` resolved: ``auto`` is ``out_in`` where the per-row path is
+    ``fast`` and meSimp is off (it shrinks ``[in, out]`` kernels only).
+
+    Raises:
+      ConfigError: ``out_in`` with ``--mesimp``.
+    """
+    if requested == "auto":
+        return "out_in" if fast and not mesimp else "in_out"
+    layout = requested
+    if layout == "out_in" and mesimp:
+        raise ConfigError("--mesimp needs [in, out] kernels: drop --kernel-layout out_in")
+    return layout
+
+
 def add_predict_arguments(parser: argparse.ArgumentParser, action: str) -> None:
     """The ``prediction`` group: ``--predict FILE`` (``action``: what is done to FILE, e.g.
     "tag FILE") and ``--predict-output PATH``."""

@@ -11,7 +11,14 @@ from pathlib import Path
 from experiments import loop
 from experiments.common import feedback_flags
 from experiments.common import mesimp as mesimp_loop
-from experiments.common.cli import TaskParser, flag_group, run_name_tail, user_errors
+from experiments.common.cli import (
+    TaskParser,
+    add_kernel_layout_argument,
+    flag_group,
+    resolve_kernel_layout,
+    run_name_tail,
+    user_errors,
+)
 from experiments.mnist import cnn, simplify
 from experiments.mnist.task import (
     DEFAULT_EVAL_BATCH,
@@ -57,13 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--dropout", type=float, default=0.0, help="dropout rate after each ReLU (default 0)"
     )
-    m.add_argument(
-        "--kernel-layout",
-        choices=("auto", "in_out", "out_in"),
-        default="auto",
-        help="how the Dense kernels are stored: in_out ([in, out], flax's) or out_in ([out, in], "
-        "the fast layout of per-row top-k; same values and math); auto (default) is out_in for "
-        "the MLP with --mode per-example/random and --k >= 1, without --mesimp, else in_out",
+    add_kernel_layout_argument(
+        m, "the Dense kernels are", "the MLP with --mode per-example/random and --k >= 1"
     )
     m.add_argument(
         "--kernel-grad",
@@ -202,15 +204,8 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
     mesimp = simplify.check_mesimp(args, k)
     mode = DEFAULT_MODE if args.mode is None else args.mode
     per_row = mode.replace("-", "_") in ("per_example", "random")
-    layout = args.kernel_layout
-    if layout == "auto":
-        mlp = network.get("network", "mlp") == "mlp"
-        fast = per_row and k >= 1 and mlp and not mesimp.get("mesimp")
-        layout = "out_in" if fast else "in_out"
-    check(
-        layout == "in_out" or not mesimp.get("mesimp"),
-        "--mesimp needs [in, out] kernels: drop --kernel-layout out_in",
-    )
+    fast = per_row and k >= 1 and network.get("network", "mlp") == "mlp"
+    layout = resolve_kernel_layout(args.kernel_layout, fast, bool(mesimp.get("mesimp")))
     compact_gradients = _compact_gradients(args, k, adaptive, mesimp)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)

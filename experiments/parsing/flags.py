@@ -8,7 +8,13 @@ from pathlib import Path
 
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
-from experiments.common.cli import TaskParser, add_predict_arguments, flag_group, set_helps
+from experiments.common.cli import (
+    TaskParser,
+    add_kernel_layout_argument,
+    add_predict_arguments,
+    flag_group,
+    set_helps,
+)
 from experiments.corpora.treebank import TAG_COLUMNS
 from experiments.parsing import simplify
 from experiments.parsing.model import ACTIVATIONS
@@ -75,13 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"hidden dropout rate (default {DEFAULT_DROPOUT:g}, Chen & Manning's; with it "
         "per-example k = 20 climbs steadily instead of swinging from epoch to epoch)",
     )
-    m.add_argument(
-        "--kernel-layout",
-        choices=("auto", "in_out", "out_in"),
-        default="auto",
-        help="how the hidden layer's kernel is stored: in_out ([in, out], flax's) or out_in "
-        "([out, in], the fast layout of per-row top-k; same values and math); auto (default) is "
-        "out_in for --mode per-example/random with --k >= 1, without --mesimp, else in_out",
+    add_kernel_layout_argument(
+        m, "the hidden layer's kernel is", "--mode per-example/random with --k >= 1"
     )
     m.add_argument(
         "--min-count", type=int, default=2, help="rarer training words are UNKNOWN (default 2)"

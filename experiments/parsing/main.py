@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
 from experiments.common import mesimp as mesimp_loop
-from experiments.common.cli import run_name_tail, user_errors
+from experiments.common.cli import resolve_kernel_layout, run_name_tail, user_errors
 from experiments.corpora.treebank import Tree, read_treebank, write_treebank
 from experiments.parsing import simplify
 from experiments.parsing.flags import (
@@ -149,13 +149,9 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> ParserSettings
         )
         hidden, k = args.hidden, args.k
     mesimp = simplify.check_mesimp(args)
-    layout = args.kernel_layout
-    if layout == "auto":
-        per_row = args.mode.replace("-", "_") in ("per_example", "random")
-        layout = "out_in" if per_row and k >= 1 and not mesimp.get("mesimp") else "in_out"
-    check(
-        layout == "in_out" or not mesimp.get("mesimp"),
-        "--mesimp needs [in, out] kernels: drop --kernel-layout out_in",
+    per_row = args.mode.replace("-", "_") in ("per_example", "random")
+    layout = resolve_kernel_layout(
+        args.kernel_layout, per_row and k >= 1, bool(mesimp.get("mesimp"))
     )
     decay = feedback_flags.check_feedback(args, k)
     adaptive = feedback_flags.check_adaptive(args, k)
