@@ -22,6 +22,7 @@ needs_native = pytest.mark.skipif(not native.enabled(), reason="native kernels n
 class MLP(nn.Module):
     layout: str = "out_in"
     features: int = 40  # per-example k = 3 of 40 at batch 5: some columns are never selected
+    sparse_update: bool = True  # False: the masked dense kernel gradient
 
     @nn.compact
     def __call__(self, x):
@@ -30,7 +31,7 @@ class MLP(nn.Module):
                 self.features,
                 k=3,
                 mode="per_example",
-                sparse_update=True,
+                sparse_update=self.sparse_update,
                 kernel_layout=self.layout,
                 name=f"hidden_{i}",
             )(x)
@@ -111,26 +112,9 @@ def test_sparse_adam_trains_alike_in_both_layouts():
     _close(meprop_jax.to_kernel_layout(transposed.params, "in_out"), stock.params)
 
 
-class MaskedMLP(MLP):
-    """``MLP`` with the masked dense kernel gradient (``sparse_update=False``)."""
-
-    @nn.compact
-    def __call__(self, x):
-        for i in range(2):
-            x = meprop_jax.Dense(
-                self.features,
-                k=3,
-                mode="per_example",
-                kernel_layout=self.layout,
-                name=f"hidden_{i}",
-            )(x)
-            x = nn.relu(x)
-        return nn.Dense(4, name="output")(x)
-
-
 def _train_masked(tx, layout="out_in", steps=5):
     """``_train``'s steps with the masked dense gradients and a stock optax ``tx``."""
-    model = MaskedMLP(layout)
+    model = MLP(layout, sparse_update=False)
     rng = np.random.default_rng(0)
     x0 = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
     params = model.init(jax.random.key(0), x0)["params"]
