@@ -5,10 +5,14 @@ from them, ``dx`` and the compact weight gradient over the rows' union of column
 (``meprop_products``), whose math (see :mod:`meprop_jax._src.rowwise`) they share with the
 pure-XLA path, column order and padding included; and lazy Adam on the selected rows of a
 kernel stored ``[out, in]``, in place (``meprop_adam_rows``, for
-:func:`meprop_jax.optim.sparse_adam`; see :mod:`meprop_jax._src.fused`). In the paper's
-setting (minibatches of 10, ``k = 20``) they save XLA's per-op overhead and pick each row's
-columns in about half of ``lax.top_k``'s time: on a quiet 2-core CPU the compact backward of
-a 784->500 layer ran 2.1x faster than dense backprop through them and 1.2x through XLA.
+:func:`meprop_jax.optim.sparse_adam`; see :mod:`meprop_jax._src.fused`), or Adam on every row
+of it from the compact gradient (the authors' rule, ``lazy=False``). In the paper's setting
+(minibatches of 10, ``k = 20``) they save XLA's per-op overhead and pick each row's columns in
+about half of ``lax.top_k``'s time. Each handler splits its rows over XLA's own intra-op thread
+pool (``ffi.ThreadPool``), as XLA's dense products use every core; every output element is
+still computed by one thread in the sequential order, so the results do not depend on the
+number of threads. Their speed against dense backprop is measured by
+``python -m experiments.bench --per-example`` (see the README).
 
 The library is built on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``) against ``jax.ffi.include_dir()`` into a cache directory outside the

@@ -9,11 +9,20 @@
 //   to their column's block row when that column is in the union, so that the block rows are
 //   non-finite exactly for the columns that hold one (the library's rule).
 // meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
+//
+// Each handler splits its rows over XLA's intra-op thread pool (the one XLA's own CPU kernels
+// use), so that on a multi-core CPU it is compared with dense products that use every core.
+// Every output element is computed by one thread in the sequential order: results do not depend
+// on the number of threads.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -27,6 +36,45 @@ inline uint32_t OrderKey(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// fn(begin, end) over [0, n) in chunks of about `grain` items, on the calling thread and on
+// the pool. The caller claims chunks like any worker and then waits only for chunks that a
+// worker has claimed and is running: a busy pool delays nothing (the caller does the work
+// itself) and cannot deadlock. Workers that start after the last chunk is claimed touch only
+// the shared counters, which they co-own.
+// MEPROP_JAX_NATIVE_THREADS caps the threads (read at every call: tests and benchmarks switch
+// it); unset or 0 means the whole pool.
+inline int64_t ThreadCap(int64_t pool_threads) {
+  const char* cap = std::getenv("MEPROP_JAX_NATIVE_THREADS");
+  const int64_t n = cap ? std::atoll(cap) : 0;
+  return n > 0 ? std::min(n, pool_threads) : pool_threads;
+}
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
+  const int64_t workers = ThreadCap(pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(n / std::max<int64_t>(grain, 1), 1),
+                                           std::max<int64_t>(workers, 1) * 4);
+  if (chunks <= 1 || workers <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [n, chunks](Counters& c, const F& f) {
+    for (int64_t i; (i = c.next.fetch_add(1)) < chunks;) {
+      f(n * i / chunks, n * (i + 1) / chunks);
+      c.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const F* f = &fn;
+  for (int64_t w = 0; w < std::min(workers, chunks - 1); ++w)
+    pool.Schedule([counters, f, run] { run(*counters, *f); });
+  run(*counters, fn);
+  while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 constexpr int kBinBits = 10;
@@ -59,8 +107,8 @@ void SelectRow(const float* row, int64_t width, int64_t k, int32_t* dst,
   std::sort(dst, dst + k, before);
 }
 
-ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx, int64_t k,
-                  int64_t groups) {
+ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                  ffi::ResultBuffer<ffi::S32> idx, int64_t k, int64_t groups) {
   const auto dims = scores.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("scores must be [N, out]");
   const int64_t n = dims[0], out = dims[1], width = out / groups;
@@ -68,21 +116,23 @@ ffi::Error Select(ffi::Buffer<ffi::F32> scores, ffi::ResultBuffer<ffi::S32> idx,
     return ffi::Error::InvalidArgument("bad k or groups");
   const float* s = scores.typed_data();
   int32_t* o = idx->typed_data();
-  std::vector<uint32_t> keys(width);
-  std::vector<int32_t> cand(width);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t grp = 0; grp < groups; ++grp)
-      SelectRow(s + r * out + grp * width, width, k, o + r * groups * k + grp * k, keys, cand);
-  for (int64_t p = 0; p < n * groups * k; ++p) {
-    const int64_t grp = (p / k) % groups;
-    o[p] += static_cast<int32_t>(grp * width);
-  }
+  ParallelFor(pool, n * groups, std::max<int64_t>(8192 / width, 1), [&](int64_t a, int64_t b) {
+    std::vector<uint32_t> keys(width);
+    std::vector<int32_t> cand(width);
+    for (int64_t rg = a; rg < b; ++rg) {
+      const int64_t r = rg / groups, grp = rg % groups;
+      int32_t* dst = o + r * groups * k + grp * k;
+      SelectRow(s + r * out + grp * width, width, k, dst, keys, cand);
+      for (int64_t j = 0; j < k; ++j) dst[j] += static_cast<int32_t>(grp * width);
+    }
+  });
   return ffi::Error::Success();
 }
 
 // kernel: [out, in] (transposed != 0) or [in, out]. block [N*S, in] and cols [N*S], or both
 // empty for dx alone.
-ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
+ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx,
+                    ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> block, ffi::ResultBuffer<ffi::S32> cols,
                     int64_t transposed) {
@@ -99,20 +149,23 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
   int32_t* cp = cols->typed_data();
 
   // dx: each row's own columns.
-  std::fill(dxp, dxp + n * in, 0.0f);
-  for (int64_t r = 0; r < n; ++r) {
-    float* d = dxp + r * in;
-    for (int64_t j = 0; j < s; ++j) {
-      const int32_t c = ip[r * s + j];
-      const float v = gp[r * out + c];
-      if (transposed) {
-        const float* w = wp + static_cast<int64_t>(c) * in;
-        for (int64_t i = 0; i < in; ++i) d[i] += v * w[i];
-      } else {
-        for (int64_t i = 0; i < in; ++i) d[i] += v * wp[i * out + c];
+  ParallelFor(pool, n, std::max<int64_t>(16384 / std::max<int64_t>(s * in, 1), 1),
+              [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      float* d = dxp + r * in;
+      std::fill(d, d + in, 0.0f);
+      for (int64_t j = 0; j < s; ++j) {
+        const int32_t c = ip[r * s + j];
+        const float v = gp[r * out + c];
+        if (transposed) {
+          const float* w = wp + static_cast<int64_t>(c) * in;
+          for (int64_t i = 0; i < in; ++i) d[i] += v * w[i];
+        } else {
+          for (int64_t i = 0; i < in; ++i) d[i] += v * wp[i * out + c];
+        }
       }
     }
-  }
+  });
 
   // An empty block asks for dx alone (the rows cover the layer: the caller forms the weight
   // gradient from the full product of the masked gradient).
@@ -129,28 +182,40 @@ ffi::Error Products(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buf
       cp[p] = static_cast<int32_t>(out + p);
     }
   }
-  // Each slot's row is written before anything is added to it: an owner slot takes its own
-  // entry (it is the first slot to reach its column), a padding slot zeros: no pass zeroing
-  // the whole block first.
+  // The slots sharing a column, in slot order (later[p]: the next one after p, or -1).
+  std::vector<int64_t> later(slots, -1), last(out, -1);
+  for (int64_t p = 0; p < slots; ++p) {
+    const int32_t c = ip[p];
+    if (last[c] >= 0) later[last[c]] = p;
+    last[c] = p;
+  }
+  // An owner's block row is its own entry's product, then those of the later slots of its
+  // column, added in slot order; a padding slot's row is zero.
+  ParallelFor(pool, slots, std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1),
+              [&](int64_t a, int64_t b) {
+    for (int64_t p = a; p < b; ++p) {
+      float* row = bp + p * in;
+      if (cp[p] != ip[p]) {
+        std::fill(row, row + in, 0.0f);
+        continue;
+      }
+      const int32_t c = ip[p];
+      const float v = gp[(p / s) * out + c];
+      const float* xr = xp + (p / s) * in;
+      for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
+      for (int64_t q = later[p]; q >= 0; q = later[q]) {
+        const float w = gp[(q / s) * out + c];
+        const float* xq = xp + (q / s) * in;
+        for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
+      }
+    }
+  });
   auto add_row = [&](int64_t r, int32_t c) {
     float* b = bp + static_cast<int64_t>(owner[c]) * in;
     const float v = gp[r * out + c];
     const float* xr = xp + r * in;
     for (int64_t i = 0; i < in; ++i) b[i] += v * xr[i];
   };
-  for (int64_t p = 0; p < slots; ++p) {
-    const int64_t r = p / s;
-    const int32_t c = ip[p];
-    float* b = bp + p * in;
-    if (cp[p] == c) {
-      const float v = gp[r * out + c];
-      const float* xr = xp + r * in;
-      for (int64_t i = 0; i < in; ++i) b[i] = v * xr[i];
-    } else {
-      std::fill(b, b + in, 0.0f);
-      add_row(r, c);
-    }
-  }
   // Non-finite entries past their row's selection, in a column of the union.
   std::vector<char> chosen(out, 0);
   for (int64_t r = 0; r < n; ++r) {
@@ -191,7 +256,7 @@ inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in
 // skipped. hyper as for AdamRow. lazy: only the rows `cols` move. Not lazy: every row moves,
 // the gradient being zero outside `cols` (which must then be distinct), i.e. optax.adam on the
 // masked dense gradient (the authors' rule) without building that gradient.
-ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
+ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
                     ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::F32> g,
                     ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
                     ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
@@ -211,22 +276,34 @@ ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buff
   const int32_t* c = cols.typed_data();
   const float* G = g.typed_data();
   const float* h = hyper.typed_data();
+  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
   if (lazy) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t r = c[j];
-      if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
-    }
+    // Rows in parallel only when distinct (as the union gives them); else in order.
+    std::vector<char> seen(out, 0);
+    bool distinct = true;
+    for (int64_t j = 0; j < k && distinct; ++j)
+      if (c[j] >= 0 && c[j] < out) distinct = !seen[c[j]]++;
+    auto rows = [&](int64_t a, int64_t b) {
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t r = c[j];
+        if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
+      }
+    };
+    if (distinct) ParallelFor(pool, k, grain, rows);
+    else rows(0, k);
     return ffi::Error::Success();
   }
   std::vector<int64_t> slot(out, -1);
   for (int64_t j = 0; j < k; ++j)
     if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
-  for (int64_t r = 0; r < out; ++r) {
-    if (slot[r] >= 0)
-      AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
-    else
-      AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
-  }
+  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      if (slot[r] >= 0)
+        AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
+      else
+        AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -234,6 +311,7 @@ ffi::Error AdamRows(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
@@ -241,6 +319,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -252,6 +331,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

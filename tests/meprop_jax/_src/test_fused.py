@@ -172,3 +172,36 @@ def test_non_lazy_compact_multi_steps_is_multi_steps_on_the_masked_gradient():
     expected, _ = _train_masked(optax.MultiSteps(inner, every_k_schedule=2), steps=6)
     got, _ = _train(optim.compact(optax.MultiSteps(inner, every_k_schedule=2), lazy=False), steps=6)
     _close(got.params, expected)
+
+
+@needs_native
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "dense"])
+def test_adam_rows_split_over_threads_is_optax_adam(lazy):
+    """On a kernel large enough for the native pass to split its rows over XLA's thread pool
+    (300 x 600), the update is optax.adam's on the masked dense gradient: on every row (not
+    lazy), or on the selected rows with the others untouched (lazy). Padding is skipped."""
+    rng = np.random.default_rng(0)
+    out, d_in, count, lr = 300, 600, 3, 0.01
+    p = rng.standard_normal((out, d_in)).astype(np.float32)
+    mu = (0.1 * rng.standard_normal((out, d_in))).astype(np.float32)
+    nu = (0.01 * np.abs(rng.standard_normal((out, d_in)))).astype(np.float32)
+    cols = np.concatenate([out + np.arange(8), rng.permutation(out)[:120]]).astype(np.int32)
+    g = rng.standard_normal((cols.size, d_in)).astype(np.float32)
+    t = count + 1
+    hyper = np.array([0.9, 0.999, 1 - 0.9**t, 1 - 0.999**t, lr, 1e-8], np.float32)
+    got = native.adam_rows(*map(jnp.asarray, (p, mu, nu, cols, g, hyper)), lazy=lazy)
+
+    dense_g = np.zeros((out, d_in), np.float32)
+    dense_g[cols[cols < out]] = g[cols < out]
+    state = optax.ScaleByAdamState(jnp.asarray(count, jnp.int32), jnp.asarray(mu), jnp.asarray(nu))
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes floats and int32 counts
+        updates, (adam_state, _) = optax.adam(lr).update(
+            jnp.asarray(dense_g), (state, optax.EmptyState())
+        )
+    expected = [np.array(a) for a in (p + updates, adam_state.mu, adam_state.nu)]
+    if lazy:
+        untouched = np.setdiff1d(np.arange(out), cols)
+        for e, before in zip(expected, (p, mu, nu), strict=True):
+            e[untouched] = before[untouched]
+    for a, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), e, rtol=1e-5, atol=2e-6)

@@ -57,9 +57,17 @@ def _lowered_text(xs, ws, b, g, *, k, mode, groups, layout, compact):
 @pytest.mark.parametrize("mode", ["per_example", "random"])
 @pytest.mark.parametrize(
     ("lead", "out", "groups", "n_ins"),
-    # The last: 6 rows of k = 2 cover the 8 columns, so the kernels compute dx alone.
-    [((3,), 20, 1, (5,)), ((2, 2), 24, 4, (5, 3)), ((6,), 8, 1, (5,))],
-    ids=["union", "groups", "covering"],
+    # "covering": 6 rows of k = 2 cover the 8 columns, so the kernels compute dx alone. The
+    # "-threads" cases are large enough for the kernels to split rows and slots into chunks
+    # that XLA's thread pool runs side by side.
+    [
+        ((3,), 20, 1, (5,)),
+        ((2, 2), 24, 4, (5, 3)),
+        ((6,), 8, 1, (5,)),
+        ((40,), 200, 1, (600,)),
+        ((120,), 200, 1, (600,)),
+    ],
+    ids=["union", "groups", "covering", "union-threads", "covering-threads"],
 )
 def test_native_and_fallback_match_the_reference(layout, compact, mode, lead, out, groups, n_ins):
     xs, ws, b, g = _problem(out, lead, out, n_ins)
