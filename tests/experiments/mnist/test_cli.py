@@ -285,7 +285,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
             ["--kernel-grad", "compact", "--error-feedback", "0.1"],
             ["--kernel-grad compact", "--error-feedback"],
         ),
-        (["--kernel-grad", "auto"], ["--kernel-grad", "auto"]),
+        (["--kernel-grad", "dense"], ["--kernel-grad", "dense"]),
     ],
 )
 def test_bad_arguments_rejected_before_training(
@@ -378,9 +378,29 @@ def test_kernel_layout_auto_is_out_in_for_per_row_modes_only() -> None:
         settings("--mode", "per-example", "--mesimp", "--kernel-layout", "out_in")
 
 
-def test_kernel_grad_compact_gives_the_layers_taps() -> None:
+def test_kernel_grad_auto_is_compact_on_out_in_kernels_only() -> None:
     s = settings("--mode", "per-example", "--k", "20")
-    assert not s.compact_gradients and not s.taps  # masked by default
+    assert s.kernel_layout == "out_in" and s.compact_gradients and s.taps
+    assert settings("--mode", "random", "--k", "20").compact_gradients
+    for argv in (
+        ("--mode", "per-example", "--k", "20", "--kernel-layout", "in_out"),
+        ("--mode", "per-example", "--k", "20", "--kernel-grad", "masked"),
+        ("--mode", "unified",),
+        ("--k", "0",),
+        ("--kdim", "--k", "20"),
+        ("--mode", "per-example", "--k", "20", "--mesimp"),
+        ("--mode", "unified", "--k", "20", "--adaptive-k"),
+        ("--mode", "per-example", "--k", "20", "--model", "cnn"),
+    ):
+        s = settings(*argv)
+        assert not s.compact_gradients, argv  # masked where compact is not the faster form
+    s = settings("--mode", "per-example", "--k", "20", "--sparse-update")
+    assert not s.compact_gradients and s.sparse_update and s.taps
+
+
+def test_kernel_grad_compact_gives_the_layers_taps() -> None:
+    s = settings("--mode", "per-example", "--k", "20", "--kernel-grad", "masked")
+    assert not s.compact_gradients and not s.taps
     s = settings("--mode", "per-example", "--k", "20", "--kernel-grad", "compact")
     assert s.compact_gradients and not s.sparse_update and s.taps
     assert s.model().sparse_update  # the layers hand compact gradients through their taps
