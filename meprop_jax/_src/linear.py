@@ -113,9 +113,9 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
     else:
         scores = jnp.abs(g.astype(_selection._ranking_dtype(g.dtype)))
     covers = g.size // g.shape[-1] * cfg.k * cfg.groups >= g.shape[-1]
-    # Rows that cover the layer leave the kernels dx alone, which pays only where the kernel
-    # rows are contiguous: at 250 x 2400 -> 500, k = 20, the backward took 0.9x dense's time
-    # [out, in] and 2x [in, out] (the masked full products: 1.15x).
+    # Rows that cover the layer take the kernels only where the kernel rows are contiguous
+    # ([out, in]): dx from each row's rows, the dense dW summed from the selected entries. For
+    # [in, out] their column walks took 2x dense's time at 250 x 2400 -> 500, k = 20.
     if native.applies(g, xs, kernels) and (not covers or cfg.kernel_layout == "out_in"):
         return _native_rowwise(cfg, xs, kernels, g, scores)
     return _xla_rowwise(cfg, xs, kernels, g, scores)
@@ -154,10 +154,8 @@ def _native_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
     rows = cfg.compact or cfg.kernel_layout == "out_in"
     covers = g.size // g.shape[-1] * cfg.k * cfg.groups >= g.shape[-1]
     args = (cfg.k, cfg.groups, cfg.kernel_layout, rows, covers)
-    dxs, blocks, cols, g_sparse, mask = rowwise.native_backward(xs, kernels, g, scores, *args)
-    if covers:  # as _xla_rowwise: the weight gradient is the full product of g_sparse
-        blocks = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-    return dxs, blocks, cols, g_sparse, mask
+    # Covering rows (an [out, in] kernel): the dense weight gradient, summed natively.
+    return rowwise.native_backward(xs, kernels, g, scores, *args)
 
 
 @_native_rowwise.defjvp

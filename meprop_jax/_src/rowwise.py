@@ -17,7 +17,8 @@ size): its ``[K, in]`` block ``g_cols^T x`` is small, and it stays compact for t
 of :mod:`meprop_jax.optim` or is written into a dense gradient by the caller. All this holds
 while ``N * S < out``; once the rows cover the layer (the parser's minibatches of 250) the
 caller runs the full products of the masked gradient instead, except that for a kernel stored
-``[out, in]`` the native kernels still give ``dx`` from each row's own kernel rows.
+``[out, in]`` the native kernels still give ``dx`` from each row's own kernel rows and sum the
+dense weight gradient from each row's selected entries.
 
 NaN and ±inf follow the rule of :mod:`meprop_jax._selection`: they rank above every finite
 score, so a row keeps its own non-finite entries first (``dx`` of that row is non-finite, as
@@ -177,10 +178,10 @@ def native_backward(
     ``(dxs, blocks, cols, g_sparse, mask)``: the results of the XLA path of
     ``meprop_jax._src.linear._rowwise_backward`` when the union is below ``out``, each block
     ``[K, in]`` with ``rows`` (compact, or an ``[out, in]`` kernel) and ``[in, K]`` otherwise.
-    When the rows cover the layer (``covers``) only ``dxs`` are computed, still from each row's
-    own kernel rows (``N * S * in`` multiply-adds, without materializing the gathered rows as
-    XLA would), and ``blocks`` and ``cols`` are None: the caller takes the weight gradient from
-    the full product of ``g_sparse``.
+    When the rows cover the layer (``covers``, native only for a kernel stored ``[out, in]``)
+    ``dxs`` still come from each row's own kernel rows, and ``blocks`` are the dense ``[out,
+    in]`` weight gradients, the full product of ``g_sparse`` summed from each row's selected
+    entries (``N * S * in`` multiply-adds each, not ``N * out * in``); ``cols`` is None.
     """
     from meprop_jax._src import native
 
@@ -191,10 +192,10 @@ def native_backward(
     dxs, blocks, cols = [], [], None
     for x, w in zip(xs, kernels, strict=True):
         x2 = x.reshape(-1, x.shape[-1])
-        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", not covers)
+        form = "dense" if covers else True
+        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", form)
         dxs.append(dx.reshape(x.shape))
         blocks.append(block if rows else block.T)
     mask = selection_mask(idx, out)
     g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
-    blocks = None if covers else tuple(blocks)
-    return tuple(dxs), blocks, None if covers else cols, g_sparse, mask.reshape(g.shape)
+    return tuple(dxs), tuple(blocks), None if covers else cols, g_sparse, mask.reshape(g.shape)

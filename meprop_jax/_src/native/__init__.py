@@ -192,21 +192,30 @@ def select(scores: Array, k: int, groups: int) -> Array:
 
 
 def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, block=True):
-    """``(dx [N, in], block [N*S, in], cols [N*S] int32)`` for one input (see ``rowwise.cc``);
-    with ``block=False`` the block and the columns are empty (``dx`` alone)."""
+    """``(dx [N, in], block, cols)`` for one input (see ``rowwise.cc``).
+
+    ``block``: True for the union's compact gradient, ``block [N*S, in]`` and ``cols [N*S]``
+    int32; ``"dense"`` for the whole weight gradient of an ``[out, in]`` kernel, ``[out, in]``
+    (``cols`` empty; for rows that cover the layer); False for ``dx`` alone (both empty).
+    """
     n, s = idx.shape
-    d_in = x.shape[-1]
-    slots = n * s if block else 0
+    d_in, out = x.shape[-1], g.shape[-1]
+    dense = block == "dense"
+    if dense and not transposed:
+        raise ValueError("a dense weight gradient needs a kernel stored [out, in]")
+    rows = out if dense else (n * s if block else 0)
     call = jax.ffi.ffi_call(
         "meprop_products",
         (
             jax.ShapeDtypeStruct((n, d_in), jnp.float32),
-            jax.ShapeDtypeStruct((slots, d_in), jnp.float32),
-            jax.ShapeDtypeStruct((slots,), jnp.int32),
+            jax.ShapeDtypeStruct((rows, d_in), jnp.float32),
+            jax.ShapeDtypeStruct((0 if dense else rows,), jnp.int32),
         ),
         vmap_method="sequential",
     )
-    dx, block, cols = call(g, idx, x, kernel, transposed=np.int64(bool(transposed)))
+    dx, block, cols = call(
+        g, idx, x, kernel, transposed=np.int64(bool(transposed)), dense_rows=np.int64(dense)
+    )
     return _typed_like(dx, x), _typed_like(block, x, True), _typed_like(cols, x, True)
 
 

@@ -129,13 +129,58 @@ ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   return ffi::Error::Success();
 }
 
+// The weight gradient of an [out, in] kernel as a dense [out, in] array, for rows that cover
+// the layer: row c is the sum over the rows r that selected c, in row order, of g[r, c] x[r],
+// plus g[r, c] x[r] for every non-finite g[r, c] that row r did not select (the masked
+// gradient keeps those, so the full product x^T g_masked has them too). N * S * in
+// multiply-adds where that product takes N * out * in; a row no one selected is zero.
+ffi::Error DenseRows(ffi::ThreadPool& pool, const float* gp, const int32_t* ip, const float* xp,
+                     int64_t n, int64_t out, int64_t s, int64_t in, float* dw) {
+  const int64_t slots = n * s;
+  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
+  for (int64_t p = 0; p < slots; ++p) {
+    const int32_t c = ip[p];
+    if (last[c] >= 0) later[last[c]] = p;
+    else first[c] = p;
+    last[c] = p;
+  }
+  ParallelFor(pool, out, std::max<int64_t>(16384 / std::max<int64_t>(s * in, 1), 1),
+              [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c) {
+      float* row = dw + c * in;
+      std::fill(row, row + in, 0.0f);
+      for (int64_t q = first[c]; q >= 0; q = later[q]) {
+        const float v = gp[(q / s) * out + c];
+        const float* xr = xp + (q / s) * in;
+        for (int64_t i = 0; i < in; ++i) row[i] += v * xr[i];
+      }
+    }
+  });
+  std::vector<char> chosen(out, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* grow = gp + r * out;
+    bool any = false;
+    for (int64_t c = 0; c < out; ++c) any |= !std::isfinite(grow[c]);
+    if (!any) continue;
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 1;
+    for (int64_t c = 0; c < out; ++c) {
+      if (std::isfinite(grow[c]) || chosen[c]) continue;
+      float* row = dw + c * in;
+      const float* xr = xp + r * in;
+      for (int64_t i = 0; i < in; ++i) row[i] += grow[c] * xr[i];
+    }
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 0;
+  }
+  return ffi::Error::Success();
+}
+
 // kernel: [out, in] (transposed != 0) or [in, out]. block [N*S, in] and cols [N*S], or both
 // empty for dx alone.
 ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx,
                     ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> block, ffi::ResultBuffer<ffi::S32> cols,
-                    int64_t transposed) {
+                    int64_t transposed, int64_t dense_rows) {
   const auto gd = g.dimensions(), id = idx.dimensions(), xd = x.dimensions();
   if (gd.size() != 2 || id.size() != 2 || xd.size() != 2 || id[0] != gd[0] || xd[0] != gd[0])
     return ffi::Error::InvalidArgument("g [N, out], idx [N, S], x [N, in] expected");
@@ -167,9 +212,9 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
     }
   });
 
-  // An empty block asks for dx alone (the rows cover the layer: the caller forms the weight
-  // gradient from the full product of the masked gradient).
+  // An empty block asks for dx alone (the caller forms the weight gradient).
   if (block->dimensions()[0] == 0) return ffi::Error::Success();
+  if (dense_rows) return DenseRows(pool, gp, ip, xp, n, out, s, in, bp);
 
   // The union: the first slot to hold a column owns its block row.
   std::vector<int32_t> owner(out, -1);
@@ -327,7 +372,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("transposed"));
+                                  .Attr<int64_t>("transposed")
+                                  .Attr<int64_t>("dense_rows"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
                               ffi::Ffi::Bind()

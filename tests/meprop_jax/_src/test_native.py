@@ -91,20 +91,25 @@ def test_native_and_fallback_match_the_reference(layout, compact, mode, lead, ou
 
 
 @needs_compiler
-@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize(
+    ("rows", "compact"), [(4, False), (4, True), (8, False)], ids=["union", "compact", "covering"]
+)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_native_non_finite_rule(compact, bad):
+def test_native_non_finite_rule(rows, compact, bad):
     """Row 1 keeps 2 of its 3 non-finite entries; the dropped one's column 2, selected by row
-    0, must be non-finite in dW as in dense backprop, on both paths alike."""
-    xs, ws, b, g = _problem(3, (4,), 12, bad=bad)
+    0, must be non-finite in dW as in dense backprop, on both paths alike: in the union's
+    block, and in the dense dW that 8 rows covering the 12 columns sum natively."""
+    xs, ws, b, g = _problem(3, (rows,), 12, bad=bad)
     xs = (xs[0] + 5.0,)  # no zero inputs: inf * 0 would hide nothing but make NaN
     kw = dict(k=2, mode="per_example", groups=1, layout="out_in", compact=compact)
+    assert "meprop_products" in _lowered_text(xs, ws, b, g, **kw)
     results = [vjp_in_layout(xs, ws, b, g, None, **kw)]
     with native.disabled():
         results.append(vjp_in_layout(xs, ws, b, g, None, **kw))
     dense_bad = ~np.all(np.isfinite(xs[0].T @ g), axis=0)
+    assert dense_bad[2]
     for dxs, dws, _, taps in results:
-        np.testing.assert_array_equal(np.isfinite(dxs[0]).all(1), [True, False, True, True])
+        np.testing.assert_array_equal(np.isfinite(dxs[0]).all(1), np.arange(rows) != 1)
         if compact:
             cols = np.asarray(taps[0].cols).astype(int)
             finite = np.isfinite(np.asarray(taps[0].block)).all(1)
