@@ -20,8 +20,9 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
 * ``lstm`` (the gates of an LSTM cell, ``[x, h] -> 4h`` with h = 500, batch 8, k = 5 and 10
   per gate): the backward pass of :func:`meprop_jax.multi_linear` with ``groups=4``.
 * ``parser`` (the parser's hidden layer, 2400 -> 500, minibatches of 250, k = 20): the
-  backward pass as in ``layer``. Its rows cover the layer, so the weight gradient is the full
-  product of the masked gradient; only ``dx`` can follow k (natively, for ``[out, in]``).
+  backward pass as in ``layer``. Its rows cover the layer, so the weight gradient is dense;
+  for a kernel stored ``[out, in]`` the native kernels sum it from each row's selected
+  entries and take ``dx`` from each row's own kernel rows, and XLA runs the full products.
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
   dense with ``optax.adam``; per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), in both layouts; the authors' rule from compact gradients
