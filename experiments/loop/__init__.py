@@ -12,7 +12,7 @@ and :mod:`~experiments.loop.command` (:func:`run_cli`, the command line around i
 """
 
 from experiments.common import CLI_MODES, ConfigError, add_mode_argument, require
-from experiments.loop.checkpoints import check_resume, restore_params
+from experiments.loop.checkpoints import check_resume, restore_params, saved_config
 from experiments.loop.command import run_cli
 from experiments.loop.config import (
     DEFAULT_LR,
@@ -48,6 +48,7 @@ __all__ = [
     "best_epoch",
     "check_divisible",
     "check_resume",
+    "saved_config",
     "handle_signals",
     "is_main_process",
     "make_optimizer",

@@ -244,6 +244,16 @@ def _saved_meta(directory: Path) -> dict[str, Any]:
     return restored["meta"]
 
 
+def saved_config(out: Path) -> dict[str, Any] | None:
+    """The settings saved with the latest checkpoint in the run folder ``out`` (the run
+    config, task settings included), or None when it holds none. Writes nothing; a task
+    resolving an ``auto`` flag on ``--resume`` reads what the run was started with."""
+    directory = out / CHECKPOINT_DIR
+    if latest_checkpoint(directory) is None:
+        return None
+    return dict(_saved_meta(directory)["config"])
+
+
 def saved_run(cfg: TrainConfig, task: Any) -> tuple[list[dict[str, Any]], list[str]] | None:
     """The run already in ``cfg.out``: the epoch records its latest checkpoint holds and the
     settings that differ from ``task`` and ``cfg`` (as :func:`check_resume` lists them), or

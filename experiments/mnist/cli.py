@@ -298,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = loop.resolve_devices(args.devices, [args.batch_size])
         settings = settings_from_args(args, devices)
         cfg = loop.train_config_from_args(args, default_out(settings, args))
+        if args.resume and args.kernel_grad == "auto" and settings.compact_gradients:
+            # A run started with the masked form (before auto picked compact) goes on so.
+            saved = loop.saved_config(cfg.out) or {}
+            if saved.get("compact_gradients") is False:
+                settings = dataclasses.replace(settings, compact_gradients=False)
         cfg = dataclasses.replace(cfg, compact_gradients=settings.compact_gradients)
         if not settings.mesimp:
             return loop.run_cli(

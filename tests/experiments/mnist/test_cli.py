@@ -429,6 +429,24 @@ def test_compact_kernel_grad_trains_as_the_masked_one(
         assert (a["loss"], a["dev_acc"], a["test_acc"]) == (b["loss"], b["dev_acc"], b["test_acc"])
 
 
+def test_resume_keeps_the_kernel_grad_form_the_run_started_with(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run started with the masked form (as before --kernel-grad auto picked compact) goes on
+    # with it under the default; an explicit --kernel-grad compact is refused, naming it.
+    out = tmp_path / "run"
+    first = tiny_args(tiny_dir, out, "--epochs", "1", "--kernel-grad", "masked")
+    assert cli.main(first) == 0
+    resumed = tiny_args(tiny_dir, out, "--resume")
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*resumed, "--kernel-grad", "compact"])
+    assert exc.value.code == 2 and "compact_gradients" in capsys.readouterr().err
+    assert cli.main(resumed) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["compact_gradients"] is False
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+
+
 def test_kdim_builds_a_dense_mlp_of_width_k() -> None:
     s = settings("--kdim", "--k", "20", "--layers", "3")
     assert (s.hidden, s.k, s.mode, s.kdim) == (20, 0, "unified", True)
