@@ -11,8 +11,9 @@ of it from the compact gradient (the authors' rule, ``lazy=False``). In the pape
 about half of ``lax.top_k``'s time. Each handler splits its rows over XLA's own intra-op thread
 pool (``ffi.ThreadPool``), as XLA's dense products use every core; every output element is
 still computed by one thread in the sequential order, so the results do not depend on the
-number of threads. ``MEPROP_JAX_NATIVE_THREADS=N`` caps them at ``N`` (read at every call). Their speed against dense backprop is measured by
-``python -m experiments.bench --per-example`` (see the README).
+number of threads. ``MEPROP_JAX_NATIVE_THREADS=N`` caps them at ``N`` (read at every call).
+Their speed against dense backprop is measured by ``python -m experiments.bench
+--per-example`` (see the README).
 
 The library is built on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``) against ``jax.ffi.include_dir()`` into a cache directory outside the

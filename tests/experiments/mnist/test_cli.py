@@ -385,8 +385,14 @@ def test_kernel_grad_auto_is_compact_on_out_in_kernels_only() -> None:
     for argv in (
         ("--mode", "per-example", "--k", "20", "--kernel-layout", "in_out"),
         ("--mode", "per-example", "--k", "20", "--kernel-grad", "masked"),
-        ("--mode", "unified",),
-        ("--k", "0",),
+        (
+            "--mode",
+            "unified",
+        ),
+        (
+            "--k",
+            "0",
+        ),
         ("--kdim", "--k", "20"),
         ("--mode", "per-example", "--k", "20", "--mesimp"),
         ("--mode", "unified", "--k", "20", "--adaptive-k"),
