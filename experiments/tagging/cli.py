@@ -15,8 +15,10 @@ from experiments.common import ENV_VAR, feedback_flags
 from experiments.common import mesimp as mesimp_loop
 from experiments.common.cli import (
     TaskParser,
+    add_kernel_layout_argument,
     add_predict_arguments,
     flag_group,
+    resolve_kernel_layout,
     run_name_tail,
     set_helps,
     user_errors,
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--bidirectional", action="store_true", help="add a right-to-left LSTM (default: off)"
+    )
+    add_kernel_layout_argument(
+        m, "the LSTM cells' kernels are", "--mode per-example/random with --k >= 1 (LSTM only)"
     )
     m.add_argument("--word-dim", type=int, default=50, help="word embedding size (default 50)")
     m.add_argument(
@@ -301,6 +306,14 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
         f"--limit-train must be >= 1, got {args.limit_train}",
     )
     mesimp = simplify.check_mesimp(args)
+    check(
+        not transformer or args.kernel_layout != "out_in",
+        "--kernel-layout out_in stores the LSTM's kernels: drop it with --model transformer",
+    )
+    per_row = args.mode.replace("-", "_") in ("per_example", "random")
+    layout = resolve_kernel_layout(
+        args.kernel_layout, per_row and args.k >= 1 and not transformer, bool(mesimp.get("mesimp"))
+    )
     decay = feedback_flags.check_feedback(args, args.k)
     adaptive = feedback_flags.check_adaptive(args, args.k)
     loop.check_divisible(args.batch_size, devices, "--batch-size")
@@ -322,6 +335,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> TaggerSettings
         limit_train=args.limit_train,
         feedback=decay,
         adaptive=adaptive,
+        kernel_layout=layout,
         **mesimp,
     )
 
@@ -437,6 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr is None and args.optimizer == "adagrad":
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, out)
+        saved = loop.saved_config(cfg.out) if args.resume else None
+        if saved is not None and args.kernel_layout == "auto":
+            # A run started before auto picked [out, in] goes on with its saved layout.
+            layout = saved.get("kernel_layout", "in_out")
+            settings = dataclasses.replace(settings, kernel_layout=layout)
 
         def prepare(task: TaggingTask) -> None:
             if cfg.resume:

@@ -69,6 +69,7 @@ def lstm_cell(
     feedback: float = 0.0,
     adaptive: meprop_jax.AdaptiveK | None = None,
     steps: int = 1,
+    kernel_layout: str = "in_out",
 ) -> meprop_jax.LSTMCell:
     """One direction's meProp cell (see :func:`lstm_layer` for the arguments)."""
     return meprop_jax.LSTMCell(
@@ -79,6 +80,7 @@ def lstm_cell(
         feedback=feedback,
         feedback_steps=steps,
         adaptive=adaptive,
+        kernel_layout=kernel_layout,
         name=name,
     )
 
@@ -94,6 +96,7 @@ def lstm_layer(
     feedback: float = 0.0,
     adaptive: meprop_jax.AdaptiveK | None = None,
     steps: int = 1,
+    kernel_layout: str = "in_out",
 ) -> nn.RNN:
     """One direction of the tagger's LSTM: a meProp cell scanned over time.
 
@@ -103,12 +106,13 @@ def lstm_layer(
     keeps meSimp's activity record (``"mesimp"`` at ``name``), shared by every time step.
     ``feedback`` (error-feedback decay) and ``adaptive`` (adaptive k) are those of the cell;
     its memory and chosen-k tap are shared by the ``steps`` time steps of the scan.
+    ``kernel_layout`` stores the cell's kernels ``[in, out]`` (Flax's) or ``[out, in]``.
 
     Returns:
       An ``nn.RNN`` mapping ``x [batch, time, in]`` to ``[batch, time, hidden]``.
     """
     shared = {"feedback": feedback, "adaptive": adaptive, "steps": steps}
-    cell = lstm_cell(hidden, k, mode, name, record, **shared)
+    cell = lstm_cell(hidden, k, mode, name, record, kernel_layout=kernel_layout, **shared)
     split = {"params": False, "meprop": True}  # a fresh random-k key at every step
     shared = [meprop_jax.feedback.MEMORY_COLLECTION] if feedback else []
     shared += [] if adaptive is None else [meprop_jax.linen.ADAPTIVE_TAP_COLLECTION]
@@ -216,6 +220,8 @@ class Tagger(nn.Module):
       record: keep meSimp's activity record in the (one-way) LSTM cell.
       feedback: error-feedback decay of the LSTM cells (0 = none; unified mode).
       adaptive: adaptive k of the LSTM cells (``k`` per gate is the upper bound).
+      kernel_layout: the LSTM cells' kernels ``[in, out]`` (``"in_out"``, Flax's) or
+        ``[out, in]`` (``"out_in"``, the fast layout of the per-row modes).
     """
 
     vocab_size: int
@@ -231,6 +237,7 @@ class Tagger(nn.Module):
     record: bool = False
     feedback: float = 0.0
     adaptive: meprop_jax.AdaptiveK | None = None
+    kernel_layout: str = "in_out"
 
     @nn.compact
     def __call__(
@@ -249,6 +256,7 @@ class Tagger(nn.Module):
         carry = zero_carry(x, self.hidden)
         # Every time step of the scan shares the cells' memory and chosen-k tap.
         shared = {"feedback": self.feedback, "adaptive": self.adaptive, "steps": x.shape[1]}
+        shared["kernel_layout"] = self.kernel_layout
         names = ["lstm", "lstm_backward"] if self.bidirectional else ["lstm"]
         outputs = []
         for reverse, name in enumerate(names):

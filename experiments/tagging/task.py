@@ -80,6 +80,7 @@ class TaggerSettings:
     heads: int = 4
     k_attn: int = 0
     k_mlp: int = 0
+    kernel_layout: str = "in_out"
 
     @property
     def transformer(self) -> bool:
@@ -114,6 +115,7 @@ class TaggerSettings:
             record=self.mesimp,
             feedback=self.feedback,
             adaptive=self.adaptive,
+            kernel_layout=self.kernel_layout,
         )
 
     def model_json(self) -> dict[str, Any]:
@@ -127,6 +129,7 @@ class TaggerSettings:
         fields = ["hidden", "k", "mode", "dropout", "bidirectional", "word_dim", "feature_dim"]
         # Only when on, so that the vocab.json of other runs (and their --resume) is unchanged.
         fields += ["mesimp"] if self.mesimp else []
+        fields += ["kernel_layout"] if self.kernel_layout != "in_out" else []
         return {k: d[k] for k in fields}
 
 
