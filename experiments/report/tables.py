@@ -112,7 +112,9 @@ def collect(grid: grids.Grid, dirs: Mapping[grids.RunSpec, Path]) -> list[CellRe
         for spec in cell.specs:
             directory = dirs[spec]
             done = cache.is_complete(spec, directory)
-            results = cache.read_json(directory / cache.RESULTS_FILE) if done else None
+            # A bench section's record is its JSON; a training run's, its results.json.
+            name = cache.BENCH_FILE if spec.task == "bench" else cache.RESULTS_FILE
+            results = cache.read_json(directory / name) if done else None
             runs.append(Run(spec, directory, results))
         out.append(CellResult(cell, tuple(runs)))
     return out

@@ -73,6 +73,17 @@ def test_the_report_lists_the_missing_cells_and_partial_seeds(tmp_path):
     assert "of 2 seeds)" not in text[text.index("## Table 6") :].split("\n## ")[0]
 
 
+def test_finished_bench_sections_are_not_missing_cells(tmp_path):
+    # A bench section's record is its bench.json (no results.json): once it is there, the
+    # section is done, and the list of missing cells leaves it out.
+    assert _main(tmp_path, "--only", "speed", runner=StubRunner()) == 0
+    assert _main(tmp_path, "--only", "speed", "--write-only", runner=StubRunner()) == 0
+    text = (tmp_path / "report" / "README.md").read_text()
+    missing = text[text.index("## Missing cells") :].split("\n## ")[0]
+    assert "- speed:" not in missing
+    assert "- table6:" in missing  # the grids never run are still listed
+
+
 def test_a_missing_bench_section_is_said_plainly(tmp_path):
     flags = all_flags()
     flags["bench"] = flags["bench"] - {"--section=per_example"}
