@@ -2,8 +2,8 @@
 
 * :class:`Linear`, :class:`LSTMCell` and :class:`Conv`: drop-ins for the stock NNX layers,
   with the meProp arguments ``k``, ``mode``, ... (:mod:`meprop_jax.nnx.layers`, which also
-  gives the RNG convention of ``mode="random"``), and :class:`LinearGeneral`, the attention
-  projections' layer (:mod:`meprop_jax.nnx.general`).
+  gives the RNG convention of ``mode="random"``, and :mod:`meprop_jax.nnx.conv`), and
+  :class:`LinearGeneral`, the attention projections' layer (:mod:`meprop_jax.nnx.general`).
 * :func:`sparsify`: a copy of a stock NNX model with meProp layers
   (:mod:`meprop_jax.nnx.sparsify`).
 * :class:`Optimizer` and :class:`CompactGrads`: compact, column-sparse steps
@@ -14,8 +14,9 @@
 
 from meprop_jax._src.collections import RNG_COLLECTION
 from meprop_jax._src.paths import SparsifiedLayer
+from meprop_jax.nnx.conv import Conv
 from meprop_jax.nnx.general import LinearGeneral
-from meprop_jax.nnx.layers import Conv, FeedbackMemory, Linear, LSTMCell
+from meprop_jax.nnx.layers import FeedbackMemory, Linear, LSTMCell
 from meprop_jax.nnx.layout import to_kernel_layout
 from meprop_jax.nnx.optimizer import CompactGrads, Optimizer
 from meprop_jax.nnx.sparsify import SparsifiedModel, sparsify

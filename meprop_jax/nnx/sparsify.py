@@ -28,6 +28,7 @@ import meprop_jax.nnx.layers as mnnx
 from meprop_jax._src import general as _general
 from meprop_jax._src import paths as _paths
 from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax.nnx.conv import Conv as MepropConv
 from meprop_jax.nnx.general import LinearGeneral, general_issue
 
 SparsifiedLayer = _paths.SparsifiedLayer
@@ -35,11 +36,11 @@ SparsifiedLayer = _paths.SparsifiedLayer
 # The layers sparsify converts, stock or already meProp, and the meProp class of each.
 _OURS = {
     nnx.Linear: mnnx.Linear,
-    nnx.Conv: mnnx.Conv,
+    nnx.Conv: MepropConv,
     nnx.LSTMCell: mnnx.LSTMCell,
     nnx.LinearGeneral: LinearGeneral,
     mnnx.Linear: mnnx.Linear,
-    mnnx.Conv: mnnx.Conv,
+    MepropConv: MepropConv,
     mnnx.LSTMCell: mnnx.LSTMCell,
     LinearGeneral: LinearGeneral,
 }
@@ -229,7 +230,7 @@ def sparsify(
 
 
 def _set_meprop(node: nnx.Module, ours: type, k: int, opts: _paths._Options, rngs) -> None:
-    sparse_bias = opts.sparse_bias and ours is not mnnx.Conv  # conv bias: dense
+    sparse_bias = opts.sparse_bias and ours is not MepropConv  # conv bias: dense
     mnnx._set_meprop(node, k, opts.mode, sparse_bias, rngs, opts.rng_collection)
     if ours is mnnx.Linear:
         node.sparse_update = opts.sparse_update

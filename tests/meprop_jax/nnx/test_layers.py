@@ -289,7 +289,8 @@ def test_rnn_and_bidirectional_jit_grad(bidirectional):
 
 
 def test_doctests():
-    for module in (mnnx.layers, mnnx.optimizer, importlib.import_module("meprop_jax.nnx.sparsify")):
+    names = ("layers", "conv", "optimizer", "sparsify")
+    for module in (importlib.import_module(f"meprop_jax.nnx.{name}") for name in names):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0, module.__name__
         assert result.failed == 0, module.__name__
