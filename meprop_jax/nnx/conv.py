@@ -13,7 +13,7 @@ from jax import lax
 from meprop_jax._src import conv as _conv
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
-from meprop_jax.nnx.layers import RngArg, _set_meprop, _step_key
+from meprop_jax.nnx._settings import RngArg, set_meprop, step_key
 
 Array = jax.Array
 
@@ -74,7 +74,7 @@ class Conv(nnx.Conv):
                 "preferred_element_type"
             )
         super().__init__(in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs)
-        _set_meprop(self, k, mode, False, rngs, rng_collection)
+        set_meprop(self, k, mode, False, rngs, rng_collection)
 
     def __call__(self, inputs: Array, out_sharding=None, *, rngs: RngArg = None) -> Array:
         """Applies the layer to ``inputs``, ``[*batch, *spatial, in]``, as ``nnx.Conv`` does.
@@ -95,7 +95,7 @@ class Conv(nnx.Conv):
             kernel *= self.mask
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = _step_key(self, rngs)
+        key = step_key(self, rngs)
         y = _conv.conv(inputs, kernel, bias, k=self.k, mode=self.mode, key=key, **conv_kwargs)
         if out_sharding is not None:
             y = jax.sharding.reshard(y, out_sharding)

@@ -19,7 +19,7 @@ from flax import nnx
 from meprop_jax._src import general as _general
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
-from meprop_jax.nnx.layers import RngArg, _set_meprop, _step_key
+from meprop_jax.nnx._settings import RngArg, set_meprop, step_key
 
 Array = jax.Array
 
@@ -92,7 +92,7 @@ class LinearGeneral(nnx.LinearGeneral):
         issue = general_issue(self)
         if issue and not self._is_dense(k, per_head):
             raise ValueError(f"meprop_jax.nnx.LinearGeneral with k > 0 does not take {issue}")
-        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         self.per_head = bool(per_head)
 
     def _is_dense(self, k: int, per_head: bool) -> bool:
@@ -117,7 +117,7 @@ class LinearGeneral(nnx.LinearGeneral):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = _step_key(self, rngs)
+        key = step_key(self, rngs)
         y = _general.dense_general(
             inputs,
             kernel,

@@ -40,64 +40,14 @@ from meprop_jax._src import rowwise
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
 from meprop_jax.nnx import layout as _layout
+from meprop_jax.nnx._settings import RngArg, set_meprop, step_key
 from meprop_jax.nnx.optimizer import layer_tap
 
 Array = jax.Array
-RngArg = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 # The defaults of flax.nnx.Linear and flax.nnx.LSTMCell.
 _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
-
-
-def _fork_stream(mode: str, rngs: nnx.Rngs, rng_collection: str) -> nnx.RngStream | None:
-    """The stream random mode draws from; forked after the parameters, so they match stock."""
-    if mode != "random":
-        return nnx.data(None)
-    if isinstance(rngs, nnx.RngStream):
-        return rngs.fork()
-    return rngs[rng_collection].fork()
-
-
-def _set_meprop(
-    module: nnx.Module,
-    k: int,
-    mode: str,
-    sparse_bias: bool,
-    rngs: nnx.Rngs,
-    rng_collection: str,
-) -> None:
-    """Stores the meProp settings on ``module``, after its stock parameters are built."""
-    module.k = k
-    module.mode = mode
-    module.sparse_bias = bool(sparse_bias)
-    module.rng_collection = rng_collection
-    # Not ``module.rngs``: the stock LSTM cell keeps its (deprecated) carry stream there.
-    module.meprop_rngs = _fork_stream(mode, rngs, rng_collection)
-
-
-def _step_key(layer: nnx.Module, rngs: RngArg) -> Array | None:
-    """A meProp layer's key for this call: drawn in ``mode="random"`` only."""
-    if layer.mode != "random":
-        return None
-    return _draw_key(rngs, layer.meprop_rngs, layer.rng_collection)
-
-
-def _draw_key(rngs: RngArg, stored: nnx.RngStream | None, rng_collection: str) -> Array:
-    """One key from the call argument if given, else from the stream kept at construction."""
-    source = rngs if rngs is not None else stored
-    if source is None:
-        raise ValueError(
-            "mode='random' needs an RNG: build the module with rngs=nnx.Rngs(...) or pass "
-            "rngs= to the call"
-        )
-    if isinstance(source, nnx.Rngs):
-        return source[rng_collection]()
-    if isinstance(source, nnx.RngStream):
-        return source()
-    if isinstance(source, jax.Array):
-        return source
-    raise TypeError(f"rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(source)}")
 
 
 class FeedbackMemory(nnx.Variable):
@@ -215,7 +165,7 @@ class Linear(nnx.Linear):
             bias_metadata=bias_metadata,
         )
         _layout.store_kernel(self, layout)
-        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         sparse_memory = decay and not _selection.is_dense(k, out_features)
         self.feedback = decay
         self.sparse_update = bool(sparse_update)
@@ -241,7 +191,7 @@ class Linear(nnx.Linear):
         kernel = _layout.stored_kernel(self)
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = None if dense else _step_key(self, rngs)
+        key = None if dense else step_key(self, rngs)
         tap = layer_tap(self, inputs, kernel) if self.sparse_update and not dense else None
         y = _linear.linear(
             inputs,
@@ -365,7 +315,7 @@ class LSTMCell(nnx.LSTMCell):
             recurrent_kernel_metadata=recurrent_kernel_metadata,
             bias_metadata=bias_metadata,
         )
-        _set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
+        set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         self.fused_gates = bool(fused_gates)
         self.kernel_layout = layout
         if layout == "out_in":
@@ -390,7 +340,7 @@ class LSTMCell(nnx.LSTMCell):
             # Nothing is dropped: the stock cell, bit for bit.
             return super().__call__(carry, inputs)
         gates = _gates(self)
-        key = None if dense else _step_key(self, rngs)
+        key = None if dense else step_key(self, rngs)
         return _recurrent.lstm_step(
             carry,
             inputs,
@@ -421,6 +371,6 @@ def _as_dense_linear(gate: nnx.Linear, kernel_layout: str) -> None:
     layout no longer has, while ours reads ``kernel_t``.
     """
     gate.__class__ = Linear  # a new module, in no graphdef yet
-    _set_meprop(gate, 0, "unified", False, None, RNG_COLLECTION)
+    set_meprop(gate, 0, "unified", False, None, RNG_COLLECTION)
     gate.feedback, gate.sparse_update, gate.meprop_memory = 0.0, False, None
     _layout.store_kernel(gate, kernel_layout)

@@ -28,6 +28,7 @@ import meprop_jax.nnx.layers as mnnx
 from meprop_jax._src import general as _general
 from meprop_jax._src import paths as _paths
 from meprop_jax._src.collections import RNG_COLLECTION
+from meprop_jax.nnx._settings import set_meprop
 from meprop_jax.nnx.conv import Conv as MepropConv
 from meprop_jax.nnx.general import LinearGeneral, general_issue
 
@@ -216,7 +217,7 @@ def sparsify(
     for row in plan:
         node, ours, _ = candidates[row.path]
         if type(node) is ours:  # a meProp layer takes the new k, 0 included
-            _set_meprop(node, ours, row.k, opts, rngs)
+            _configure_layer(node, ours, row.k, opts, rngs)
         elif row.k:
             node.__class__ = ours  # a layer of the private copy, in no graphdef yet
             if ours is mnnx.Linear:  # a converted layer keeps no error-feedback memory
@@ -225,13 +226,13 @@ def sparsify(
                 node.fused_gates = False
             if ours in (mnnx.Linear, mnnx.LSTMCell):  # a stock layer's kernels: [in, out]
                 node.kernel_layout = "in_out"
-            _set_meprop(node, ours, row.k, opts, rngs)
+            _configure_layer(node, ours, row.k, opts, rngs)
     return SparsifiedModel(model, plan)
 
 
-def _set_meprop(node: nnx.Module, ours: type, k: int, opts: _paths._Options, rngs) -> None:
+def _configure_layer(node: nnx.Module, ours: type, k: int, opts: _paths._Options, rngs) -> None:
     sparse_bias = opts.sparse_bias and ours is not MepropConv  # conv bias: dense
-    mnnx._set_meprop(node, k, opts.mode, sparse_bias, rngs, opts.rng_collection)
+    set_meprop(node, k, opts.mode, sparse_bias, rngs, opts.rng_collection)
     if ours is mnnx.Linear:
         node.sparse_update = opts.sparse_update
     if ours is LinearGeneral:
