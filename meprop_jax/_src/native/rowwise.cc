@@ -129,6 +129,31 @@ ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   return ffi::Error::Success();
 }
 
+// Adds g[r, c] x[r] to dest(c) for every non-finite g[r, c] that row r did not select, where
+// dest(c) is not null (the weight-gradient row of column c): the masked gradient keeps those
+// entries, so a product over it has them too (the library's rule). Rows without a non-finite
+// entry cost one scan.
+template <typename Dest>
+void AddUnselectedNonFinite(const float* gp, const int32_t* ip, const float* xp, int64_t n,
+                            int64_t out, int64_t s, int64_t in, const Dest& dest) {
+  std::vector<char> chosen(out, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* grow = gp + r * out;
+    bool any = false;
+    for (int64_t c = 0; c < out; ++c) any |= !std::isfinite(grow[c]);
+    if (!any) continue;
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 1;
+    const float* xr = xp + r * in;
+    for (int64_t c = 0; c < out; ++c) {
+      if (std::isfinite(grow[c]) || chosen[c]) continue;
+      float* row = dest(c);
+      if (row == nullptr) continue;
+      for (int64_t i = 0; i < in; ++i) row[i] += grow[c] * xr[i];
+    }
+    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 0;
+  }
+}
+
 // The weight gradient of an [out, in] kernel as a dense [out, in] array, for rows that cover
 // the layer: row c is the sum over the rows r that selected c, in row order, of g[r, c] x[r],
 // plus g[r, c] x[r] for every non-finite g[r, c] that row r did not select (the masked
@@ -156,21 +181,7 @@ ffi::Error DenseRows(ffi::ThreadPool& pool, const float* gp, const int32_t* ip, 
       }
     }
   });
-  std::vector<char> chosen(out, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* grow = gp + r * out;
-    bool any = false;
-    for (int64_t c = 0; c < out; ++c) any |= !std::isfinite(grow[c]);
-    if (!any) continue;
-    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 1;
-    for (int64_t c = 0; c < out; ++c) {
-      if (std::isfinite(grow[c]) || chosen[c]) continue;
-      float* row = dw + c * in;
-      const float* xr = xp + r * in;
-      for (int64_t i = 0; i < in; ++i) row[i] += grow[c] * xr[i];
-    }
-    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 0;
-  }
+  AddUnselectedNonFinite(gp, ip, xp, n, out, s, in, [&](int64_t c) { return dw + c * in; });
   return ffi::Error::Success();
 }
 
@@ -255,24 +266,10 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
       }
     }
   });
-  auto add_row = [&](int64_t r, int32_t c) {
-    float* b = bp + static_cast<int64_t>(owner[c]) * in;
-    const float v = gp[r * out + c];
-    const float* xr = xp + r * in;
-    for (int64_t i = 0; i < in; ++i) b[i] += v * xr[i];
-  };
   // Non-finite entries past their row's selection, in a column of the union.
-  std::vector<char> chosen(out, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const float* row = gp + r * out;
-    bool any = false;
-    for (int64_t c = 0; c < out; ++c) any |= !std::isfinite(row[c]);
-    if (!any) continue;
-    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 1;
-    for (int64_t c = 0; c < out; ++c)
-      if (!std::isfinite(row[c]) && !chosen[c] && owner[c] >= 0) add_row(r, static_cast<int32_t>(c));
-    for (int64_t j = 0; j < s; ++j) chosen[ip[r * s + j]] = 0;
-  }
+  AddUnselectedNonFinite(gp, ip, xp, n, out, s, in, [&](int64_t c) -> float* {
+    return owner[c] >= 0 ? bp + static_cast<int64_t>(owner[c]) * in : nullptr;
+  });
   return ffi::Error::Success();
 }
 
