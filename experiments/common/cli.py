@@ -2,7 +2,7 @@
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -121,6 +121,15 @@ def resolve_kernel_layout(requested: str, fast: bool, mesimp: bool) -> str:
     if layout == "out_in" and mesimp:
         raise ConfigError("--mesimp needs [in, out] kernels: drop --kernel-layout out_in")
     return layout
+
+
+def resumed_layout(requested: str, resolved: str, saved: Mapping[str, Any] | None) -> str:
+    """``--kernel-layout`` on ``--resume``: ``auto`` keeps the layout in the run's ``saved``
+    settings (``in_out`` when they predate the flag), so that a run begun before ``auto``
+    picked ``out_in`` goes on as it began; an explicit layout, or no saved run, is kept."""
+    if requested != "auto" or saved is None:
+        return resolved
+    return str(saved.get("kernel_layout", "in_out"))
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser, action: str) -> None:

@@ -16,6 +16,7 @@ from experiments.common.cli import (
     add_kernel_layout_argument,
     flag_group,
     resolve_kernel_layout,
+    resumed_layout,
     run_name_tail,
     user_errors,
 )
@@ -263,6 +264,17 @@ def _compact_gradients(args, k: int, adaptive, mesimp: dict, layout: str) -> boo
     return True
 
 
+def _as_started(s: MnistSettings, args: argparse.Namespace, saved: dict) -> MnistSettings:
+    """On ``--resume``, the ``auto`` forms the run started with (from its ``saved``
+    settings): a run begun before ``auto`` picked ``[out, in]`` kernels or compact gradients
+    goes on as it began."""
+    layout = resumed_layout(args.kernel_layout, s.kernel_layout, saved)
+    compact = s.compact_gradients
+    if args.kernel_grad == "auto":
+        compact = bool(saved.get("compact_gradients", False)) and layout == "out_in"
+    return dataclasses.replace(s, kernel_layout=layout, compact_gradients=compact)
+
+
 def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:
     """``runs/mnist-<config>``: the same flags give the same folder, so ``--resume`` finds it."""
     if s.kdim:
@@ -298,11 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = loop.resolve_devices(args.devices, [args.batch_size])
         settings = settings_from_args(args, devices)
         cfg = loop.train_config_from_args(args, default_out(settings, args))
-        if args.resume and args.kernel_grad == "auto" and settings.compact_gradients:
-            # A run started with the masked form (before auto picked compact) goes on so.
-            saved = loop.saved_config(cfg.out) or {}
-            if saved.get("compact_gradients") is False:
-                settings = dataclasses.replace(settings, compact_gradients=False)
+        saved = loop.saved_config(cfg.out) if args.resume else None
+        if saved is not None:
+            settings = _as_started(settings, args, saved)
         cfg = dataclasses.replace(cfg, compact_gradients=settings.compact_gradients)
         if not settings.mesimp:
             return loop.run_cli(

@@ -76,7 +76,12 @@ import jax.numpy as jnp
 from experiments import loop
 from experiments.common import ENV_VAR, feedback_flags
 from experiments.common import mesimp as mesimp_loop
-from experiments.common.cli import resolve_kernel_layout, run_name_tail, user_errors
+from experiments.common.cli import (
+    resolve_kernel_layout,
+    resumed_layout,
+    run_name_tail,
+    user_errors,
+)
 from experiments.corpora.treebank import Tree, read_treebank, write_treebank
 from experiments.parsing import simplify
 from experiments.parsing.flags import (
@@ -380,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lr is None and args.optimizer == "adagrad":
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, default_out(settings, files, args))
+        saved = loop.saved_config(cfg.out) if args.resume else None
+        layout = resumed_layout(args.kernel_layout, settings.kernel_layout, saved)
+        settings = dataclasses.replace(settings, kernel_layout=layout)
         task = None
         if settings.mesimp:
             # meSimp prunes at chunk boundaries: the chunks follow from the examples.

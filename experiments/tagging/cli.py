@@ -19,6 +19,7 @@ from experiments.common.cli import (
     add_predict_arguments,
     flag_group,
     resolve_kernel_layout,
+    resumed_layout,
     run_name_tail,
     set_helps,
     user_errors,
@@ -452,10 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.lr = ADAGRAD_LR
         cfg = loop.train_config_from_args(args, out)
         saved = loop.saved_config(cfg.out) if args.resume else None
-        if saved is not None and args.kernel_layout == "auto":
-            # A run started before auto picked [out, in] goes on with its saved layout.
-            layout = saved.get("kernel_layout", "in_out")
-            settings = dataclasses.replace(settings, kernel_layout=layout)
+        layout = resumed_layout(args.kernel_layout, settings.kernel_layout, saved)
+        settings = dataclasses.replace(settings, kernel_layout=layout)
 
         def prepare(task: TaggingTask) -> None:
             if cfg.resume:

@@ -435,21 +435,32 @@ def test_compact_kernel_grad_trains_as_the_masked_one(
         assert (a["loss"], a["dev_acc"], a["test_acc"]) == (b["loss"], b["dev_acc"], b["test_acc"])
 
 
-def test_resume_keeps_the_kernel_grad_form_the_run_started_with(
-    tiny_dir: Path, cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("started", "layout"),
+    [(("--kernel-grad", "masked"), "out_in"), (("--kernel-layout", "in_out"), "in_out")],
+    ids=["masked", "in_out"],
+)
+def test_resume_keeps_the_forms_the_run_started_with(
+    started: tuple[str, ...],
+    layout: str,
+    tiny_dir: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # A run started with the masked form (as before --kernel-grad auto picked compact) goes on
-    # with it under the default; an explicit --kernel-grad compact is refused, naming it.
+    # A run started with the masked form or the stock layout (as before the auto flags
+    # picked compact gradients and [out, in] kernels) goes on with them under the defaults;
+    # an explicit flag that contradicts the run is refused, naming the setting.
     out = tmp_path / "run"
-    first = tiny_args(tiny_dir, out, "--epochs", "1", "--kernel-grad", "masked")
-    assert cli.main(first) == 0
+    assert cli.main(tiny_args(tiny_dir, out, "--epochs", "1", *started)) == 0
     resumed = tiny_args(tiny_dir, out, "--resume")
     with pytest.raises(SystemExit) as exc:
-        cli.main([*resumed, "--kernel-grad", "compact"])
+        cli.main([*resumed, "--kernel-grad", "compact", "--kernel-layout", "out_in"])
     assert exc.value.code == 2 and "compact_gradients" in capsys.readouterr().err
     assert cli.main(resumed) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["compact_gradients"] is False
+    assert results["config"]["kernel_layout"] == layout
     assert [e["epoch"] for e in results["epochs"]] == [1, 2]
 
 

@@ -132,3 +132,17 @@ def test_hidden_kernel_reads_either_layout() -> None:
     transposed = {"params": {"hidden": {KERNEL_T: kernel.T}}}
     np.testing.assert_array_equal(hidden_kernel(stock), kernel)
     np.testing.assert_array_equal(hidden_kernel(transposed), kernel)
+
+
+@pytest.mark.slow
+def test_resume_under_auto_keeps_the_layout_the_run_started_with(toy, tmp_path) -> None:
+    # A per-example run started in [in, out] (as before auto picked [out, in]) goes on so.
+    args = [
+        *files(toy), "--hidden", 32, "--k", 4, "--embed-dim", 8, "--batch-size", 32,
+        "--timing-batches", 0, "--out", tmp_path / "run",
+    ]  # fmt: skip
+    assert run_main([*args, "--epochs", 1, "--kernel-layout", "in_out"]) == 0
+    assert run_main([*args, "--epochs", 2, "--resume"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config"]["kernel_layout"] == "in_out"
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
