@@ -16,8 +16,9 @@ from flax import nnx
 
 from meprop_jax import linen as mlinen
 from meprop_jax import nnx as mnnx
-from meprop_jax._src import native, rowwise
+from meprop_jax._src import native
 from meprop_jax.linen import TRANSPOSED_KERNEL
+from tests.meprop_jax.nnx.test_kernel_layout import spy_on_per_row_backward
 
 H = 16  # hidden size: 2 rows of k = 2 leave most of each gate's 16 columns untouched
 IN = 5
@@ -104,28 +105,6 @@ def test_same_outputs_and_gradients_as_the_stock_layout(mode, fused, native_on):
     # The gradients are sparse: some gate columns dropped (else the check proves little).
     dead = np.all(np.asarray(grads["cell"]["hi"]["kernel"]) == 0, axis=0)
     assert dead.any() and not dead.all()
-
-
-def spy_on_per_row_backward(monkeypatch, native_on):
-    """Records ``(kernel_layout, kernel shape)`` of every per-row backward product."""
-    seen = []
-    if native_on:
-        real_native = rowwise.native_backward
-
-        def native_spy(xs, kernels, g, scores, k, groups, layout, *args, **kwargs):
-            seen.extend((layout, w.shape) for w in kernels)
-            return real_native(xs, kernels, g, scores, k, groups, layout, *args, **kwargs)
-
-        monkeypatch.setattr(rowwise, "native_backward", native_spy)
-    else:
-        real_xla = rowwise.gathered_input_grad
-
-        def xla_spy(g_kept, idx, kernel, kernel_layout, *args):
-            seen.append((kernel_layout, kernel.shape))
-            return real_xla(g_kept, idx, kernel, kernel_layout, *args)
-
-        monkeypatch.setattr(rowwise, "gathered_input_grad", xla_spy)
-    return seen
 
 
 @pytest.mark.parametrize("native_on", [True, False], ids=["native", "xla"])
