@@ -13,7 +13,7 @@ import meprop_jax
 from experiments.loop import ConfigError
 from experiments.parsing import main as parsing
 from experiments.parsing.model import ParserMLP, fast_logits, hidden_kernel, hidden_tables
-from meprop_jax._src import native
+from tests.experiments.common.layouts import train_in_both_layouts
 from tests.experiments.parsing.test_cli import expect_error, files, run_main, write_toy
 
 KERNEL_T = meprop_jax.linen.TRANSPOSED_KERNEL
@@ -97,15 +97,7 @@ def test_training_in_out_in_equals_training_in_in_out(toy, tmp_path, capsys) -> 
         *files(toy), "--hidden", 32, "--k", 4, "--embed-dim", 8, "--epochs", 2,
         "--batch-size", 32, "--lr", 0.01, "--timing-batches", 0,
     ]  # fmt: skip
-    results, params = {}, {}
-    for layout in ("in_out", "out_in"):
-        out = tmp_path / layout
-        with native.disabled():  # the XLA path: the same math in both layouts
-            assert run_main([*args, "--kernel-layout", layout, "--out", out]) == 0
-        results[layout] = json.loads((out / "results.json").read_text())
-        assert results[layout]["config"]["kernel_layout"] == layout
-        _, model, params[layout], _ = parsing.load_run(out)
-        assert model.kernel_layout == layout
+    results, params = train_in_both_layouts(run_main, parsing.load_run, args, tmp_path)
     hidden_in, hidden_out = (
         params["in_out"]["params"]["hidden"],
         params["out_in"]["params"]["hidden"],

@@ -9,8 +9,8 @@ import pytest
 
 from experiments.tagging import cli
 from experiments.tagging.predict import load_run
-from meprop_jax._src import native
 from meprop_jax.linen import TRANSPOSED_KERNEL as KERNEL_T
+from tests.experiments.common.layouts import train_in_both_layouts
 from tests.experiments.tagging.test_cli import expect_error
 from tests.experiments.tagging.toy import COMMON, run_main, toy_sentences, write_conllx
 
@@ -61,16 +61,8 @@ def test_out_in_is_refused_where_it_does_not_apply(corpus, tmp_path, capsys) -> 
 @pytest.mark.slow
 def test_training_in_out_in_equals_training_in_in_out(corpus, tmp_path, capsys) -> None:
     args = [*corpus, *COMMON, "--k", 2, "--mode", "per-example", "--devices", 1]
-    results, params = {}, {}
-    for layout in ("in_out", "out_in"):
-        out = tmp_path / layout
-        with native.disabled():  # the XLA path: the same math in both layouts
-            assert run_main([*args, "--kernel-layout", layout, "--out", out]) == 0
-        results[layout] = json.loads((out / "results.json").read_text())
-        assert results[layout]["config"]["kernel_layout"] == layout
-        _, model, variables, _ = load_run(out)
-        assert model.kernel_layout == layout
-        params[layout] = variables["params"] if "params" in variables else variables
+    results, saved = train_in_both_layouts(run_main, load_run, args, tmp_path)
+    params = {layout: v.get("params", v) for layout, v in saved.items()}
     cell_in, cell_out = params["in_out"]["lstm"], params["out_in"]["lstm"]
     assert set(cell_in) == set(cell_out)  # gates by name; their kernels differ in shape
     transposed = 0
