@@ -103,6 +103,54 @@ def missing_cells(
     return lines
 
 
+def early_stops(
+    selected: Sequence[grids.Grid], results: Mapping[str, list[tables.CellResult]]
+) -> list[str]:
+    """The finished training runs that the patience rule ended before their last epoch.
+
+    Returns a summary by arm (the cell's ``model``) and one line per such run, each run
+    once though grids share it; nothing when every finished run trained all its epochs.
+    """
+    stopped: list[str] = []
+    arms: dict[str, list[int]] = {}  # model -> [stopped, finished]
+    seen: set[Path] = set()
+    for grid in selected:
+        for result in results.get(grid.name, ()):
+            key = result.cell.key
+            setting = ", ".join(f"{k}={v}" for k, v in key.items() if k != "task")
+            for run in result.finished:
+                if run.spec.task == "bench" or not run.spec.epochs or run.directory in seen:
+                    continue
+                seen.add(run.directory)
+                trained = len(run.results.get("epochs") or ())
+                counts = arms.setdefault(str(key.get("model", "other")), [0, 0])
+                counts[1] += 1
+                if trained >= run.spec.epochs:
+                    continue
+                counts[0] += 1
+                best = (run.results.get("best") or {}).get("epoch")
+                stopped.append(
+                    f"- {grid.name}: {key.get('task')}, {setting}, seed {run.spec.seed}: "
+                    f"{trained} of {run.spec.epochs} epochs, best dev epoch {best}"
+                )
+    if not stopped:
+        return []
+    total = sum(n for _, n in arms.values())
+    by_arm = ", ".join(f"{arm} {s} of {n}" for arm, (s, n) in sorted(arms.items()))
+    return [
+        f"{len(stopped)} of the {total} finished training runs stopped before their last "
+        f"epoch because dev had not improved for {grids.PATIENCE} epochs. By arm: {by_arm}. "
+        "The rule is the same for every arm, and the test score is still read at the best "
+        "dev epoch.",
+        "",
+        "<details><summary>The runs, one per line</summary>",
+        "",
+        *stopped,
+        "",
+        "</details>",
+    ]
+
+
 def _stray_note(stray: Sequence[Path]) -> list[str]:
     if not stray:
         return []
@@ -217,6 +265,9 @@ def write_report(
         ]
     else:
         lines += [f"None: every setting has its {seeds} seeds.", ""]
+    stops = early_stops(selected, results)
+    if stops:
+        lines += ["## Early stopping", "", *stops, ""]
     for grid in selected:
         lines += [f"## {grid.title}", ""]
         if grid.skipped:

@@ -63,9 +63,10 @@ class StubRunner:
     leave a checkpoint and an interrupted ``results.json``, and return 130 like a run
     stopped by Ctrl-C."""
 
-    def __init__(self, interrupt_at: int | None = None):
+    def __init__(self, interrupt_at: int | None = None, stop_early=lambda spec: False):
         self.calls: list[tuple[grids.RunSpec, str]] = []
         self.interrupt_at = interrupt_at
+        self.stop_early = stop_early  # spec -> whether the run ends after its first epoch
 
     def __call__(self, spec: grids.RunSpec, directory: Path, mode: str) -> int:
         self.calls.append((spec, mode))
@@ -78,7 +79,8 @@ class StubRunner:
             payload = results(spec, "interrupted", epochs=1)
             (directory / cache.RESULTS_FILE).write_text(json.dumps(payload))
             return 130
-        (directory / cache.RESULTS_FILE).write_text(json.dumps(results(spec)))
+        epochs = 1 if self.stop_early(spec) else spec.epochs
+        (directory / cache.RESULTS_FILE).write_text(json.dumps(results(spec, epochs=epochs)))
         return 0
 
 

@@ -73,6 +73,24 @@ def test_the_report_lists_the_missing_cells_and_partial_seeds(tmp_path):
     assert "of 2 seeds)" not in text[text.index("## Table 6") :].split("\n## ")[0]
 
 
+def test_the_report_lists_the_runs_that_stopped_early(tmp_path):
+    # Table 6's meProp runs end after their first epoch of two, as the patience rule ends a
+    # run; the dense ones train both.
+    stub = StubRunner(stop_early=lambda spec: spec.args[spec.args.index("--k") + 1] != "0")
+    assert _main(tmp_path, "--only", "table6", "--seeds", "2", runner=stub) == 0
+    text = (tmp_path / "report" / "README.md").read_text()
+    section = text[text.index("## Early stopping") :].split("\n## ")[0]
+    assert "2 of the 4 finished training runs stopped before their last epoch" in section
+    assert "By arm: dense 0 of 2, meprop 2 of 2." in section
+    for seed in (0, 1):
+        line = f"- table6: mnist, layers=2, model=meprop, k=30, seed {seed}: 1 of 2 epochs"
+        assert f"{line}, best dev epoch 1" in section
+    assert "model=dense" not in section
+    # With every run trained to its last epoch, the section is left out.
+    assert _main(tmp_path / "all", "--only", "table6", runner=StubRunner()) == 0
+    assert "## Early stopping" not in (tmp_path / "all" / "report" / "README.md").read_text()
+
+
 def test_finished_bench_sections_are_not_missing_cells(tmp_path):
     # A bench section's record is its bench.json (no results.json): once it is there, the
     # section is done, and the list of missing cells leaves it out.
