@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <thread>
@@ -77,34 +78,39 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
   while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-constexpr int kBinBits = 10;
+// Histogram bins of the distance below the row's largest key: 2^kBinShift keys each, 8 per
+// power of two of a positive float, so the top k of a row of gradients spread over a few
+// bins; the last bin takes every key farther than the others reach.
+constexpr int kBins = 256;
+constexpr int kBinShift = 20;
 
 // The k best of row[0, width) by (key desc, index asc) into dst, in that order. A histogram of
-// the keys' top bits finds the bin holding the k-th key; entries in higher bins are in, and
-// only that bin's entries are ranked one by one. On a CPU this is about twice as fast as
-// nth_element over the whole row, whose compares mispredict on every fresh row.
+// each key's distance below the row's largest finds the bin holding the k-th key; entries of
+// that bin and nearer are ranked, packed as (key, ~index) so that one integer compare orders
+// them. On a CPU this is several times faster than nth_element over the whole row, whose
+// compares mispredict on every fresh row.
 void SelectRow(const float* row, int64_t width, int64_t k, int32_t* dst,
-               std::vector<uint32_t>& keys, std::vector<int32_t>& cand) {
-  uint32_t hist[1 << kBinBits] = {};
+               std::vector<uint32_t>& keys, std::vector<uint64_t>& cand) {
+  uint32_t top = 0;
   for (int64_t j = 0; j < width; ++j) {
     keys[j] = OrderKey(row[j]);
-    ++hist[keys[j] >> (32 - kBinBits)];
+    top = std::max(top, keys[j]);
   }
-  uint32_t t = (1 << kBinBits) - 1;
-  int64_t above = 0;
-  while (above + hist[t] < static_cast<uint64_t>(k)) above += hist[t--];
-  int64_t n_in = 0, n_cand = 0;
-  for (int64_t j = 0; j < width; ++j) {
-    const uint32_t bin = keys[j] >> (32 - kBinBits);
-    if (bin > t) dst[n_in++] = static_cast<int32_t>(j);
-    else if (bin == t) cand[n_cand++] = static_cast<int32_t>(j);
-  }
-  const uint32_t* key = keys.data();
-  auto before = [key](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
-  const int64_t need = k - n_in;
-  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.begin() + n_cand, before);
-  std::copy(cand.begin(), cand.begin() + need, dst + n_in);
-  std::sort(dst, dst + k, before);
+  auto bin = [top](uint32_t key) {
+    return std::min<uint32_t>((top - key) >> kBinShift, kBins - 1);
+  };
+  uint32_t hist[kBins] = {};
+  for (int64_t j = 0; j < width; ++j) ++hist[bin(keys[j])];
+  uint32_t t = 0;
+  for (int64_t above = 0; above + hist[t] < static_cast<uint64_t>(k);) above += hist[t++];
+  int64_t n_cand = 0;
+  for (int64_t j = 0; j < width; ++j)
+    if (bin(keys[j]) <= t)
+      cand[n_cand++] = (static_cast<uint64_t>(keys[j]) << 32) | ~static_cast<uint32_t>(j);
+  const auto first = cand.begin(), last = cand.begin() + n_cand;
+  std::nth_element(first, first + (k - 1), last, std::greater<uint64_t>());
+  std::sort(first, first + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<int32_t>(~static_cast<uint32_t>(cand[j]));
 }
 
 ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
@@ -118,7 +124,7 @@ ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   int32_t* o = idx->typed_data();
   ParallelFor(pool, n * groups, std::max<int64_t>(8192 / width, 1), [&](int64_t a, int64_t b) {
     std::vector<uint32_t> keys(width);
-    std::vector<int32_t> cand(width);
+    std::vector<uint64_t> cand(width);
     for (int64_t rg = a; rg < b; ++rg) {
       const int64_t r = rg / groups, grp = rg % groups;
       int32_t* dst = o + r * groups * k + grp * k;
