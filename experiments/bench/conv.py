@@ -157,7 +157,6 @@ def bench_conv_shape(
             add((k, mode), conv_grad_fn(k, mode), grad_args, x.nbytes + g.nbytes)
     add(FORWARD, conv_forward_fn(), (x, w, b), x.nbytes)
     stats = time_fns(fns, repeats, warmup)
-    dense_ms = stats[DENSE].median_ms
     dtype_name = str(jnp.dtype(dtype))
 
     def record(name: Any, k: int, mode: str) -> Record:
@@ -171,7 +170,7 @@ def bench_conv_shape(
         if k:
             extra["ideal_speedup"] = c_out / k
         return _record(
-            SECTION, batch, c_in, c_out, k, mode, dtype_name, stats[name], dense_ms, extra
+            SECTION, batch, c_in, c_out, k, mode, dtype_name, stats[name], stats[DENSE], extra
         )
 
     records = [record(DENSE, 0, DENSE)]

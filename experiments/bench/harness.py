@@ -2,8 +2,8 @@
 
 All functions of one configuration are timed in the same run, interleaved call by call, so that
 a change in the machine's load affects them alike; each row reports the median over ``repeats``
-calls after ``warmup`` untimed calls, and its ratio to dense is the dense backward's median
-divided by the row's median.
+calls after ``warmup`` untimed calls, and its ratio to dense is the median over those rounds of
+the dense call's time divided by the row's (:func:`paired_ratio`).
 
 Memory: every compiled program's ``memory_analysis()`` (arguments + outputs - donated aliases
 + XLA temporaries, deterministic) is recorded by :func:`memory_stats`.
@@ -21,6 +21,10 @@ import jax
 
 DENSE = "dense"
 FORWARD = "forward"
+#: How ``Record.ratio_vs_dense`` is formed, as the JSON records say (``"ratio"``): the median
+#: over rounds of the reference's time over the row's (:func:`paired_ratio`). Records written
+#: before the field existed hold the ratio of the two medians.
+RATIO_KIND = "paired"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +46,9 @@ class Record:
     """One timed (configuration, mode) row.
 
     ``mode`` is ``"dense"`` for the ordinary backward, ``"forward"`` for the forward pass
-    alone, or a meProp mode. ``ratio_vs_dense`` is the dense backward's median time divided by
-    this row's median (so ``1.0`` for the dense row). ``extra`` holds section-specific values
-    (XLA's flop estimate, the paper's speedup, ...).
+    alone, or a meProp mode. ``ratio_vs_dense`` is how many times faster than the dense
+    backward this row ran, round by round (:func:`paired_ratio`; ``1.0`` for the dense row).
+    ``extra`` holds section-specific values (XLA's flop estimate, the paper's speedup, ...).
     """
 
     section: str
@@ -61,6 +65,22 @@ class Record:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def paired_ratio(reference: Stats, row: Stats) -> float:
+    """How many times faster ``row`` ran than ``reference``: the median over the timed rounds
+    of ``reference`` time / ``row`` time.
+
+    :func:`time_fns` runs every function once per round, back to back, so the two times of a
+    round share the machine's state. Where the machine changes speed between rounds (a CPU
+    shared with other jobs, or one whose memory bandwidth comes and goes), the ratio of the
+    two medians can set one function's fast rounds against the other's slow ones; the
+    median of the rounds' ratios cannot. With different numbers of times (not timed
+    together) it is the ratio of the medians.
+    """
+    if not row.times_ms or len(reference.times_ms) != len(row.times_ms):
+        return reference.median_ms / row.median_ms
+    return statistics.median(r / t for r, t in zip(reference.times_ms, row.times_ms, strict=True))
+
+
 def _record(
     section: str,
     batch: int,
@@ -70,10 +90,11 @@ def _record(
     mode: str,
     dtype: str,
     stats: Stats,
-    dense_ms: float,
+    reference: Stats,
     extra: dict[str, Any],
 ) -> Record:
-    """A :class:`Record` from one row's timings and the dense backward's median."""
+    """A :class:`Record` from one row's timings and those of the row it is compared with
+    (the dense backward)."""
     return Record(
         section=section,
         batch=batch,
@@ -85,7 +106,7 @@ def _record(
         median_ms=stats.median_ms,
         min_ms=stats.min_ms,
         times_ms=list(stats.times_ms),
-        ratio_vs_dense=dense_ms / stats.median_ms,
+        ratio_vs_dense=paired_ratio(reference, stats),
         extra=extra,
     )
 

@@ -141,7 +141,6 @@ def bench_layer_shape(
             fn, flops[k, mode] = _compile(layer_grad_fn(k, mode), grad_args)
             fns[k, mode] = (fn, grad_args)
     stats = time_fns(fns, repeats, warmup)
-    dense_ms = stats[DENSE].median_ms
     paper_speedups = paper_speedups or {}
 
     def record(name: Any, k: int, mode: str) -> Record:
@@ -152,7 +151,7 @@ def bench_layer_shape(
             if k in paper_speedups:
                 extra["paper_speedup"] = paper_speedups[k]
         dtype_name = str(jnp.dtype(dtype))
-        return _record("layer", batch, d_in, d_out, k, mode, dtype_name, s, dense_ms, extra)
+        return _record("layer", batch, d_in, d_out, k, mode, dtype_name, s, stats[DENSE], extra)
 
     records = [record(DENSE, 0, DENSE)]
     records += [record((k, mode), k, mode) for k in ks for mode in modes]
@@ -263,7 +262,6 @@ def bench_layer_update_shape(
     fns[FORWARD] = (lambda: fwd(x, dense_box.value[0]["kernel"], dense_box.value[0]["bias"]), ())
     info[FORWARD] = (_flops(fwd), memory_stats(fwd, x.nbytes))
     stats = time_fns(fns, repeats, warmup)
-    dense_ms = stats[DENSE].median_ms
     paper_speedups = paper_speedups or {}
 
     def record(name: Any, k: int, mode: str) -> Record:
@@ -275,7 +273,8 @@ def bench_layer_update_shape(
             if k in paper_speedups and mode == "unified+sparse_adam":
                 extra["paper_speedup"] = paper_speedups[k]
         dtype_name = str(jnp.dtype(dtype))
-        return _record("layer+update", batch, d_in, d_out, k, mode, dtype_name, s, dense_ms, extra)
+        dense = stats[DENSE]
+        return _record("layer+update", batch, d_in, d_out, k, mode, dtype_name, s, dense, extra)
 
     records = [record(DENSE, 0, DENSE)]
     for k in ks:

@@ -52,6 +52,7 @@ from experiments.bench.harness import (
     _copy,
     _record,
     memory_stats,
+    paired_ratio,
     time_fns,
 )
 from experiments.bench.steps import _cross_entropy, _forward_scan, _train_scan
@@ -292,9 +293,7 @@ def bench_mesimp(
         if name in TRAIN_ROWS
     }
     timed = {**stats, **per_step}
-    dense_ms = timed[DENSE].median_ms
-    decode_ms = timed[DECODE_FULL].median_ms
-    bound = dense_ms / timed[FORWARD].median_ms
+    bound = paired_ratio(timed[DENSE], timed[FORWARD])
     model_sizes = {
         DENSE: cfg.hidden,
         "meprop": cfg.hidden,
@@ -328,11 +327,11 @@ def bench_mesimp(
             extra["masked"] = name in (MESIMP, DECODE_PADDED)
         if name in (MESIMP, MESIMP_PLAIN):
             extra["selects_all"] = cfg.k >= min(pruned.widths)
-        reference = dense_ms if train else decode_ms
+        reference = timed[DENSE] if train else timed[DECODE_FULL]
         target = {MESIMP: STEP_TARGET, DECODE_EXPORTED: DECODE_TARGET}.get(name)
         if target is not None:
             extra["target"] = target
-            extra["meets_target"] = reference / timed[name].median_ms >= target
+            extra["meets_target"] = paired_ratio(reference, timed[name]) >= target
         batch = cfg.batch if train else cfg.eval_batch
         return _record(
             MESIMP, batch, d_in, hidden[0], row_k.get(name, 0), name, "float32",

@@ -145,9 +145,9 @@ def _per_step(stats: dict[Any, Stats], steps: int) -> dict[Any, Stats]:
 
 
 def _records(section, per_step, dense_name, batch, d_in, d_out, k_of, extra=None):
-    dense_ms = per_step[dense_name].median_ms
+    dense = per_step[dense_name]
     return [
-        _record(section, batch, d_in, d_out, k_of(name), name, "float32", s, dense_ms, extra or {})
+        _record(section, batch, d_in, d_out, k_of(name), name, "float32", s, dense, extra or {})
         for name, s in per_step.items()
     ]
 

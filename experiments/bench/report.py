@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 import meprop_jax
-from experiments.bench.harness import DENSE, FORWARD, Record
+from experiments.bench.harness import DENSE, FORWARD, RATIO_KIND, Record
 from experiments.bench.layer import PAPER_TABLE7_DENSE_MS, PAPER_TABLE7_SHAPE, PAPER_TABLE7_SPEEDUP
 from experiments.bench.mesimp import DECODE_EXPORTED, MESIMP, ROWS, TRAIN_ROWS
 from experiments.bench.steps import FWD_BWD, STEP_VARIANTS
@@ -335,6 +335,7 @@ def write_json(
         **environment(),
         "argv": list(argv),
         "args": args_dict,
+        "ratio": RATIO_KIND,
         "records": [dataclasses.asdict(r) for r in records],
     }
     if args.paper_table7:

@@ -37,6 +37,7 @@ from experiments.bench.harness import (
     _copy,
     _record,
     memory_stats,
+    paired_ratio,
     time_fns,
 )
 from experiments.common.models import MLP
@@ -273,13 +274,13 @@ def bench_steps_config(
     per_step = {
         name: Stats.from_seconds([t / 1e3 / steps for t in s.times_ms]) for name, s in stats.items()
     }
-    dense_ms = per_step["dense"].median_ms
-    bound = dense_ms / per_step[FORWARD].median_ms
+    dense = per_step["dense"]
+    bound = paired_ratio(dense, per_step[FORWARD])
 
     def record(name: str) -> Record:
         s = per_step[name]
         variant = name.split(":")[0]
-        speedup = dense_ms / s.median_ms
+        speedup = paired_ratio(dense, s)
         extra: dict[str, Any] = {
             "sizes": list(sizes),
             "steps_per_call": steps,
@@ -296,9 +297,7 @@ def bench_steps_config(
         if name == FORWARD:
             extra["fraction_of_bound"] = 1.0
         row_k = 0 if variant in ("dense", FORWARD) else k
-        return _record(
-            "steps", batch, sizes[0], sizes[1], row_k, name, "float32", s, dense_ms, extra
-        )
+        return _record("steps", batch, sizes[0], sizes[1], row_k, name, "float32", s, dense, extra)
 
     names = [v for v in STEP_VARIANTS if v in fns]
     names += [v + FWD_BWD for v in STEP_VARIANTS if v + FWD_BWD in fns]

@@ -149,7 +149,6 @@ def bench_transformer_config(
     fns[FORWARD] = (lambda: forward(box.value[0], x, y, mask), ())
     memory[FORWARD] = memory_stats(forward, data)
     stats = time_fns(fns, repeats, warmup)
-    dense_ms = stats[DENSE].median_ms
 
     def record(name: str) -> Record:
         extra: dict[str, Any] = {
@@ -161,7 +160,8 @@ def bench_transformer_config(
         if name == mode:
             extra["layers"] = [layer._asdict() for layer in layers]
         row_k = k if name == mode else 0
-        return _record(SECTION, batch, d, d, row_k, name, "float32", stats[name], dense_ms, extra)
+        dense = stats[DENSE]
+        return _record(SECTION, batch, d, d, row_k, name, "float32", stats[name], dense, extra)
 
     return [record(DENSE), record(mode), record(FORWARD)]
 

@@ -17,6 +17,8 @@ from experiments.report import cache, paper
 from experiments.report.tables import CellResult, fmt, markdown, relative
 
 PER_EXAMPLE = "per_example"
+#: A bench record's ``"ratio"`` when its ratios pair the rounds (the bench's ``RATIO_KIND``).
+PAIRED_RATIOS = "paired"
 
 #: The per-example section's record groups (``record["section"]``): what each row times.
 PER_EXAMPLE_GROUPS: Mapping[str, str] = {
@@ -190,12 +192,18 @@ def record_line(record: Mapping[str, Any]) -> str:
     load = record.get("load_average")
     cpus = record.get("cpu_count")
     where = f" on {cpus} CPUs" if cpus else ""
+    if record.get("ratio") == PAIRED_RATIOS:
+        ratios = " Each ratio is dense's time over the row's, round by round (their median)."
+    else:
+        ratios = (
+            " Each ratio is dense's median over the row's (written before the bench paired rounds)."
+        )
     if not load:
-        return f"Ran {date}{where}; no load average recorded."
+        return f"Ran {date}{where}; no load average recorded.{ratios}"
     loads = ", ".join(f"{x:.2f}" for x in load)
     return (
         f"Ran {date}{where}; load average {loads} (1, 5, 15 min, as it finished, its own "
-        "process counted)."
+        f"process counted).{ratios}"
     )
 
 

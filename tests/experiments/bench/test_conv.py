@@ -87,7 +87,9 @@ def test_conv_rows_report_the_times_of_their_own_functions(monkeypatch):
         assert r.section == "conv" and (r.batch, r.d_in, r.d_out) == (3, 2, 6)
         assert r.extra["spatial"] == [5, 5] and r.extra["kernel"] == [3, 3]
         assert r.times_ms == pytest.approx(want)
-        assert r.ratio_vs_dense == pytest.approx(6.0 / statistics.median(want))
+        dense = [1e3 * s for s in _durations(conv.DENSE)]
+        paired = statistics.median(d / w for d, w in zip(dense, want, strict=True))
+        assert r.ratio_vs_dense == pytest.approx(paired)
         assert r.extra.get("ideal_speedup") == (6 / r.k if r.k else None)
     # The dense row timed the dense gradients; a k = 2 unified row touches two channels.
     x, w, b, g, _ = _data()

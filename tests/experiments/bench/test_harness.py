@@ -52,6 +52,19 @@ def test_time_fn_rejects_bad_counts():
             harness.time_fn(lambda: None, (), repeats=repeats, warmup=warmup)
 
 
+def test_paired_ratio_follows_the_rounds_when_the_machine_changes_speed():
+    # The machine runs twice as slowly from the fourth round on, and a row's last call falls
+    # in a fast stretch again. Round by round the row is 1.25x faster; the medians would set
+    # dense's slow rounds against the row's fast ones and say 2.5x.
+    dense = harness.Stats.from_seconds([0.010, 0.010, 0.010, 0.020, 0.020, 0.020, 0.020])
+    row = harness.Stats.from_seconds([0.008, 0.008, 0.008, 0.016, 0.016, 0.016, 0.008])
+    assert dense.median_ms / row.median_ms == pytest.approx(2.5)
+    assert harness.paired_ratio(dense, row) == pytest.approx(1.25)
+    assert harness.paired_ratio(dense, dense) == pytest.approx(1.0)
+    # Timings not taken together (different counts) fall back to the medians.
+    assert harness.paired_ratio(dense, harness.Stats.from_seconds([0.005])) == pytest.approx(4.0)
+
+
 def test_stats_from_seconds():
     stats = harness.Stats.from_seconds([0.004, 0.001, 0.002, 0.010])
     assert stats.median_ms == pytest.approx(3.0) and stats.min_ms == pytest.approx(1.0)

@@ -18,15 +18,24 @@ REPEATS = 3
 WIDTHS = (16, 16)  # 10 and 7 survivors padded to a multiple of 16
 
 # Seconds per timed call; training rows are per step (one step per call), decoding per pass.
+# Each row's calls follow its reference's round by round (the machine's speed changes alike for
+# both), so its ratio is the same in every round.
+TRAIN_S, DECODE_S = [0.012, 0.010, 0.011], [0.020, 0.030, 0.025]  # medians 11 and 25 ms
+
+
+def _like(reference, median_ms):
+    return [t * median_ms / (1e3 * statistics.median(reference)) for t in reference]
+
+
 DURATIONS = {
-    "dense": [0.012, 0.010, 0.011],  # 11 ms
-    "meprop": [0.008, 0.009, 0.007],  # 8
-    "forward": [0.005, 0.004, 0.006],  # 5: bound 11 / 5 = 2.2x
-    "mesimp": [0.003, 0.0025, 0.004],  # 3: 11 / 3 = 3.67x, above the target and the bound
-    "mesimp:plain": [0.002, 0.0025, 0.003],  # 2.5
-    "decode:full": [0.020, 0.030, 0.025],  # 25
-    "decode:padded": [0.015, 0.012, 0.020],  # 15
-    "decode:exported": [0.010, 0.012, 0.011],  # 11: 25 / 11 = 2.27x, below the 2.5x target
+    "dense": TRAIN_S,  # 11 ms
+    "meprop": _like(TRAIN_S, 8),
+    "forward": _like(TRAIN_S, 5),  # bound 11 / 5 = 2.2x
+    "mesimp": _like(TRAIN_S, 3),  # 11 / 3 = 3.67x, above the target and the bound
+    "mesimp:plain": _like(TRAIN_S, 2.5),
+    "decode:full": DECODE_S,  # 25
+    "decode:padded": _like(DECODE_S, 15),
+    "decode:exported": _like(DECODE_S, 11),  # 25 / 11 = 2.27x, below the 2.5x target
 }
 MEDIAN_MS = {name: 1e3 * statistics.median(s) for name, s in DURATIONS.items()}
 

@@ -11,8 +11,9 @@ from experiments.bench import harness, layer, report
 
 def _row(mode, k, median_ms, dense_ms, extra=None, section="layer", d_out=8192):
     stats = harness.Stats(median_ms, 0.9 * median_ms, (median_ms,))
+    dense = harness.Stats(dense_ms, dense_ms, (dense_ms,))
     return harness._record(
-        section, 1024, 8192, d_out, k, mode, "float32", stats, dense_ms, dict(extra or {})
+        section, 1024, 8192, d_out, k, mode, "float32", stats, dense, dict(extra or {})
     )
 
 

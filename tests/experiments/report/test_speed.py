@@ -4,9 +4,11 @@ figure beside each row, and the date and load of every record."""
 import dataclasses
 import json
 import re
+import statistics
 
 import pytest
 
+from experiments.bench import harness
 from experiments.bench.harness import Record
 from experiments.report import paper, speed
 from tests.experiments.report.stub import PER_EXAMPLE_FILE
@@ -36,15 +38,18 @@ def test_per_example_table_has_one_row_per_record_with_its_groups_ratio(payload)
     records = payload["records"]
     rows = speed.per_example_rows(records)
     assert len(rows) == len(records)
-    # Each ratio is the median of the dense row of the record's group and shape over its own.
+    # Each ratio is the dense row's (of the record's group and shape) time over the record's,
+    # round by round, as the bench wrote it: the median of the rounds' ratios.
     dense = {}
     for r in records:
         if r["k"] == 0:
-            dense[(r["section"], r["batch"], r["d_in"], r["d_out"])] = r["median_ms"]
+            dense[(r["section"], r["batch"], r["d_in"], r["d_out"])] = r["times_ms"]
     for r, row in zip(records, rows, strict=True):
         group, shape, k, variant, path, median, ratio, paper_text = row
         assert group == speed.PER_EXAMPLE_GROUPS[r["section"]]
-        expected = dense[(r["section"], r["batch"], r["d_in"], r["d_out"])] / r["median_ms"]
+        reference = dense[(r["section"], r["batch"], r["d_in"], r["d_out"])]
+        rounds = zip(reference, r["times_ms"], strict=True)
+        expected = statistics.median(d / t for d, t in rounds)
         assert ratio == f"{expected:.2f}x"
         assert median == f"{r['median_ms']:.3f}" and k == str(r["k"])
         assert shape.startswith(f"{r['batch']} × {r['d_in']}")
@@ -101,4 +106,15 @@ def test_record_line_states_date_and_load(payload):
     line = speed.record_line(payload)
     assert line.startswith(f"Ran {payload['date']} on {payload['cpu_count']} CPUs; ")
     assert ", ".join(f"{x:.2f}" for x in payload["load_average"]) in line
-    assert speed.record_line({}) == "Ran at an unrecorded date; no load average recorded."
+    assert line.endswith(
+        "Each ratio is dense's time over the row's, round by round (their median)."
+    )
+    # A record of the bench from before it paired its rounds says which ratio it holds.
+    assert speed.record_line({}) == (
+        "Ran at an unrecorded date; no load average recorded. Each ratio is dense's median "
+        "over the row's (written before the bench paired rounds)."
+    )
+
+
+def test_the_report_knows_the_benchs_name_for_paired_ratios():
+    assert speed.PAIRED_RATIOS == harness.RATIO_KIND
