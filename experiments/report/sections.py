@@ -126,7 +126,11 @@ def table1(results: Sequence[CellResult], out: Path) -> str:
             markdown(header, acc_rows),
             "Times per epoch from `results.json` (`mean_timing`; forward/backward/update are "
             "the loop's probe estimates, absent where a task does not probe). The paper's "
-            "time is the backprop of the linear transformations in its C# framework.",
+            "time is the backprop of the linear transformations in its C# framework. These "
+            "runs are the grid's: they shared the two cores with other runs and jobs, and "
+            "some were paused while quiet timings ran, so their times are rough. The speed "
+            "section's per-example bench times the same settings interleaved on a quiet "
+            "machine.",
             markdown(time_header, time_rows),
         ]
     )
