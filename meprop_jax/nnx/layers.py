@@ -39,8 +39,8 @@ from meprop_jax._src import recurrent as _recurrent
 from meprop_jax._src import rowwise
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.collections import RNG_COLLECTION
-from meprop_jax.nnx import layout as _layout
 from meprop_jax.nnx._settings import RngArg, set_meprop, step_key
+from meprop_jax.nnx.layout import store_kernel, stored_kernel
 from meprop_jax.nnx.optimizer import layer_tap
 
 Array = jax.Array
@@ -164,7 +164,7 @@ class Linear(nnx.Linear):
             kernel_metadata=kernel_metadata,
             bias_metadata=bias_metadata,
         )
-        _layout.store_kernel(self, layout)
+        store_kernel(self, layout)
         set_meprop(self, k, mode, sparse_bias, rngs, rng_collection)
         sparse_memory = decay and not _selection.is_dense(k, out_features)
         self.feedback = decay
@@ -188,7 +188,7 @@ class Linear(nnx.Linear):
         dense = _selection.is_dense(self.k, self.out_features)
         if dense and self.kernel_layout == "in_out":
             return super().__call__(inputs, out_sharding)
-        kernel = _layout.stored_kernel(self)
+        kernel = stored_kernel(self)
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         key = None if dense else step_key(self, rngs)
@@ -344,8 +344,8 @@ class LSTMCell(nnx.LSTMCell):
         return _recurrent.lstm_step(
             carry,
             inputs,
-            [_layout.stored_kernel(m) for m in gates[:4]],
-            [_layout.stored_kernel(m) for m in gates[4:]],
+            [stored_kernel(m) for m in gates[:4]],
+            [stored_kernel(m) for m in gates[4:]],
             [m.bias[...] for m in gates[4:]],
             promote=lambda arrays: self.promote_dtype(arrays, dtype=self.dtype),
             gate_fn=self.gate_fn,
@@ -373,4 +373,4 @@ def _as_dense_linear(gate: nnx.Linear, kernel_layout: str) -> None:
     gate.__class__ = Linear  # a new module, in no graphdef yet
     set_meprop(gate, 0, "unified", False, None, RNG_COLLECTION)
     gate.feedback, gate.sparse_update, gate.meprop_memory = 0.0, False, None
-    _layout.store_kernel(gate, kernel_layout)
+    store_kernel(gate, kernel_layout)
