@@ -19,12 +19,17 @@ FIGURE_FILES: tuple[str, ...] = (
 )
 
 
+def _setting(key: Mapping[str, object]) -> str:
+    """A cell's key as ``name=value, ...``, without the task."""
+    return ", ".join(f"{k}={v}" for k, v in key.items() if k != "task")
+
+
 def commands(grid: grids.Grid) -> list[str]:
     """A collapsed list with the command behind each setting of ``grid``."""
     lines = ["<details><summary>Commands, one per setting</summary>", ""]
     for cell in grid.cells:
         spec = cell.specs[0]
-        setting = ", ".join(f"{k}={v}" for k, v in cell.key.items() if k != "task")
+        setting = _setting(cell.key)
         if spec.seed is None:
             lines.append(f"- {setting}: `{' '.join(spec.command())}`")
             continue
@@ -97,7 +102,7 @@ def missing_cells(
             if done == total:
                 continue
             key = result.cell.key
-            setting = ", ".join(f"{k}={v}" for k, v in key.items() if k != "task")
+            setting = _setting(key)
             count = "not run" if total == 1 else f"{done} of {total} seeds"
             lines.append(f"- {grid.name}: {key.get('task')}, {setting}: {count}")
     return lines
@@ -117,7 +122,7 @@ def early_stops(
     for grid in selected:
         for result in results.get(grid.name, ()):
             key = result.cell.key
-            setting = ", ".join(f"{k}={v}" for k, v in key.items() if k != "task")
+            setting = _setting(key)
             for run in result.finished:
                 if run.spec.task == "bench" or not run.spec.epochs or run.directory in seen:
                     continue
