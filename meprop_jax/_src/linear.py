@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal
 
 from meprop_jax._src import adaptive as _adaptive
 from meprop_jax._src import feedback, native, products, rowwise
@@ -59,6 +60,17 @@ class _Config:
     adaptive_tap: bool = False
     feedback_steps: int = 1
     kernel_layout: str = "in_out"
+    # Which inputs autodiff differentiates (None: all). A network's first input is its data:
+    # the native kernels then skip that dx, as autodiff skips it in a dense layer.
+    input_grads: tuple[bool, ...] | None = None
+
+
+def _wants_dx(cfg: _Config, i: int) -> bool:
+    return cfg.input_grads is None or cfg.input_grads[i]
+
+
+def _drop_unwanted(cfg: _Config, dxs) -> tuple:
+    return tuple(d if _wants_dx(cfg, i) else None for i, d in enumerate(dxs))
 
 
 _apply_kernel = products.apply_kernel
@@ -131,7 +143,7 @@ def _xla_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
         pairs = tuple(zip(xs, kernels, strict=True))
         dxs = tuple(products.input_grad(g_sparse, w, x, cfg) for x, w in pairs)
         dws = tuple(_weight_grad(x, g_sparse, w, cfg) for x, w in pairs)
-        return dxs, dws, None, g_sparse, mask.reshape(g.shape)
+        return _drop_unwanted(cfg, dxs), dws, None, g_sparse, mask.reshape(g.shape)
     dxs = tuple(
         rowwise.gathered_input_grad(
             g_kept, idx, w, cfg.kernel_layout, cfg.precision, x.dtype
@@ -141,7 +153,7 @@ def _xla_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
     cols = rowwise.union_columns(idx, mask)
     g_cols = jnp.take(g_sparse, cols, axis=-1, mode="fill", fill_value=0)
     blocks = tuple(_weight_grad(x, g_cols, w, cfg) for x, w in zip(xs, kernels, strict=True))
-    return dxs, blocks, cols, g_sparse, mask.reshape(g.shape)
+    return _drop_unwanted(cfg, dxs), blocks, cols, g_sparse, mask.reshape(g.shape)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -154,8 +166,9 @@ def _native_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
     rows = cfg.compact or cfg.kernel_layout == "out_in"
     covers = g.size // g.shape[-1] * cfg.k * cfg.groups >= g.shape[-1]
     args = (cfg.k, cfg.groups, cfg.kernel_layout, rows, covers)
+    wanted = tuple(_wants_dx(cfg, i) for i in range(len(xs)))
     # Covering rows (an [out, in] kernel): the dense weight gradient, summed natively.
-    return rowwise.native_backward(xs, kernels, g, scores, *args)
+    return rowwise.native_backward(xs, kernels, g, scores, *args, input_grads=wanted)
 
 
 @_native_rowwise.defjvp
@@ -168,12 +181,20 @@ def _meprop(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
     return _forward(cfg, xs, kernels, bias)
 
 
-def _meprop_fwd(cfg: _Config, xs, kernels, bias, key, taps, record, adaptive_tap):
-    return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key)
+def _meprop_fwd(cfg: _Config, *args):
+    # symbolic_zeros: each leaf comes as (value, perturbed). Which inputs are perturbed travels
+    # to the backward in the residuals' structure (None or ()), as it must stay static.
+    wanted = tuple(() if x.perturbed else None for x in args[0])
+    xs, kernels, bias, key, _, _, _ = jax.tree.map(
+        lambda leaf: leaf.value, args, is_leaf=lambda leaf: isinstance(leaf, CustomVJPPrimal)
+    )
+    return _forward(cfg, xs, kernels, bias), (xs, kernels, bias, key, wanted)
 
 
 def _meprop_bwd(cfg: _Config, residuals, g: Array):
-    xs, kernels, bias, key = residuals
+    xs, kernels, bias, key, wanted = residuals
+    if not all(w is not None for w in wanted):
+        cfg = dataclasses.replace(cfg, input_grads=tuple(w is not None for w in wanted))
     lead = tuple(range(g.ndim - 1))
     non_finite = _selection.non_finite_columns(g)
     chosen = None
@@ -195,6 +216,7 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
         db = jnp.sum(g, axis=lead).astype(bias.dtype)
     if bias is None:
         db = None
+    dxs = _drop_unwanted(cfg, dxs)
     counts = _record_counts(g, selected, cfg.groups) if cfg.record else None
     # Compact blocks are [K, in] rows; so is every block of an [out, in] kernel.
     flip = cfg.compact and not products.transposed(cfg)
@@ -209,7 +231,7 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     return dxs, dws, db, None, compact_grads(blocks, cols, g.shape[-1]), counts, chosen
 
 
-_meprop.defvjp(_meprop_fwd, _meprop_bwd)
+_meprop.defvjp(_meprop_fwd, _meprop_bwd, symbolic_zeros=True)
 
 
 def multi_linear(

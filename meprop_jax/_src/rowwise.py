@@ -171,7 +171,16 @@ def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
 
 
 def native_backward(
-    xs, kernels, g: Array, scores: Array, k: int, groups: int, layout: str, rows, covers=False
+    xs,
+    kernels,
+    g: Array,
+    scores: Array,
+    k: int,
+    groups: int,
+    layout: str,
+    rows,
+    covers=False,
+    input_grads=None,
 ):
     """The backward of the per-row modes through the native kernels (:mod:`.native`).
 
@@ -182,6 +191,8 @@ def native_backward(
     ``dxs`` still come from each row's own kernel rows, and ``blocks`` are the dense ``[out,
     in]`` weight gradients, the full product of ``g_sparse`` summed from each row's selected
     entries (``N * S * in`` multiply-adds each, not ``N * out * in``); ``cols`` is None.
+    ``input_grads``: per input, whether its ``dx`` is wanted (None: all); an unwanted one is
+    not computed and comes back as None.
     """
     from meprop_jax._src import native
 
@@ -190,11 +201,12 @@ def native_backward(
     ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
     idx = native.select(ranked.reshape(-1, out), k, groups)
     dxs, blocks, cols = [], [], None
-    for x, w in zip(xs, kernels, strict=True):
+    wanted = input_grads or (True,) * len(xs)
+    for x, w, want in zip(xs, kernels, wanted, strict=True):
         x2 = x.reshape(-1, x.shape[-1])
         form = "dense" if covers else True
-        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", form)
-        dxs.append(dx.reshape(x.shape))
+        dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", form, dx=want)
+        dxs.append(dx.reshape(x.shape) if want else None)
         blocks.append(block if rows else block.T)
     mask = selection_mask(idx, out)
     g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))

@@ -192,7 +192,7 @@ def select(scores: Array, k: int, groups: int) -> Array:
     return _typed_like(call(scores, k=np.int64(k), groups=np.int64(groups)), scores)
 
 
-def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, block=True):
+def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, block=True, dx=True):
     """``(dx [N, in], block, cols)`` for one input (see ``rowwise.cc``).
 
     ``block``: True for the union's compact gradient, ``block [N*S, in]`` and ``cols [N*S]``
@@ -208,16 +208,16 @@ def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, bl
     call = jax.ffi.ffi_call(
         "meprop_products",
         (
-            jax.ShapeDtypeStruct((n, d_in), jnp.float32),
+            jax.ShapeDtypeStruct((n if dx else 0, d_in), jnp.float32),
             jax.ShapeDtypeStruct((rows, d_in), jnp.float32),
             jax.ShapeDtypeStruct((0 if dense else rows,), jnp.int32),
         ),
         vmap_method="sequential",
     )
-    dx, block, cols = call(
+    grad_x, block, cols = call(
         g, idx, x, kernel, transposed=np.int64(bool(transposed)), dense_rows=np.int64(dense)
     )
-    return _typed_like(dx, x), _typed_like(block, x, True), _typed_like(cols, x, True)
+    return _typed_like(grad_x, x, not dx), _typed_like(block, x, True), _typed_like(cols, x, True)
 
 
 def adam_rows(

@@ -7,7 +7,8 @@
 //   slot per selected entry; a slot whose column an earlier slot holds is padding (out + slot,
 //   zero block row). Entries of g that are NaN or +-inf but not selected by their row are added
 //   to their column's block row when that column is in the union, so that the block rows are
-//   non-finite exactly for the columns that hold one (the library's rule).
+//   non-finite exactly for the columns that hold one (the library's rule). An empty dx [0, in]
+//   skips dx (the first layer's input is data, which autodiff does not differentiate).
 // meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
 //
 // Each handler splits its rows over XLA's intra-op thread pool (the one XLA's own CPU kernels
@@ -226,12 +227,15 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
     }
   };
   const int64_t row_grain = std::max<int64_t>(16384 / std::max<int64_t>(s * in, 1), 1);
+  // An empty dx asks for the weight gradient alone (an input autodiff does not differentiate).
+  const bool with_dx = dx->dimensions()[0] != 0;
 
   // An empty block asks for dx alone (the caller forms the weight gradient).
   if (block->dimensions()[0] == 0 || dense_rows) {
-    ParallelFor(pool, n, row_grain, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) input_grad(r);
-    });
+    if (with_dx)
+      ParallelFor(pool, n, row_grain, [&](int64_t a, int64_t b) {
+        for (int64_t r = a; r < b; ++r) input_grad(r);
+      });
     if (block->dimensions()[0] == 0) return ffi::Error::Success();
     return DenseRows(pool, gp, ip, xp, n, out, s, in, bp);
   }
@@ -260,7 +264,7 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   // its own rows: half the hand-offs of two passes, which cost more than the work at batch 10.
   ParallelFor(pool, n, std::max<int64_t>(row_grain / 2, 1), [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
-      input_grad(r);
+      if (with_dx) input_grad(r);
       for (int64_t p = r * s; p < (r + 1) * s; ++p) {
         float* row = bp + p * in;
         if (cp[p] != ip[p]) {

@@ -218,3 +218,51 @@ def test_native_paths_run_under_a_one_device_mesh():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), native_out, xla_out
     )
+
+
+@needs_compiler
+@pytest.mark.parametrize(("lead", "out"), [((3,), 20), ((6,), 8)], ids=["union", "covering"])
+@pytest.mark.parametrize("compact", [False, True])
+def test_an_input_autodiff_does_not_differentiate_gets_no_dx(lead, out, compact):
+    """A network's first input is data: the kernels skip its ``dx`` (an empty ``[0, in]``
+    result) and the other gradients are the ones of the full backward, bit for bit."""
+    xs, ws, b, g = _problem(out, lead, out, (5, 3))
+    ws_t = tuple(w.T for w in ws)
+    taps = tuple(
+        meprop_jax.compact_tap(n, out, k=2, mode="per_example", batch_shape=lead) for n in (5, 3)
+    )
+
+    def grads(x0, x1, ws, b, taps):
+        f = lambda x1, ws, b, taps: multi_linear(
+            (x0, x1),
+            ws,
+            b,
+            k=2,
+            mode="per_example",
+            kernel_layout="out_in",
+            taps=taps if compact else None,
+        )
+        return jax.vjp(f, x1, ws, b, taps)[1](g)
+
+    def all_grads(xs, ws, b, taps):
+        f = lambda xs, ws, b, taps: multi_linear(
+            xs,
+            ws,
+            b,
+            k=2,
+            mode="per_example",
+            kernel_layout="out_in",
+            taps=taps if compact else None,
+        )
+        return jax.vjp(f, xs, ws, b, taps)[1](g)
+
+    text = jax.jit(grads).lower(*xs, ws_t, b, taps).as_text()
+    calls = [line for line in text.splitlines() if "@meprop_products" in line]
+    assert len(calls) == 2
+    assert sum("-> (tensor<0x5xf32>" in line for line in calls) == 1  # x0: no dx
+    assert sum(f"-> (tensor<{lead[0]}x3xf32>" in line for line in calls) == 1  # x1: its dx
+    some = jax.jit(grads)(*xs, ws_t, b, taps)
+    every = jax.jit(all_grads)(xs, ws_t, b, taps)
+    np.testing.assert_array_equal(some[0], every[0][1])
+    for a, e in zip(jax.tree.leaves(some[1:]), jax.tree.leaves(every[1:]), strict=True):
+        np.testing.assert_array_equal(a, e)
