@@ -193,7 +193,7 @@ def _meprop_fwd(cfg: _Config, *args):
 
 def _meprop_bwd(cfg: _Config, residuals, g: Array):
     xs, kernels, bias, key, wanted = residuals
-    if not all(w is not None for w in wanted):
+    if None in wanted:
         cfg = dataclasses.replace(cfg, input_grads=tuple(w is not None for w in wanted))
     lead = tuple(range(g.ndim - 1))
     non_finite = _selection.non_finite_columns(g)
