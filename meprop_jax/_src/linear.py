@@ -166,9 +166,8 @@ def _native_rowwise(cfg: _Config, xs, kernels, g: Array, scores: Array):
     rows = cfg.compact or cfg.kernel_layout == "out_in"
     covers = g.size // g.shape[-1] * cfg.k * cfg.groups >= g.shape[-1]
     args = (cfg.k, cfg.groups, cfg.kernel_layout, rows, covers)
-    wanted = tuple(_wants_dx(cfg, i) for i in range(len(xs)))
     # Covering rows (an [out, in] kernel): the dense weight gradient, summed natively.
-    return rowwise.native_backward(xs, kernels, g, scores, *args, input_grads=wanted)
+    return rowwise.native_backward(xs, kernels, g, scores, *args, input_grads=cfg.input_grads)
 
 
 @_native_rowwise.defjvp
