@@ -227,17 +227,16 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
     }
   };
   const int64_t row_grain = std::max<int64_t>(16384 / std::max<int64_t>(s * in, 1), 1);
-  // An empty dx asks for the weight gradient alone (an input autodiff does not differentiate).
-  const bool with_dx = dx->dimensions()[0] != 0;
+  // An empty dx asks for the weight gradient alone (an input autodiff does not differentiate);
+  // an empty block asks for dx alone (the caller forms the weight gradient).
+  const bool with_dx = dx->dimensions()[0] != 0, with_block = block->dimensions()[0] != 0;
 
-  // An empty block asks for dx alone (the caller forms the weight gradient).
-  if (block->dimensions()[0] == 0 || dense_rows) {
+  if (!with_block || dense_rows) {
     if (with_dx)
       ParallelFor(pool, n, row_grain, [&](int64_t a, int64_t b) {
         for (int64_t r = a; r < b; ++r) input_grad(r);
       });
-    if (block->dimensions()[0] == 0) return ffi::Error::Success();
-    return DenseRows(pool, gp, ip, xp, n, out, s, in, bp);
+    return with_block ? DenseRows(pool, gp, ip, xp, n, out, s, in, bp) : ffi::Error::Success();
   }
 
   // The union: the first slot to hold a column owns its block row.
@@ -265,6 +264,7 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   ParallelFor(pool, n, std::max<int64_t>(row_grain / 2, 1), [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       if (with_dx) input_grad(r);
+      const float* xr = xp + r * in;
       for (int64_t p = r * s; p < (r + 1) * s; ++p) {
         float* row = bp + p * in;
         if (cp[p] != ip[p]) {
@@ -273,7 +273,6 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
         }
         const int32_t c = ip[p];
         const float v = gp[r * out + c];
-        const float* xr = xp + r * in;
         for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
         for (int64_t q = later[p]; q >= 0; q = later[q]) {
           const float w = gp[(q / s) * out + c];
