@@ -30,7 +30,13 @@ from meprop_jax._src.selection import (
     top_k_mask,
     unified_columns,
 )
-from meprop_jax._src.taps import CompactGrad, RecordTap, compact_tap, record_tap
+from meprop_jax._src.taps import (
+    CompactGrad,
+    FactoredGrad,
+    RecordTap,
+    compact_tap,
+    record_tap,
+)
 from meprop_jax.linen import (
     Conv,
     Dense,
@@ -55,6 +61,7 @@ __all__ = [
     "CompactGrad",
     "Conv",
     "Dense",
+    "FactoredGrad",
     "LSTMCell",
     "RecordTap",
     "SparsifiedLayer",

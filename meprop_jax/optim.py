@@ -88,7 +88,7 @@ from meprop_jax._src import compact as _compact
 from meprop_jax._src import fused as _fused
 from meprop_jax._src.collections import TAP_COLLECTION
 from meprop_jax._src.compact import SparseState, Transposed, param_layout
-from meprop_jax._src.taps import CompactGrad, compact_tap, compact_width
+from meprop_jax._src.taps import CompactGrad, FactoredGrad, compact_tap, compact_width
 
 Array = jax.Array
 PyTree = Any
@@ -97,6 +97,7 @@ ScalarOrSchedule = float | Array | Callable[[Array], Array]
 __all__ = [
     "TAP_COLLECTION",
     "CompactGrad",
+    "FactoredGrad",
     "SparseOptimizer",
     "SparseState",
     "Transposed",

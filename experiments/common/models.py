@@ -58,6 +58,7 @@ class MLP(nn.Module):
     adaptive: meprop_jax.AdaptiveK | None = None
     record: bool = False
     kernel_layout: str = "in_out"
+    factored_grad: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -68,6 +69,7 @@ class MLP(nn.Module):
                 k=self.k,
                 mode=self.mode,
                 sparse_update=self.sparse_update,
+                factored_grad=self.factored_grad,
                 feedback=self.feedback,
                 adaptive=self.adaptive,
                 record=self.record,

@@ -22,7 +22,8 @@ from jax import lax
 
 from meprop_jax._src import fused as _fused
 from meprop_jax._src.collections import TRANSPOSED_KERNEL
-from meprop_jax._src.taps import CompactGrad, decode_columns
+from meprop_jax._src.factored import Factors, as_rows, decode_factored
+from meprop_jax._src.taps import CompactGrad, FactoredGrad, decode_columns
 
 Array = jax.Array
 PyTree = Any
@@ -82,15 +83,18 @@ def _key(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def tap_leaves(taps: PyTree) -> dict[str, CompactGrad]:
-    """The :class:`CompactGrad` leaves of ``taps``, by the key string of their path."""
+def tap_leaves(taps: PyTree) -> dict[str, CompactGrad | FactoredGrad]:
+    """The :class:`CompactGrad` and :class:`FactoredGrad` leaves of ``taps``, by the key string
+    of their path."""
     if taps is None:
         return {}
-    is_tap = lambda x: isinstance(x, CompactGrad)
+    is_tap = lambda x: isinstance(x, (CompactGrad, FactoredGrad))
     leaves = jax.tree_util.tree_flatten_with_path(taps, is_leaf=is_tap)[0]
     bad = [_key(p) for p, leaf in leaves if not is_tap(leaf)]
     if bad:
-        raise ValueError(f"taps must hold CompactGrad leaves only; got other leaves at {bad}")
+        raise ValueError(
+            f"taps must hold CompactGrad or FactoredGrad leaves only; got other leaves at {bad}"
+        )
     return {_key(p): leaf for p, leaf in leaves}
 
 
@@ -253,14 +257,16 @@ def _raise_bad_taps(names: tuple[str, ...], ok: Array) -> None:
 
 
 def _decode(
-    taps: PyTree, layout: _Params, grads: PyTree, bad_taps: str
-) -> dict[str, tuple[Array, Array]]:
+    taps: PyTree, layout: _Params, grads: PyTree, bad_taps: str, factors: bool = False
+) -> dict[str, tuple[Array, Array] | Factors]:
     """``{key: (block [K, in], cols int32 [K])}`` of every tap gradient, checked.
 
     A tap gradient whose columns cannot be trusted (see :func:`decode_columns`) gets a NaN
     block on its first ``K`` columns, which its kernel takes (``bad_taps="nan"``), or stops the
     program with an error naming its kernel (``"raise"``: a host callback in a conditional,
-    which makes every step wait on the host).
+    which makes every step wait on the host). A :class:`FactoredGrad` is checked likewise
+    (one backward pass, columns in range) and given as :class:`Factors` with ``factors``, as
+    its block otherwise.
     """
     found = tap_leaves(taps)
     missing = sorted(set(found) - set(layout.keys))
@@ -272,6 +278,11 @@ def _decode(
     names, decoded, oks = tuple(found), {}, []
     for key, tap in found.items():
         out = layout.columns(key)
+        if isinstance(tap, FactoredGrad):
+            entry, ok = decode_factored(tap, out, after)
+            decoded[key] = entry if factors else as_rows(entry, out)
+            oks.append(ok)
+            continue
         cols, ok = decode_columns(tap, out)
         # Bad columns may all be out of range: NaN goes to the first K (K <= out) instead.
         cols = jnp.where(ok, cols, jnp.arange(cols.shape[0], dtype=cols.dtype))
@@ -334,19 +345,26 @@ def _step(
     fused = {
         key: decoded[key]
         for key, p in zip(layout.keys, p_leaves, strict=True)
-        if key in decoded and _fused.fusable(rule, is_row_major(key), p, decoded[key][0])
+        if key in decoded and _fused.fusable(rule, is_row_major(key), p, *decoded[key][::2])
     }
+    decoded = {k: v if k in fused else as_rows(v, layout.columns(k)) for k, v in decoded.items()}
     if not lazy:
         grads = dict(grads)
         for key, p in zip(layout.keys, p_leaves, strict=True):
             if key in decoded and key not in fused:
                 grads[key] = _masked_dense(p, *decoded[key], is_row_major(key))
         decoded = {k: v for k, v in decoded.items() if k in fused}
-    decoded = {k: ((b[:0], c[:0]) if k in fused else (b, c)) for k, (b, c) in decoded.items()}
+    decoded = {k: (_no_rows(v) if k in fused else v) for k, v in decoded.items()}
     new_params, new_inner = _lifted(tx, layout, grads, decoded, inner, p_leaves)
     if not fused:
         return new_params, new_inner
     return _fused_pass(rule, layout, fused, new_params, new_inner, lazy)
+
+
+def _no_rows(entry) -> tuple[Array, Array]:
+    """An empty ``(block [0, in], cols [0])`` in the shapes of ``entry``'s gradient."""
+    block = entry.inputs if isinstance(entry, Factors) else entry[0]
+    return block[:0], jnp.zeros((0,), jnp.int32)
 
 
 def _masked_dense(p: Array, block: Array, cols: Array, row_major: bool) -> Array:
@@ -365,9 +383,8 @@ def _fused_pass(rule, layout: _Params, fused, params: PyTree, inner: PyTree, laz
     nu_leaves = layout.treedef.flatten_up_to(node.nu)
     for i, key in enumerate(layout.keys):
         if key in fused:
-            block, cols = fused[key]
             p_leaves[i], mu_leaves[i], nu_leaves[i] = _fused.update_rows(
-                rule, node.count, p_leaves[i], mu_leaves[i], nu_leaves[i], cols, block, lazy
+                rule, node.count, p_leaves[i], mu_leaves[i], nu_leaves[i], fused[key], lazy
             )
     node = node._replace(
         mu=layout.treedef.unflatten(mu_leaves), nu=layout.treedef.unflatten(nu_leaves)
@@ -457,7 +474,7 @@ def lift(
     def update(grads, state: SparseState, params, taps=None):
         _check_state(state)
         layout = _params(params, ())
-        decoded = _decode(taps, layout, grads, bad_taps)
+        decoded = _decode(taps, layout, grads, bad_taps, factors=rule is not None)
         params, inner = _step(
             tx, layout, _flat_grads(grads), decoded, state.inner, params, rule, lazy
         )

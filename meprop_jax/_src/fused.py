@@ -36,9 +36,9 @@ class AdamRule(NamedTuple):
     clip: float | None
 
 
-def fusable(rule: AdamRule | None, row_major: bool, param: Array, block: Array) -> bool:
-    """Whether the kernel's update takes the native pass."""
-    return rule is not None and row_major and native.runs(param, block)
+def fusable(rule: AdamRule | None, row_major: bool, param: Array, *grads: Array) -> bool:
+    """Whether the kernel's update takes the native pass (``grads``: its gradient's arrays)."""
+    return rule is not None and row_major and native.runs(param, *grads)
 
 
 def _is_adam(node: Any) -> bool:
@@ -63,22 +63,33 @@ def update_rows(
     p: Array,
     mu: Array,
     nu: Array,
-    cols: Array,
-    block: Array,
+    grad,
     lazy: bool = True,
 ) -> tuple[Array, Array, Array]:
-    """The native pass: ``(p, mu, nu)`` after lazy Adam on the rows ``cols`` or, with
-    ``lazy=False``, after Adam on every row with a zero gradient outside ``cols``.
+    """The native pass: ``(p, mu, nu)`` after lazy Adam on the gradient's rows or, with
+    ``lazy=False``, after Adam on every row with a zero gradient outside them.
 
     Args:
       rule: the hyperparameters.
       count: int32, the step count after this step's increment (``ScaleByAdamState.count``).
       p, mu, nu: ``[out, in]`` float32 kernel and moments.
-      cols: ``[K]`` int32 rows; ``>= out`` is padding.
-      block: ``[K, in]`` the compact gradient.
+      grad: ``(block [K, in], cols [K])``, the compact gradient of the rows ``cols`` (int32,
+        ``>= out`` is padding); or ``(values [N, S], cols [N, S], inputs [N, in])``, a factored
+        one (:class:`meprop_jax.FactoredGrad`, columns checked), summed row by row natively.
     """
+    if len(grad) == 3:
+        values, cols, inputs = grad
+        clip = jnp.inf if rule.clip is None else rule.clip
+        hyper = jnp.append(_hyper(rule, count), jnp.float32(clip))
+        return native.adam_factored(p, mu, nu, values, cols, inputs, hyper, lazy)
+    block, cols = grad
     if rule.clip is not None:
         block = jnp.clip(block, -rule.clip, rule.clip)  # optax.clip
+    return native.adam_rows(p, mu, nu, cols, block, _hyper(rule, count), lazy)
+
+
+def _hyper(rule: AdamRule, count: Array) -> Array:
+    """``[b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps]`` for the native kernels."""
     lr = rule.learning_rate
     # optax.adam's schedule sees its own count, which is the step count before the increment.
     lr = lr(count - 1) if callable(lr) else lr
@@ -86,7 +97,7 @@ def update_rows(
     # that they round as optax's do.
     with jax.numpy_dtype_promotion("standard"):
         c1, c2 = 1 - rule.b1**count, 1 - rule.b2**count
-    hyper = jnp.stack(
+    return jnp.stack(
         [
             jnp.float32(rule.b1),
             jnp.float32(rule.b2),
@@ -96,4 +107,3 @@ def update_rows(
             jnp.float32(rule.eps),
         ]
     )
-    return native.adam_rows(p, mu, nu, cols, block, hyper, lazy)

@@ -30,11 +30,12 @@ from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal
 
 from meprop_jax._src import adaptive as _adaptive
-from meprop_jax._src import feedback, native, products, rowwise
+from meprop_jax._src import factored, feedback, native, products, rowwise
 from meprop_jax._src import selection as _selection
 from meprop_jax._src.adaptive import AdaptiveK, AdaptiveTap
 from meprop_jax._src.taps import (
     CompactGrad,
+    FactoredGrad,
     RecordTap,
     _check_record,
     _check_taps,
@@ -63,6 +64,8 @@ class _Config:
     # Which inputs autodiff differentiates (None: all). A network's first input is its data:
     # the native kernels then skip that dx, as autodiff skips it in a dense layer.
     input_grads: tuple[bool, ...] | None = None
+    # Compact weight gradients kept as factors (FactoredGrad taps; per-row modes).
+    factored: bool = False
 
 
 def _wants_dx(cfg: _Config, i: int) -> bool:
@@ -124,6 +127,8 @@ def _rowwise_backward(cfg: _Config, xs, kernels, g: Array, key: Array | None):
         scores = jnp.where(jnp.isfinite(g), noise, jnp.inf)
     else:
         scores = jnp.abs(g.astype(_selection._ranking_dtype(g.dtype)))
+    if cfg.factored:
+        return factored.rowwise_backward(cfg, xs, kernels, g, scores)
     covers = g.size // g.shape[-1] * cfg.k * cfg.groups >= g.shape[-1]
     # Rows that cover the layer take the kernels only where the kernel rows are contiguous
     # ([out, in]): dx from each row's rows, the dense dW summed from the selected entries. For
@@ -208,7 +213,9 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
             db = jnp.where(non_finite, jnp.nan, jnp.zeros_like(bias))
             db = db.at[cols].set(jnp.sum(g_cols, axis=lead).astype(bias.dtype))
     else:
-        dxs, blocks, cols, g_sparse, selected = _rowwise_backward(cfg, xs, kernels, g, key)
+        dxs, blocks, cols, g_sparse, selected, *factors = _rowwise_backward(
+            cfg, xs, kernels, g, key
+        )
         if bias is not None and cfg.sparse_bias:
             db = jnp.sum(g_sparse, axis=lead).astype(bias.dtype)
     if bias is not None and not cfg.sparse_bias:
@@ -226,6 +233,8 @@ def _meprop_bwd(cfg: _Config, residuals, g: Array):
     )
     if not cfg.compact:
         return dxs, dws, db, None, None, counts, chosen
+    if cfg.factored:
+        return dxs, dws, db, None, factored.tap_grads(xs, kernels, *factors[0]), counts, chosen
     # Compact: the blocks go to the taps; the kernels' dws, unless read, are compiled away.
     return dxs, dws, db, None, compact_grads(blocks, cols, g.shape[-1]), counts, chosen
 
@@ -343,6 +352,7 @@ def multi_linear(
         adaptive_tap is not None,
         feedback.check_steps(feedback_steps),
         kernel_layout,
+        factored=compact and isinstance(taps[0], FactoredGrad),
     )
     if _selection.is_dense(k, out, groups):
         # Plain JAX ops: autodiff gives exactly the stock gradient, and forward mode works.

@@ -50,6 +50,40 @@ class CompactGrad(NamedTuple):
     selected: Array
 
 
+class FactoredGrad(NamedTuple):
+    """A per-row kernel gradient as factors: ``dW[:, cols[n, s]] += values[n, s] * inputs[n]``.
+
+    The weight gradient of a per-row mode (``"per_example"``, ``"random"``) is a sum of ``N * S``
+    outer products, one per kept entry of ``dL/dy``. A :class:`CompactGrad` writes them out as
+    the union's ``[K, in]`` block; this form keeps the factors (``N * S`` values and indices and
+    the ``N`` input rows), so the backward pass costs selection and ``dx`` alone, and
+    :func:`meprop_jax.optim.sparse_adam` sums each selected row as it updates it (natively, for
+    a kernel stored ``[out, in]``). Every other consumer of compact gradients (any
+    :func:`meprop_jax.optim.compact` optimizer, ``optax.MultiSteps``) gets the block, built
+    from the factors in the step.
+
+    Attributes:
+      values: ``[N, S]`` each row's kept entries of ``dL/dy``, in the kernel's dtype.
+      cols: ``[N, S]`` float32 their columns (see :class:`CompactGrad` for why float).
+      inputs: ``[N, in]`` the layer's input rows, in the kernel's dtype.
+      uses: ``[]`` float32, 1 for one backward pass. Autodiff adds the cotangents of a tap used
+        twice, which makes the factors meaningless; a sum shows as ``uses != 1``. It is NaN
+        when a row had more non-finite entries than it keeps (the factors cannot hold the
+        rest): the whole gradient is then poisoned, as a compact one that fails its check.
+    """
+
+    values: Array
+    cols: Array
+    inputs: Array
+    uses: Array
+
+
+def factored_ok(grad: FactoredGrad, out: int) -> Array:
+    """Whether a factored tap gradient is one backward pass's, with columns in ``[0, out)``."""
+    c = grad.cols
+    return (grad.uses == 1) & jnp.all((c == jnp.round(c)) & (c >= 0) & (c < out))
+
+
 def decode_columns(grad: CompactGrad, out: int) -> tuple[Array, Array]:
     """The int32 column indices of a compact gradient, and whether they can be trusted.
 
@@ -196,12 +230,28 @@ def compact_tap(
     groups: int = 1,
     batch_shape: Sequence[int] | None = None,
     dtype: jnp.dtype = jnp.float32,
-) -> CompactGrad:
+    factored: bool = False,
+) -> CompactGrad | FactoredGrad:
     """The zero-valued tap to pass to :func:`linear` for a ``[in_features, out_features]`` kernel.
 
     ``dtype`` is the kernel's dtype; for ``"per_example"`` and ``"random"`` the tap's width
     depends on ``batch_shape`` (see :func:`compact_width`), so it fits one batch shape only.
+    ``factored``: a :class:`FactoredGrad` tap instead (per-row modes only).
     """
+    if factored:
+        mode = _selection.check_mode(mode)
+        if mode == "unified" or batch_shape is None:
+            raise ValueError(
+                f"factored=True needs a per-row mode ('per_example' or 'random') and its "
+                f"batch_shape, got mode={mode!r}, batch_shape={batch_shape!r}"
+            )
+        rows = math.prod(batch_shape)
+        return FactoredGrad(
+            jnp.zeros((rows, groups * k), dtype),
+            jnp.zeros((rows, groups * k), jnp.float32),
+            jnp.zeros((rows, in_features), dtype),
+            jnp.zeros((), jnp.float32),
+        )
     width = compact_width(out_features, k=k, mode=mode, groups=groups, batch_shape=batch_shape)
     return CompactGrad(
         jnp.zeros((width, in_features), dtype),
@@ -236,6 +286,8 @@ def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[C
         )
     if len(taps) != len(kernels):
         raise ValueError(f"need one tap per kernel, got {len(taps)} for {len(kernels)} kernels")
+    if any(isinstance(tap, FactoredGrad) for tap in taps):
+        return _check_factored(taps, xs, kernels, k=k, mode=mode, groups=groups)
     width = compact_width(out, k=k, mode=mode, groups=groups, batch_shape=xs[0].shape[:-1])
     if out + width >= _MAX_COLUMNS:
         raise ValueError(f"compact gradients need out + K < 2**24, got out={out}, K={width}")
@@ -262,3 +314,41 @@ def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[C
                 f"selected {selected.dtype}{list(selected.shape)}. Build it with compact_tap()."
             )
     return tuple(CompactGrad(*tap) for tap in taps)
+
+
+def _check_factored(taps, xs, kernels, *, k: int, mode: str, groups: int):
+    if mode == "unified":
+        raise ValueError(
+            "FactoredGrad taps need a per-row mode ('per_example' or 'random'), got "
+            "mode='unified': its k shared columns already give a small [k, in] CompactGrad"
+        )
+    out = kernels[0].shape[1]
+    if out >= _MAX_COLUMNS:
+        raise ValueError(f"factored gradients need out < 2**24, got out={out}")
+    rows, width = math.prod(xs[0].shape[:-1]), groups * k
+    for i, (tap, w) in enumerate(zip(taps, kernels, strict=True)):
+        if not isinstance(tap, FactoredGrad):
+            raise ValueError(
+                f"taps[{i}] must be a FactoredGrad like the other taps, got "
+                f"{type(tap).__name__}. Build every tap with compact_tap(..., factored=True)."
+            )
+        values, cols, inputs, uses = tap
+        if (
+            values.shape != (rows, width)
+            or values.dtype != w.dtype
+            or cols.shape != (rows, width)
+            or cols.dtype != jnp.float32
+            or inputs.shape != (rows, w.shape[0])
+            or inputs.dtype != w.dtype
+            or uses.shape != ()
+            or uses.dtype != jnp.float32
+        ):
+            raise ValueError(
+                f"taps[{i}] must be FactoredGrad(values {w.dtype}[{rows}, {width}], cols "
+                f"float32[{rows}, {width}], inputs {w.dtype}[{rows}, {w.shape[0]}], uses "
+                f"float32[]) for this batch shape; got values {values.dtype}"
+                f"{list(values.shape)}, cols {cols.dtype}{list(cols.shape)}, inputs "
+                f"{inputs.dtype}{list(inputs.shape)} and uses {uses.dtype}{list(uses.shape)}. "
+                "Build it with compact_tap(..., factored=True)."
+            )
+    return tuple(FactoredGrad(*tap) for tap in taps)

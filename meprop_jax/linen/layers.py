@@ -67,8 +67,14 @@ def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap
 
 
 def compact_tap_state(
-    module: nn.Module, inputs: Array, kernel: Array, k: int, mode: str, transposed: bool = False
-) -> _taps.CompactGrad | None:
+    module: nn.Module,
+    inputs: Array,
+    kernel: Array,
+    k: int,
+    mode: str,
+    transposed: bool = False,
+    factored: bool = False,
+) -> _taps.CompactGrad | _taps.FactoredGrad | None:
     """A sparse Dense layer's zero compact-gradient tap, or None when ``apply`` has none.
 
     The tap is made when ``"meprop_taps"`` is mutable (``init``, or ``apply`` with
@@ -76,7 +82,8 @@ def compact_tap_state(
     ``kernel [in, out]`` (``[out, in]`` when ``transposed``, and the tap is then named
     ``kernel_t`` like the parameter, which the compact optimizers match it to); otherwise it is
     read if ``apply`` was given it (training) and the layer is plain meProp if not
-    (evaluation). A second call with the tap raises (see :func:`claim_tap`).
+    (evaluation). A second call with the tap raises (see :func:`claim_tap`). ``factored``:
+    a :class:`~meprop_jax.FactoredGrad` tap (per-row modes).
     :func:`meprop_jax.sparsify` shares it.
     """
     name = TRANSPOSED_KERNEL if transposed else "kernel"
@@ -86,7 +93,13 @@ def compact_tap_state(
         return None
     d_in, d_out = kernel.shape[::-1] if transposed else kernel.shape
     make_tap = lambda: _taps.compact_tap(
-        d_in, d_out, k=k, mode=mode, batch_shape=inputs.shape[:-1], dtype=kernel.dtype
+        d_in,
+        d_out,
+        k=k,
+        mode=mode,
+        batch_shape=inputs.shape[:-1],
+        dtype=kernel.dtype,
+        factored=factored,
     )
     tap = module.variable(TAP_COLLECTION, name, make_tap).value
     claim_tap(module)
@@ -146,6 +159,12 @@ class Dense(nn.Dense):
         raises (no weight sharing, no ``scan`` over a shared tap). Differentiating with
         respect to the kernel instead of the tap gives the masked dense gradient, as without
         ``sparse_update``.
+      factored_grad: with ``sparse_update`` and a per-row mode, the tap is a
+        :class:`~meprop_jax.FactoredGrad` of width ``batch * k``: the gradient stays as each
+        row's kept entries, their columns and the input rows, and the backward pass runs
+        selection and ``dx`` only. :func:`meprop_jax.optim.sparse_adam` sums the rows as it
+        updates them (natively for ``kernel_layout="out_in"``); other compact optimizers get
+        the block. Default False.
       record: keep meSimp's activity record (see :mod:`meprop_jax.mesimp`). ``init`` also
         creates ``hits`` (int32 ``[features]``), ``examples`` (int32 scalar) and ``mask``
         (float32 ``[features]``, ones) in the ``"mesimp"`` collection and a zero
@@ -192,6 +211,7 @@ class Dense(nn.Dense):
     sparse_bias: bool = False
     rng_collection: str = RNG_COLLECTION
     sparse_update: bool = False
+    factored_grad: bool = False
     record: bool = False
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
@@ -224,7 +244,15 @@ class Dense(nn.Dense):
         sparse = not _selection.is_dense(k, self.features)
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
         tap = (
-            compact_tap_state(self, inputs, kernel, k, mode, transposed=layout == "out_in")
+            compact_tap_state(
+                self,
+                inputs,
+                kernel,
+                k,
+                mode,
+                transposed=layout == "out_in",
+                factored=self.factored_grad,
+            )
             if self.sparse_update and sparse
             else None
         )

@@ -89,6 +89,8 @@ class Linear(nnx.Linear):
         indices instead of an ``[in, out]`` array, which :meth:`Optimizer.update` applies
         column by column (see :mod:`meprop_jax.optim`). Anywhere else (evaluation, a plain
         ``nnx.grad``) the layer is plain meProp. No effect on a dense layer.
+      factored_grad: with ``sparse_update`` and a per-row mode, keep that gradient as a
+        :class:`meprop_jax.FactoredGrad` (see :class:`meprop_jax.Dense`).
       kernel_layout: ``"in_out"`` (the default: the stock ``kernel [in, out]``) or
         ``"out_in"``: the kernel is stored transposed as the attribute ``kernel_t [out, in]``
         (state key ``kernel_t``, as in :class:`meprop_jax.Dense`), so that the columns a
@@ -135,6 +137,7 @@ class Linear(nnx.Linear):
         feedback: float = 0.0,
         sparse_update: bool = False,
         kernel_layout: str = "in_out",
+        factored_grad: bool = False,
     ):
         k = _selection.check_k(k)
         mode = _selection.check_mode(mode)
@@ -169,6 +172,7 @@ class Linear(nnx.Linear):
         sparse_memory = decay and not _selection.is_dense(k, out_features)
         self.feedback = decay
         self.sparse_update = bool(sparse_update)
+        self.factored_grad = bool(factored_grad)
         self.meprop_memory = (
             FeedbackMemory(_feedback.init_memory(out_features)) if sparse_memory else None
         )

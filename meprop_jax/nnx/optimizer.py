@@ -298,6 +298,7 @@ class Optimizer(nnx.Pytree):
                 mode=layer.mode,
                 batch_shape=shapes[path][0],
                 dtype=shapes[path][1],
+                factored=getattr(layer, "factored_grad", False),
             )
             for path, layer in layers.items()
         }

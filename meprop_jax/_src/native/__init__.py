@@ -1,14 +1,16 @@
 """Optional native CPU kernels of the per-row backward pass, through ``jax.ffi``.
 
-``rowwise.cc`` holds three XLA FFI handlers: each row's top-k indices (``meprop_select``);
+``rowwise.cc`` holds four XLA FFI handlers: each row's top-k indices (``meprop_select``);
 from them, ``dx`` and the compact weight gradient over the rows' union of columns
 (``meprop_products``), whose math (see :mod:`meprop_jax._src.rowwise`) they share with the
 pure-XLA path, column order and padding included; and lazy Adam on the selected rows of a
 kernel stored ``[out, in]``, in place (``meprop_adam_rows``, for
 :func:`meprop_jax.optim.sparse_adam`; see :mod:`meprop_jax._src.fused`), or Adam on every row
-of it from the compact gradient (the authors' rule, ``lazy=False``). In the paper's setting
-(minibatches of 10, ``k = 20``) they save XLA's per-op overhead and pick each row's columns in
-about half of ``lax.top_k``'s time. Each handler splits its rows over XLA's own intra-op thread
+of it from the compact gradient (the authors' rule, ``lazy=False``); and the same two updates
+from a gradient kept as factors (``meprop_adam_factored``, see :class:`meprop_jax.FactoredGrad`),
+which never writes the ``[N*S, in]`` block. In the paper's setting (minibatches of 10,
+``k = 20``) they save XLA's per-op overhead and pick each row's columns in about half of
+``lax.top_k``'s time. Each handler splits its rows over XLA's own intra-op thread
 pool (``ffi.ThreadPool``), as XLA's dense products use every core; every output element is
 still computed by one thread in the sequential order, so the results do not depend on the
 number of threads. ``MEPROP_JAX_NATIVE_THREADS=N`` caps them at ``N`` (read at every call).
@@ -56,6 +58,7 @@ _TARGETS = {
     "meprop_select": "MepropSelect",
     "meprop_products": "MepropProducts",
     "meprop_adam_rows": "MepropAdamRows",
+    "meprop_adam_factored": "MepropAdamFactored",
 }
 
 _lock = threading.Lock()
@@ -240,4 +243,35 @@ def adam_rows(
         vmap_method="sequential",
     )
     new = call(p, mu, nu, cols, g, hyper, lazy=np.int64(bool(lazy)))
+    return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))
+
+
+def adam_factored(
+    p: Array,
+    mu: Array,
+    nu: Array,
+    values: Array,
+    idx: Array,
+    x: Array,
+    hyper: Array,
+    lazy: bool = True,
+):
+    """Adam in place on a kernel ``p`` ``[out, in]`` and its moments from a factored gradient.
+
+    Row ``c`` of the gradient is the sum, over the slots ``(n, s)`` with ``idx[n, s] == c`` in
+    order, of ``values[n, s] * x[n]``; ``values`` and ``idx`` (int32) are ``[N, S]`` and ``x``
+    ``[N, in]``; an index outside ``[0, out)`` names no row. ``hyper`` ``[7]``: that of
+    :func:`adam_rows`, then the clip bound (``inf`` for none). ``lazy``: only the rows some
+    slot names move; otherwise every row moves, with a zero gradient where none does.
+
+    Returns the new ``(p, mu, nu)``, aliased to the inputs as in :func:`adam_rows`.
+    """
+    like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        "meprop_adam_factored",
+        (like, like, like),
+        input_output_aliases={0: 0, 1: 1, 2: 2},
+        vmap_method="sequential",
+    )
+    new = call(p, mu, nu, values, idx, x, hyper, lazy=np.int64(bool(lazy)))
     return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))

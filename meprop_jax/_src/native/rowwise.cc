@@ -10,6 +10,8 @@
 //   non-finite exactly for the columns that hold one (the library's rule). An empty dx [0, in]
 //   skips dx (the first layer's input is data, which autodiff does not differentiate).
 // meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
+// meprop_adam_factored: Adam on a kernel stored [out, in], in place, from a gradient kept as
+//   factors (each slot's value and column, each row's input), lazy or on every row.
 //
 // Each handler splits its rows over XLA's intra-op thread pool (the one XLA's own CPU kernels
 // use), so that on a multi-core CPU it is compared with dense products that use every core.
@@ -232,8 +234,12 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   const bool with_dx = dx->dimensions()[0] != 0, with_block = block->dimensions()[0] != 0;
 
   if (!with_block || dense_rows) {
+    // dx alone is light (N * S * in multiply-adds): split it only past ~128k of them, as a
+    // hand-off to the pool costs more than a minibatch of 10 rows at k = 20.
+    const int64_t grain = dense_rows ? row_grain
+                                     : std::max<int64_t>(131072 / std::max<int64_t>(s * in, 1), 1);
     if (with_dx)
-      ParallelFor(pool, n, row_grain, [&](int64_t a, int64_t b) {
+      ParallelFor(pool, n, grain, [&](int64_t a, int64_t b) {
         for (int64_t r = a; r < b; ++r) input_grad(r);
       });
     return with_block ? DenseRows(pool, gp, ip, xp, n, out, s, in, bp) : ffi::Error::Success();
@@ -365,6 +371,89 @@ ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// Adam on a kernel stored [out, in], in place, from its gradient kept as factors: row c of the
+// gradient is the sum over the slots q (in slot order) with idx[q] == c of values[q] x[q / S],
+// so no [N*S, in] block is written and read back. hyper as for AdamRow, then clip (+inf for
+// none): each gradient entry is clipped to [-clip, clip] once summed, as optax.clip does.
+// lazy: only the rows some slot selected move; otherwise every row moves (the authors' rule).
+ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu,
+                        ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> values,
+                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
+                        ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                        int64_t lazy) {
+  const auto pd = p.dimensions(), vd = values.dimensions(), id = idx.dimensions(),
+             xd = x.dimensions();
+  if (pd.size() != 2 || vd.size() != 2 || id.size() != 2 || xd.size() != 2 || id[0] != vd[0] ||
+      id[1] != vd[1] || xd[0] != vd[0] || xd[1] != pd[1] || hyper.element_count() != 7)
+    return ffi::Error::InvalidArgument(
+        "p [out, in], values and idx [N, S], x [N, in], hyper [7] expected");
+  const int64_t out = pd[0], in = pd[1], s = vd[1], slots = vd[0] * vd[1];
+  float* P = p_out->typed_data();
+  float* M = mu_out->typed_data();
+  float* V = nu_out->typed_data();
+  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
+  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
+  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  const float* vp = values.typed_data();
+  const int32_t* ip = idx.typed_data();
+  const float* xp = x.typed_data();
+  const float* h = hyper.typed_data();
+  const float clip = h[6];
+  // The slots of each column, in slot order; indices out of range name no column.
+  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
+  std::vector<int32_t> touched;
+  for (int64_t q = 0; q < slots; ++q) {
+    const int32_t c = ip[q];
+    if (c < 0 || c >= out) continue;
+    if (last[c] >= 0) {
+      later[last[c]] = q;
+    } else {
+      first[c] = q;
+      touched.push_back(c);
+    }
+    last[c] = q;
+  }
+  auto gradient_row = [&](int64_t c, float* row) {
+    int64_t q = first[c];
+    const float v = vp[q];
+    const float* xr = xp + (q / s) * in;
+    for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
+    for (q = later[q]; q >= 0; q = later[q]) {
+      const float w = vp[q];
+      const float* xq = xp + (q / s) * in;
+      for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
+    }
+    if (std::isfinite(clip))
+      for (int64_t i = 0; i < in; ++i)
+        if (!std::isnan(row[i])) row[i] = std::min(std::max(row[i], -clip), clip);
+  };
+  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
+  if (lazy) {
+    ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
+      std::vector<float> row(in);
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t c = touched[j];
+        gradient_row(c, row.data());
+        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+      }
+    });
+    return ffi::Error::Success();
+  }
+  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
+    std::vector<float> row(in);
+    for (int64_t c = a; c < b; ++c) {
+      if (first[c] >= 0) {
+        gradient_row(c, row.data());
+        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+      } else {
+        AdamRow<true>(P + c * in, M + c * in, V + c * in, nullptr, in, h);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
@@ -391,6 +480,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("lazy"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamFactored, AdamFactored,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

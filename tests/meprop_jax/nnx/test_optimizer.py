@@ -35,24 +35,30 @@ def xent(logits, y):
 
 class LinenMLP(nn.Module):
     mode: str
+    factored: bool = False
 
     @nn.compact
     def __call__(self, x):
         for features in HIDDEN:
-            x = nn.relu(mlinen.Dense(features, k=K, mode=self.mode, sparse_update=True)(x))
+            layer = mlinen.Dense(
+                features, k=K, mode=self.mode, sparse_update=True, factored_grad=self.factored
+            )
+            x = nn.relu(layer(x))
         return nn.Dense(OUT)(x)
 
 
 class MLP(nnx.Module):
     """The NNX twin of ``LinenMLP`` (``hidden`` is a list of ``sparse_update`` layers)."""
 
-    def __init__(self, rngs, mode="unified", sparse_update=True, stock=False):
+    def __init__(self, rngs, mode="unified", sparse_update=True, stock=False, factored=False):
         sizes = (IN, *HIDDEN)
 
         def layer(i, o):
             if stock:
                 return nnx.Linear(i, o, rngs=rngs)
-            return mnnx.Linear(i, o, k=K, mode=mode, sparse_update=sparse_update, rngs=rngs)
+            return mnnx.Linear(
+                i, o, k=K, mode=mode, sparse_update=sparse_update, factored_grad=factored, rngs=rngs
+            )
 
         self.hidden = nnx.List([layer(i, o) for i, o in itertools.pairwise(sizes)])
         self.out = nnx.Linear(HIDDEN[-1], OUT, rngs=rngs)
