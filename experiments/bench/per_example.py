@@ -13,10 +13,12 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
   ``db``). ``dense``; ``per_example`` with the masked dense ``dW`` (the authors' form) in the
   stock ``[in, out]`` layout and with the kernel stored ``[out, in]`` (``:out_in``); and with
   the compact ``dW`` (``+compact``, the form the column-sparse optimizers consume), in both
-  layouts.
+  layouts; and with ``dW`` kept as factors (``+factored:out_in``, :class:`meprop_jax.FactoredGrad`:
+  selection and ``dx`` only, the weight gradient summed by the optimizer).
 * ``layer+update``: the backward pass and an Adam step of the layer: dense + ``optax.adam``;
   the compact ``dW`` + :func:`meprop_jax.optim.sparse_adam` (lazy Adam, selected columns only),
-  with the kernel stored ``[in, out]`` and ``[out, in]`` (``:out_in``).
+  with the kernel stored ``[in, out]`` and ``[out, in]`` (``:out_in``); and the factored ``dW``
+  + ``sparse_adam``, which sums each selected row as it updates it (``+factored``).
 * ``lstm`` (the gates of an LSTM cell, ``[x, h] -> 4h`` with h = 500, batch 8, k = 5 and 10
   per gate): the backward pass of :func:`meprop_jax.multi_linear` with ``groups=4``.
 * ``parser`` (the parser's hidden layer, 2400 -> 500, minibatches of 250, k = 20): the
@@ -27,8 +29,9 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
   dense with ``optax.adam``; per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), in both layouts; the authors' rule from compact gradients
   (``+compact:out_in``, ``sparse_adam(lazy=False)``, what ``experiments.mnist`` runs by
-  default in this setting); and per-example with compact gradients and lazy ``sparse_adam``
-  (``+sparse``, ``--sparse-update``), in both layouts.
+  default in this setting) and from factored ones (``+factored:out_in``); and per-example with
+  compact gradients and lazy ``sparse_adam`` (``+sparse``, ``--sparse-update``), in both
+  layouts, and from factored gradients (``+sparse+factored:out_in``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ MNIST_CONFIG: tuple[tuple[int, ...], int, int] = ((784, 500, 500, 10), 10, 20)
 # (batch, in, out, k): the parser's hidden layer (48 features of 50 dims -> 500) at its
 # minibatches of 250 transitions, whose rows cover the layer (250 * 20 >= 500).
 PARSER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((250, 2400, 500, 20),)
+# The MNIST variants' compact forms: the authors' rule or lazy Adam, from the block or factors.
+FACTORED = ("authors+factored", "lazy+factored")
+LAZY = (True, "lazy+factored")
 STEPS = 200  # minibatches per timed call
 PARSER_STEPS = 20  # its steps take milliseconds
 
@@ -125,14 +131,15 @@ def _vjp_fn(k: int, layout: str, compact: bool, groups: int = 1) -> Callable[...
     return grad
 
 
-def _layer_variants(k: int) -> dict[str, tuple[int, str, bool]]:
-    """name -> (k, layout, compact)."""
+def _layer_variants(k: int) -> dict[str, tuple[int, str, bool | str]]:
+    """name -> (k, layout, compact): False, True (the block) or ``"factored"``."""
     return {
         "dense": (0, "in_out", False),
         MODE: (k, "in_out", False),
         f"{MODE}:out_in": (k, "out_in", False),
         f"{MODE}+compact": (k, "in_out", True),
         f"{MODE}+compact:out_in": (k, "out_in", True),
+        f"{MODE}+factored:out_in": (k, "out_in", "factored"),
     }
 
 
@@ -186,7 +193,13 @@ def bench_gates(
             if compact:
                 taps = tuple(
                     meprop_jax.compact_tap(
-                        n, out, k=kk, mode=MODE, groups=groups, batch_shape=(batch,)
+                        n,
+                        out,
+                        k=kk,
+                        mode=MODE,
+                        groups=groups,
+                        batch_shape=(batch,),
+                        factored=compact == "factored",
                     )
                     for n in ins
                 )
@@ -226,9 +239,14 @@ def bench_layer_update(
         return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
 
     opt = optim.sparse_adam(ADAM_LR)
-    tap = meprop_jax.compact_tap(d_in, d_out, k=k, mode=MODE, batch_shape=(batch,))
+    taps = {
+        form: meprop_jax.compact_tap(
+            d_in, d_out, k=k, mode=MODE, batch_shape=(batch,), factored=form == "factored"
+        )
+        for form in ("compact", "factored")
+    }
 
-    def sparse_run_of(name: str, layout: str):
+    def sparse_run_of(name: str, layout: str, tap):
         def sparse_run(carry, xs, gs):
             def body(carry, xg):
                 (params, state), dx_sum = carry
@@ -257,15 +275,21 @@ def bench_layer_update(
     _block(dense_box.value)
     compiled = _compile_donated(dense_run, (dense_box.value, xs, gs))
     fns = {"dense+adam": (dense_box.stepper(compiled, xs, gs), ())}
-    for layout, name, kernel in (("in_out", "kernel", w), ("out_in", TRANSPOSED_KERNEL, w.T)):
+    variants = (
+        ("compact", "in_out", "kernel", w),
+        ("compact", "out_in", TRANSPOSED_KERNEL, w.T),
+        ("factored", "out_in", TRANSPOSED_KERNEL, w.T),
+    )
+    for form, layout, name, kernel in variants:
         tag = "" if layout == "in_out" else f":{layout}"
         for suffix, path in _paths():
             params = {name: kernel.copy(), "bias": b.copy()}  # each box donates its own
-            box = Carry(((params, opt.init(params, {name: tap})), zero_dx()))
+            box = Carry(((params, opt.init(params, {name: taps[form]})), zero_dx()))
             _block(box.value)
+            run = sparse_run_of(name, layout, taps[form])
             with path():
-                compiled = _compile_donated(sparse_run_of(name, layout), (box.value, xs, gs))
-            fns[f"{MODE}+compact+sparse_adam{tag}{suffix}"] = (box.stepper(compiled, xs, gs), ())
+                compiled = _compile_donated(run, (box.value, xs, gs))
+            fns[f"{MODE}+{form}+sparse_adam{tag}{suffix}"] = (box.stepper(compiled, xs, gs), ())
     per_step = _per_step(time_fns(fns, repeats, warmup), steps)
     k_of = lambda n: 0 if n.startswith("dense") else k
     return _records("layer+update", per_step, "dense+adam", batch, d_in, d_out, k_of)
@@ -285,6 +309,7 @@ def bench_mnist_steps(
             num_classes=sizes[-1],
             sparse_update=bool(sparse),
             kernel_layout=layout,
+            factored_grad=sparse in FACTORED,
         )
 
     rng = np.random.default_rng(seed)
@@ -298,8 +323,10 @@ def bench_mnist_steps(
             (f"{MODE}{suffix}", k, "in_out", False, path),
             (f"{MODE}:out_in{suffix}", k, "out_in", False, path),
             (f"{MODE}+compact:out_in{suffix}", k, "out_in", "authors", path),
+            (f"{MODE}+factored:out_in{suffix}", k, "out_in", "authors+factored", path),
             (f"{MODE}+sparse{suffix}", k, "in_out", True, path),
             (f"{MODE}+sparse:out_in{suffix}", k, "out_in", True, path),
+            (f"{MODE}+sparse+factored:out_in{suffix}", k, "out_in", "lazy+factored", path),
         ]
     for label, kk, layout, sparse, path in variants:
         m = model(kk, layout, sparse)
@@ -311,7 +338,7 @@ def bench_mnist_steps(
                     apply_fn=m.apply,
                     params=params,
                     taps=variables[optim.TAP_COLLECTION],
-                    tx=loop.make_sparse_optimizer("adam", ADAM_LR, lazy=sparse is True),
+                    tx=loop.make_sparse_optimizer("adam", ADAM_LR, lazy=sparse in LAZY),
                 )
             )
             run = _compact_train_scan()

@@ -24,8 +24,16 @@ from meprop_jax._src.taps import FactoredGrad, factored_ok
 Array = jax.Array
 
 
+def _uses(g: Array, values: Array) -> Array:
+    """1, or NaN when a row has more non-finite entries than it keeps (the factors cannot hold
+    the rest: see :class:`meprop_jax.FactoredGrad`)."""
+    out = g.shape[-1]
+    lost = jnp.sum(~jnp.isfinite(g.reshape(-1, out)), -1) > jnp.sum(~jnp.isfinite(values), -1)
+    return jnp.where(jnp.any(lost), jnp.nan, 1.0).astype(jnp.float32)
+
+
 def _factored_xla(spec, xs, kernels, g: Array, scores: Array):
-    k, groups, layout, input_grads, precision = spec
+    k, groups, layout, input_grads, precision, _ = spec
     out = g.shape[-1]
     idx = row_top_k(scores, k, groups).reshape(-1, groups * k)
     values = jnp.take_along_axis(g.reshape(-1, out), idx, axis=-1)
@@ -36,19 +44,23 @@ def _factored_xla(spec, xs, kernels, g: Array, scores: Array):
         else None
         for x, w, want in zip(xs, kernels, wanted, strict=True)
     )
-    return dxs, idx, values
+    return dxs, idx, values, _uses(g, values)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _factored_native(spec, xs, kernels, g: Array, scores: Array):
     """``_factored_xla`` through the native kernels: their selection and ``dx`` alone.
     Differentiating it (higher-order derivatives) differentiates the XLA path."""
-    k, groups, layout, input_grads, _ = spec
+    k, groups, layout, input_grads, _, by_magnitude = spec
     out = g.shape[-1]
     g2 = g.reshape(-1, out)
-    ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
-    idx = native.select(ranked.reshape(-1, out), k, groups)
-    values = jnp.take_along_axis(g2, idx, axis=-1)
+    if by_magnitude:  # the scores are |g|: one pass for indices, values and uses
+        idx, values, uses = native.select_factors(g2, k, groups)
+    else:
+        ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
+        idx = native.select(ranked.reshape(-1, out), k, groups)
+        values = jnp.take_along_axis(g2, idx, axis=-1)
+        uses = _uses(g, values)
     wanted = input_grads or (True,) * len(xs)
     dxs = tuple(
         native.products(g2, idx, x.reshape(-1, x.shape[-1]), w, layout == "out_in", False)[
@@ -58,7 +70,7 @@ def _factored_native(spec, xs, kernels, g: Array, scores: Array):
         else None
         for x, w, want in zip(xs, kernels, wanted, strict=True)
     )
-    return dxs, idx, values
+    return dxs, idx, values, uses
 
 
 @_factored_native.defjvp
@@ -67,12 +79,14 @@ def _factored_native_jvp(spec, primals, tangents):
 
 
 def factored_backward(xs, kernels, g: Array, scores: Array, spec, use_native: bool):
-    """``(dxs, idx, values)`` of a per-row selection whose weight gradient stays factored.
+    """``(dxs, idx, values, uses)`` of a per-row selection whose weight gradient stays factored.
 
     ``idx`` and ``values`` ``[N, S]`` are each row's kept columns and entries of ``g``; ``dx``
     comes from each row's own kernel rows as in the other per-row paths, and no weight-gradient
-    product runs (see :class:`meprop_jax.FactoredGrad`). ``spec``: ``(k, groups,
-    kernel_layout, input_grads, precision)``; an input whose ``dx`` is not wanted gets None.
+    product runs (see :class:`meprop_jax.FactoredGrad`, which defines ``uses``). ``spec``:
+    ``(k, groups, kernel_layout, input_grads, precision, by_magnitude)``, ``by_magnitude``
+    when ``scores`` are ``|g|`` (per-example mode); an input whose ``dx`` is not wanted gets
+    None.
     """
     if use_native:
         return _factored_native(spec, xs, kernels, g, scores)
@@ -106,16 +120,20 @@ def rowwise_backward(cfg, xs, kernels, g: Array, scores: Array):
     dense weight gradients as blocks (compiled away unless the kernels are differentiated),
     and the factors appended: ``(idx, values, uses)``.
     """
-    spec = (cfg.k, cfg.groups, cfg.kernel_layout, cfg.input_grads, cfg.precision)
+    spec = (
+        cfg.k,
+        cfg.groups,
+        cfg.kernel_layout,
+        cfg.input_grads,
+        cfg.precision,
+        cfg.mode == "per_example",
+    )
     use_native = native.runs(g, *xs, *kernels)
-    dxs, idx, values = factored_backward(xs, kernels, g, scores, spec, use_native)
+    dxs, idx, values, uses = factored_backward(xs, kernels, g, scores, spec, use_native)
     out = g.shape[-1]
     mask = selection_mask(idx, out).reshape(g.shape)
     g_sparse = jnp.where(mask | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
     dws = tuple(products.weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-    # A row with more non-finite entries than it keeps: the factors cannot hold the rest.
-    lost = jnp.sum(~jnp.isfinite(g.reshape(-1, out)), -1) > jnp.sum(~jnp.isfinite(values), -1)
-    uses = jnp.where(jnp.any(lost), jnp.nan, 1.0).astype(jnp.float32)
     return dxs, dws, None, g_sparse, mask, (idx, values, uses)
 
 

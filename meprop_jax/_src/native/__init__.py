@@ -1,6 +1,6 @@
 """Optional native CPU kernels of the per-row backward pass, through ``jax.ffi``.
 
-``rowwise.cc`` holds four XLA FFI handlers: each row's top-k indices (``meprop_select``);
+``rowwise.cc`` holds five XLA FFI handlers: each row's top-k indices (``meprop_select``);
 from them, ``dx`` and the compact weight gradient over the rows' union of columns
 (``meprop_products``), whose math (see :mod:`meprop_jax._src.rowwise`) they share with the
 pure-XLA path, column order and padding included; and lazy Adam on the selected rows of a
@@ -59,6 +59,7 @@ _TARGETS = {
     "meprop_products": "MepropProducts",
     "meprop_adam_rows": "MepropAdamRows",
     "meprop_adam_factored": "MepropAdamFactored",
+    "meprop_select_factors": "MepropSelectFactors",
 }
 
 _lock = threading.Lock()
@@ -193,6 +194,24 @@ def select(scores: Array, k: int, groups: int) -> Array:
         vmap_method="sequential",
     )
     return _typed_like(call(scores, k=np.int64(k), groups=np.int64(groups)), scores)
+
+
+def select_factors(g: Array, k: int, groups: int) -> tuple[Array, Array, Array]:
+    """Per-example selection by ``|g|`` for a factored gradient: ``(idx [N, groups * k] int32,
+    values [N, groups * k], uses [])``, ``uses`` 1 or NaN as :class:`meprop_jax.FactoredGrad`
+    defines it. The indices are :func:`select`'s for the scores ``|g|`` (NaN as +inf)."""
+    n = g.shape[0]
+    call = jax.ffi.ffi_call(
+        "meprop_select_factors",
+        (
+            jax.ShapeDtypeStruct((n, groups * k), jnp.int32),
+            jax.ShapeDtypeStruct((n, groups * k), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.float32),
+        ),
+        vmap_method="sequential",
+    )
+    idx, values, uses = call(g, k=np.int64(k), groups=np.int64(groups))
+    return _typed_like(idx, g), _typed_like(values, g), _typed_like(uses, g, True)
 
 
 def products(g: Array, idx: Array, x: Array, kernel: Array, transposed: bool, block=True, dx=True):

@@ -10,6 +10,8 @@
 //   non-finite exactly for the columns that hold one (the library's rule). An empty dx [0, in]
 //   skips dx (the first layer's input is data, which autodiff does not differentiate).
 // meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
+// meprop_select_factors: per-example selection by |g| with the kept values, for a factored
+//   weight gradient (FactoredGrad), in one pass.
 // meprop_adam_factored: Adam on a kernel stored [out, in], in place, from a gradient kept as
 //   factors (each slot's value and column, each row's input), lazy or on every row.
 //
@@ -135,6 +137,53 @@ ffi::Error Select(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
       for (int64_t j = 0; j < k; ++j) dst[j] += static_cast<int32_t>(grp * width);
     }
   });
+  return ffi::Error::Success();
+}
+
+// Per-example selection for a factored weight gradient, in one pass over g [N, out]: each
+// row's top k per group by |g| (NaN and +-inf rank first, as +inf), as Select gives them for
+// the scores |g|; the kept values g[r, idx]; and uses [] = 1, or NaN when a row holds more
+// non-finite entries than it keeps (the factors cannot carry the rest; see FactoredGrad).
+ffi::Error SelectFactors(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                         ffi::ResultBuffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> values,
+                         ffi::ResultBuffer<ffi::F32> uses, int64_t k, int64_t groups) {
+  const auto dims = g.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [N, out]");
+  const int64_t n = dims[0], out = dims[1], width = out / groups, s = groups * k;
+  if (groups < 1 || out % groups || k < 1 || k > width)
+    return ffi::Error::InvalidArgument("bad k or groups");
+  const float* gp = g.typed_data();
+  int32_t* ip = idx->typed_data();
+  float* vp = values->typed_data();
+  std::atomic<bool> lost{false};
+  ParallelFor(pool, n, std::max<int64_t>(8192 / std::max<int64_t>(out, 1), 1),
+              [&](int64_t a, int64_t b) {
+    std::vector<float> scores(width);
+    std::vector<uint32_t> keys(width);
+    std::vector<uint64_t> cand(width);
+    for (int64_t r = a; r < b; ++r) {
+      const float* row = gp + r * out;
+      int64_t non_finite = 0, kept_non_finite = 0;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* part = row + grp * width;
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = std::fabs(part[j]);
+          scores[j] = std::isnan(v) ? INFINITY : v;
+          non_finite += !std::isfinite(v);
+        }
+        int32_t* dst = ip + r * s + grp * k;
+        SelectRow(scores.data(), width, k, dst, keys, cand);
+        for (int64_t j = 0; j < k; ++j) {
+          dst[j] += static_cast<int32_t>(grp * width);
+          const float v = row[dst[j]];
+          vp[r * s + grp * k + j] = v;
+          kept_non_finite += !std::isfinite(v);
+        }
+      }
+      if (non_finite > kept_non_finite) lost.store(true, std::memory_order_relaxed);
+    }
+  });
+  uses->typed_data()[0] = lost.load() ? NAN : 1.0f;
   return ffi::Error::Success();
 }
 
@@ -505,3 +554,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamFactored, AdamFactored,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("lazy"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelectFactors, SelectFactors,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("groups"));
