@@ -283,10 +283,10 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   const bool with_dx = dx->dimensions()[0] != 0, with_block = block->dimensions()[0] != 0;
 
   if (!with_block || dense_rows) {
-    // dx alone is light (N * S * in multiply-adds): split it only past ~128k of them, as a
-    // hand-off to the pool costs more than a minibatch of 10 rows at k = 20.
+    // dx alone is light (N * S * in multiply-adds): chunks of at least ~64k of them, as a
+    // hand-off to the pool costs more than a few rows (10 rows at k = 20 make two chunks).
     const int64_t grain = dense_rows ? row_grain
-                                     : std::max<int64_t>(131072 / std::max<int64_t>(s * in, 1), 1);
+                                     : std::max<int64_t>(65536 / std::max<int64_t>(s * in, 1), 1);
     if (with_dx)
       ParallelFor(pool, n, grain, [&](int64_t a, int64_t b) {
         for (int64_t r = a; r < b; ++r) input_grad(r);
