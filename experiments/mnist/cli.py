@@ -70,14 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--kernel-grad",
-        choices=("auto", "masked", "compact"),
+        choices=("auto", "masked", "compact", "factored"),
         default="auto",
         help="the form of the meProp kernels' gradient under the authors' update (without "
         "--sparse-update): masked (dense, zero outside the selected columns) or compact (the "
         "selected columns only, which the optimizer's dense step reads in place of zeros: "
         "the same updates without a dense kernel gradient). auto (default): compact where "
         "the kernels are stored [out, in] (per-example/random MLPs, see --kernel-layout) and "
-        "nothing else rules it out, the faster form there; masked otherwise",
+        "nothing else rules it out, the faster form there; masked otherwise. factored: compact, "
+        "kept as each row's kept values, their columns and the input rows (per-example/random; "
+        "also with --sparse-update), which the native Adam pass sums row by row",
     )
     p.add_argument(
         "--k",
@@ -209,6 +211,10 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
     fast = per_row and k >= 1 and network.get("network", "mlp") == "mlp"
     layout = resolve_kernel_layout(args.kernel_layout, fast, bool(mesimp.get("mesimp")))
     compact_gradients = _compact_gradients(args, k, adaptive, mesimp, layout)
+    check(
+        args.kernel_grad != "factored" or per_row,
+        f"--kernel-grad factored needs --mode per-example or random, got --mode {mode}",
+    )
     loop.check_divisible(args.batch_size, devices, "--batch-size")
     eval_batch = loop.resolve_eval_batch(args.eval_batch_size, DEFAULT_EVAL_BATCH, devices)
     return MnistSettings(
@@ -226,6 +232,7 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         data_dir=args.data_dir,
         sparse_update=args.sparse_update,
         compact_gradients=compact_gradients,
+        factored_gradients=args.kernel_grad == "factored",
         feedback=float(args.error_feedback or 0.0),
         adaptive=adaptive,
         kernel_layout=layout,
@@ -258,8 +265,8 @@ def _compact_gradients(args, k: int, adaptive, mesimp: dict, layout: str) -> boo
         return blocker is None and layout == "out_in"
     loop.require(
         blocker is None,
-        f"--kernel-grad compact needs meProp hidden layers of the MLP without their own "
-        f"state; drop {blocker}",
+        f"--kernel-grad {args.kernel_grad} needs meProp hidden layers of the MLP without "
+        f"their own state; drop {blocker}",
     )
     return True
 

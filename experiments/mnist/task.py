@@ -105,6 +105,8 @@ class MnistSettings:
     data_dir: str | None = None
     sparse_update: bool = False
     compact_gradients: bool = False
+    # Compact gradients (either rule) as FactoredGrad (per-row modes).
+    factored_gradients: bool = False
     feedback: float = 0.0
     adaptive: AdaptiveK | None = None
     mesimp: bool = False
@@ -153,6 +155,7 @@ class MnistSettings:
             adaptive=self.adaptive,
             record=self.mesimp,
             kernel_layout=self.kernel_layout,
+            factored_grad=self.factored_gradients,
         )
 
 

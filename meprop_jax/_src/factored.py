@@ -167,8 +167,23 @@ def decode_factored(tap: FactoredGrad, out: int, after: Array) -> tuple[Factors,
 
 def tap_grads(xs, kernels, idx: Array, values: Array, uses: Array) -> tuple[FactoredGrad, ...]:
     """The taps' gradients of one backward pass, one per kernel (``values``, ``idx`` shared)."""
-    cols = idx.astype(jnp.float32)
+    cols = _unsharded(idx.astype(jnp.float32))
+    values = _unsharded(values)
     return tuple(
-        FactoredGrad(values.astype(w.dtype), cols, x.reshape(-1, x.shape[-1]).astype(w.dtype), uses)
+        FactoredGrad(
+            values.astype(w.dtype),
+            cols,
+            _unsharded(x.reshape(-1, x.shape[-1]).astype(w.dtype)),
+            uses,
+        )
         for x, w in zip(xs, kernels, strict=True)
     )
+
+
+def _unsharded(a: Array) -> Array:
+    """``a`` replicated over its mesh, as the tap it is the cotangent of was made (a batch
+    sharded along a mesh axis shards the rows of the factors); unchanged without a mesh."""
+    spec = getattr(jax.typeof(a).sharding, "spec", None)
+    if spec is None or all(s is None for s in spec):
+        return a
+    return jax.sharding.reshard(a, jax.sharding.PartitionSpec())

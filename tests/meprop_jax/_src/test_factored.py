@@ -300,3 +300,48 @@ def test_linen_and_nnx_layers_step_alike_with_factored_gradients():
     expected = params_of(model)
     load_linen(model, states[1].params)
     jax.tree.map(close, expected, params_of(model))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_batch_sharded_over_a_mesh_steps_as_on_one_device(devices):
+    """Under a mesh the factors' rows follow the batch's sharding; their cotangents come back
+    replicated, as the taps were made, and the step is the unsharded one (one device: the
+    native kernels; eight: the XLA path)."""
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(7)
+    n, d_in, out, k = 16, 12, 20, 3
+    x = jnp.asarray(rng.standard_normal((n, d_in)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((n, out)), jnp.float32)
+    params = {
+        "kernel_t": jnp.asarray(rng.standard_normal((out, d_in)), jnp.float32),
+        "bias": jnp.zeros((out,)),
+    }
+    taps = {
+        "kernel_t": meprop_jax.compact_tap(
+            d_in, out, k=k, mode="per_example", batch_shape=(n,), factored=True
+        )
+    }
+    opt = optim.sparse_adam(0.05, lazy=False)
+
+    @jax.jit
+    def step(p, s, t, x, target):
+        def loss(p, t):
+            y = meprop_jax.linear(
+                x, p["kernel_t"], p["bias"], k=k, mode="per_example", tap=t["kernel_t"],
+                kernel_layout="out_in",
+            )  # fmt: skip
+            return jnp.sum((y - target) ** 2)
+
+        _, (grads, tap_grads) = optim.value_and_compact_grad(loss)(p, t)
+        return opt.update(grads, s, p, tap_grads)
+
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    single, _ = step(copy(params), opt.init(params, taps), taps, x, target)
+    with jax.set_mesh(jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])):
+        xs, ts = jax.device_put((x, target), P("data"))
+        assert jax.typeof(xs).sharding.spec[0] == "data"
+        params_r, taps_r = jax.device_put((copy(params), taps), P())
+        sharded, _ = step(params_r, opt.init(params_r, taps_r), taps_r, xs, ts)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
