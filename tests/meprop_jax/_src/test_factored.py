@@ -345,3 +345,25 @@ def test_batch_sharded_over_a_mesh_steps_as_on_one_device(devices):
         sharded, _ = step(params_r, opt.init(params_r, taps_r), taps_r, xs, ts)
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("lost_row", [None, 37])
+def test_native_selection_of_factors_matches_xla_over_threads(lost_row):
+    """40 rows of 200 split over the pool: indices, values and ``uses`` as the XLA path gives
+    them, ties and non-finite entries included; a row that cannot keep its non-finite entries
+    is seen from whichever thread holds it."""
+    rng = np.random.default_rng(9)
+    g = integer_gradient(rng, (40, 200), "ties")
+    g[3, :2] = [np.nan, -np.inf]  # kept: k = 4 per group
+    if lost_row is not None:
+        g[lost_row, :6] = np.inf  # 6 non-finite in one group of 100 that keeps 4
+    g = jnp.asarray(g)
+    if not native.enabled():
+        pytest.skip("native kernels switched off (MEPROP_JAX_NATIVE=0) or failed to build")
+    idx, values, uses = native.select_factors(g, 4, 2)
+    want_idx = meprop_jax._src.rowwise.row_top_k(jnp.abs(g), 4, 2)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(values, jnp.take_along_axis(g, want_idx, axis=-1))
+    np.testing.assert_array_equal(uses, factored._uses(g, values))
+    assert np.isnan(float(uses)) == (lost_row is not None)
