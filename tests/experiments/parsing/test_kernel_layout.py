@@ -104,7 +104,9 @@ def test_training_in_out_in_equals_training_in_in_out(toy, tmp_path, capsys) -> 
     )
     assert set(hidden_in) == {"kernel", "bias"} and set(hidden_out) == {KERNEL_T, "bias"}
     assert not np.allclose(hidden_in["kernel"], 0.0)
-    np.testing.assert_allclose(hidden_out[KERNEL_T], hidden_in["kernel"].T, rtol=1e-5, atol=1e-6)
+    # The layouts sum their products in different orders, and two epochs of Adam amplify the
+    # rounding where a moment is near zero (3e-6 on 2 of 12288 weights on some CPUs).
+    np.testing.assert_allclose(hidden_out[KERNEL_T], hidden_in["kernel"].T, rtol=1e-4, atol=1e-5)
     rest_in = {k: v for k, v in params["in_out"]["params"].items() if k != "hidden"}
     rest_out = {k: v for k, v in params["out_in"]["params"].items() if k != "hidden"}
     for a, b in zip(jax.tree.leaves(rest_in), jax.tree.leaves(rest_out), strict=True):
