@@ -20,20 +20,24 @@ from meprop_jax import nnx as mnnx
 from meprop_jax._src import factored, native
 from tests.meprop_jax._src.test_linear import (
     check_against_reference,
-    fast_key,
     integer_gradient,
     ref_mask,
 )
-from tests.meprop_jax._src.test_rowwise import dense_from_compact, vjp_in_layout
+from tests.meprop_jax._src.test_rowwise import (
+    dense_from_compact,
+    two_input_problem,
+    vjp_in_layout,
+)
 from tests.meprop_jax.nnx.test_optimizer import (
     BATCH,
     IN,
     MLP,
     LinenMLP,
     batches,
+    compact_step,
+    linen_step,
     load_linen,
     params_of,
-    xent,
 )
 
 PATHS = {"native": contextlib.nullcontext, "xla": native.disabled}
@@ -79,15 +83,7 @@ def factored_vjp(xs, ws, b, g, key, *, k, mode, groups, layout):
     [((2,), 12, 3, 1), ((3, 2), 40, 2, 4), ((4,), 24, 1, 4)],  # below and above covering
 )
 def test_factored_gradients_match_reference(path, layout, mode, lead, out, k, groups):
-    rng = np.random.default_rng(out + k)
-    xs = (
-        rng.standard_normal((*lead, 5)).astype(np.float32),
-        rng.standard_normal((*lead, 3)).astype(np.float32),
-    )
-    ws = tuple(rng.standard_normal((x.shape[-1], out)).astype(np.float32) for x in xs)
-    b = rng.standard_normal(out).astype(np.float32)
-    g = integer_gradient(rng, (*lead, out), "ties")
-    key = fast_key(4)
+    xs, ws, b, g, key = two_input_problem(lead, out, k)
     with PATHS[path]():
         dxs, taps, db = factored_vjp(
             xs, ws, b, g, key, k=k, mode=mode, groups=groups, layout=layout
@@ -281,20 +277,9 @@ def test_linen_and_nnx_layers_step_alike_with_factored_gradients():
     load_linen(model, variables["params"])
     optimizer = mnnx.Optimizer(model, tx)
 
-    @jax.jit
-    def linen_step(state, x, y):
-        loss, grads = state.value_and_grad(lambda v: xent(state.apply_fn(v, x), y))
-        return state.apply_gradients(grads=grads), loss
-
-    @nnx.jit
-    def nnx_step(model, optimizer, x, y):
-        loss, grads = optimizer.value_and_grad(model, lambda m: xent(m(x), y))
-        optimizer.update(model, grads)
-        return loss
-
     for x, y in batches(3):
         states = [linen_step(s, x, y)[0] for s in states]
-        nnx_step(model, optimizer, x, y)
+        compact_step(model, optimizer, x, y)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     jax.tree.map(close, states[0].params, states[1].params)
     expected = params_of(model)

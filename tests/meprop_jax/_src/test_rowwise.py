@@ -51,6 +51,21 @@ def vjp_in_layout(xs, ws, b, g, key, *, k, mode, groups, layout, compact=False):
     return dxs, dws, db, None
 
 
+def two_input_problem(lead, out, k):
+    """``(xs, ws, b, g, key)``: a two-input layer ``[*lead, 5], [*lead, 3] -> out`` with a tied
+    integer gradient, seeded by ``out + k``."""
+    rng = np.random.default_rng(out + k)
+    xs = (
+        rng.standard_normal((*lead, 5)).astype(np.float32),
+        rng.standard_normal((*lead, 3)).astype(np.float32),
+    )
+    ws = tuple(rng.standard_normal((x.shape[-1], out)).astype(np.float32) for x in xs)
+    b = rng.standard_normal(out).astype(np.float32)
+    g = integer_gradient(rng, (*lead, out), "ties")
+    key = fast_key(4)
+    return xs, ws, b, g, key
+
+
 def dense_from_compact(tap, n_in, out):
     cols = np.asarray(tap.cols).astype(int)
     block = np.asarray(tap.block)
@@ -74,15 +89,7 @@ def dense_from_compact(tap, n_in, out):
     ],
 )
 def test_layouts_and_forms_match_reference(layout, compact, mode, lead, out, k, groups):
-    rng = np.random.default_rng(out + k)
-    xs = (
-        rng.standard_normal((*lead, 5)).astype(np.float32),
-        rng.standard_normal((*lead, 3)).astype(np.float32),
-    )
-    ws = tuple(rng.standard_normal((x.shape[-1], out)).astype(np.float32) for x in xs)
-    b = rng.standard_normal(out).astype(np.float32)
-    g = integer_gradient(rng, (*lead, out), "ties")
-    key = fast_key(4)
+    xs, ws, b, g, key = two_input_problem(lead, out, k)
     dxs, dws, db, _ = vjp_in_layout(
         xs, ws, b, g, key, k=k, mode=mode, groups=groups, layout=layout, compact=compact
     )

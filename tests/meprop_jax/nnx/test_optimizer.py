@@ -89,6 +89,12 @@ def compact_step(model, optimizer, x, y):
     return loss
 
 
+@jax.jit
+def linen_step(state, x, y):
+    loss, grads = state.value_and_grad(lambda v: xent(state.apply_fn(v, x), y))
+    return state.apply_gradients(grads=grads), loss
+
+
 @pytest.mark.parametrize("mode", ["unified", "per_example"])
 def test_nnx_step_equals_linen_train_state(mode):
     linen_model = LinenMLP(mode)
@@ -98,12 +104,6 @@ def test_nnx_step_equals_linen_train_state(mode):
     model = MLP(nnx.Rngs(1), mode)
     load_linen(model, variables["params"])
     optimizer = mnnx.Optimizer(model, tx)
-
-    @jax.jit
-    def linen_step(state, x, y):
-        loss, grads = state.value_and_grad(lambda v: xent(state.apply_fn(v, x), y))
-        return state.apply_gradients(grads=grads), loss
-
     first = np.asarray(model.hidden[0].kernel[...])
     for x, y in batches(3):
         state, linen_loss = linen_step(state, x, y)
