@@ -67,13 +67,7 @@ def _mesimp_state(module: nn.Module, units: int) -> tuple[Array, _taps.RecordTap
 
 
 def compact_tap_state(
-    module: nn.Module,
-    inputs: Array,
-    kernel: Array,
-    k: int,
-    mode: str,
-    transposed: bool = False,
-    factored: bool = False,
+    module: nn.Module, inputs: Array, kernel: Array, k: int, mode: str, transposed=False, **form
 ) -> _taps.CompactGrad | _taps.FactoredGrad | None:
     """A sparse Dense layer's zero compact-gradient tap, or None when ``apply`` has none.
 
@@ -82,8 +76,8 @@ def compact_tap_state(
     ``kernel [in, out]`` (``[out, in]`` when ``transposed``, and the tap is then named
     ``kernel_t`` like the parameter, which the compact optimizers match it to); otherwise it is
     read if ``apply`` was given it (training) and the layer is plain meProp if not
-    (evaluation). A second call with the tap raises (see :func:`claim_tap`). ``factored``:
-    a :class:`~meprop_jax.FactoredGrad` tap (per-row modes).
+    (evaluation). A second call with the tap raises (see :func:`claim_tap`). ``form``:
+    ``factored=True`` for a :class:`~meprop_jax.FactoredGrad` tap (per-row modes).
     :func:`meprop_jax.sparsify` shares it.
     """
     name = TRANSPOSED_KERNEL if transposed else "kernel"
@@ -92,15 +86,8 @@ def compact_tap_state(
     ):
         return None
     d_in, d_out = kernel.shape[::-1] if transposed else kernel.shape
-    make_tap = lambda: _taps.compact_tap(
-        d_in,
-        d_out,
-        k=k,
-        mode=mode,
-        batch_shape=inputs.shape[:-1],
-        dtype=kernel.dtype,
-        factored=factored,
-    )
+    shape = dict(batch_shape=inputs.shape[:-1], dtype=kernel.dtype)
+    make_tap = lambda: _taps.compact_tap(d_in, d_out, k=k, mode=mode, **shape, **form)
     tap = module.variable(TAP_COLLECTION, name, make_tap).value
     claim_tap(module)
     return tap
@@ -245,13 +232,7 @@ class Dense(nn.Dense):
         key = self.make_rng(self.rng_collection) if sparse and mode == "random" else None
         tap = (
             compact_tap_state(
-                self,
-                inputs,
-                kernel,
-                k,
-                mode,
-                transposed=layout == "out_in",
-                factored=self.factored_grad,
+                self, inputs, kernel, k, mode, layout == "out_in", factored=self.factored_grad
             )
             if self.sparse_update and sparse
             else None

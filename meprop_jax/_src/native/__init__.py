@@ -1,13 +1,14 @@
 """Optional native CPU kernels of the per-row backward pass, through ``jax.ffi``.
 
-``rowwise.cc`` holds five XLA FFI handlers: each row's top-k indices (``meprop_select``);
-from them, ``dx`` and the compact weight gradient over the rows' union of columns
-(``meprop_products``), whose math (see :mod:`meprop_jax._src.rowwise`) they share with the
-pure-XLA path, column order and padding included; and lazy Adam on the selected rows of a
-kernel stored ``[out, in]``, in place (``meprop_adam_rows``, for
-:func:`meprop_jax.optim.sparse_adam`; see :mod:`meprop_jax._src.fused`), or Adam on every row
-of it from the compact gradient (the authors' rule, ``lazy=False``); and the same two updates
-from a gradient kept as factors (``meprop_adam_factored``, see :class:`meprop_jax.FactoredGrad`),
+``rowwise.cc`` and ``adam.cc`` hold five XLA FFI handlers. ``meprop_select``: each row's top-k
+indices. ``meprop_products``: from them, ``dx`` and the compact weight gradient over the rows'
+union of columns, whose math (see :mod:`meprop_jax._src.rowwise`) they share with the pure-XLA
+path, column order and padding included. ``meprop_select_factors``: the per-example selection
+by ``|g|`` with the kept values, for a gradient kept as factors
+(:class:`meprop_jax.FactoredGrad`). ``meprop_adam_rows``: lazy Adam in place on the selected
+rows of a kernel stored ``[out, in]`` (for :func:`meprop_jax.optim.sparse_adam`; see
+:mod:`meprop_jax._src.fused`), or Adam on every row of it from the compact gradient (the
+authors' rule, ``lazy=False``). ``meprop_adam_factored``: the same two updates from factors,
 which never writes the ``[N*S, in]`` block. In the paper's setting (minibatches of 10,
 ``k = 20``) they save XLA's per-op overhead and pick each row's columns in about half of
 ``lax.top_k``'s time. Each handler splits its rows over XLA's own intra-op thread
@@ -20,7 +21,7 @@ Their speed against dense backprop is measured by ``python -m experiments.bench
 The library is built on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``) against ``jax.ffi.include_dir()`` into a cache directory outside the
 package (``$MEPROP_JAX_CACHE``, else ``$XDG_CACHE_HOME/meprop_jax``, else
-``~/.cache/meprop_jax``), named by a hash of the source, the compiler, the flags, the jax
+``~/.cache/meprop_jax``), named by a hash of the sources, the compiler, the flags, the jax
 version and the CPU, so that it is rebuilt when any of them changes. Without a compiler (or
 when the build fails) the pure-XLA path runs instead and one log line says why. Setting
 ``MEPROP_JAX_NATIVE=0`` turns the kernels off; :func:`disabled` does so within a block.
@@ -51,7 +52,10 @@ import numpy as np
 Array = jax.Array
 
 _log = logging.getLogger("meprop_jax")
-_SOURCE = Path(__file__).with_name("rowwise.cc")
+_HERE = Path(__file__).parent
+# Compiled together into one library; the header is part of what names a build.
+_SOURCES = (_HERE / "rowwise.cc", _HERE / "adam.cc")
+_HEADERS = (_HERE / "parallel.h",)
 # -fno-math-errno: sqrt without errno, so that the Adam loop vectorizes.
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {
@@ -97,7 +101,13 @@ def _build() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             part if isinstance(part, bytes) else part.encode()
-            for part in (_SOURCE.read_bytes(), cxx, " ".join(_FLAGS), jax.__version__, _cpu())
+            for part in (
+                *(f.read_bytes() for f in (*_SOURCES, *_HEADERS)),
+                cxx,
+                " ".join(_FLAGS),
+                jax.__version__,
+                _cpu(),
+            )
         )
     ).hexdigest()[:16]
     lib = cache_dir() / f"meprop_rowwise-{key}.so"
@@ -105,7 +115,8 @@ def _build() -> Path:
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(tmp)]
+    includes = ["-I", jax.ffi.include_dir(), "-I", str(_HERE)]
+    cmd = [cxx, *_FLAGS, *includes, *map(str, _SOURCES), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")

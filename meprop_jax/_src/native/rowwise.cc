@@ -9,31 +9,22 @@
 //   to their column's block row when that column is in the union, so that the block rows are
 //   non-finite exactly for the columns that hold one (the library's rule). An empty dx [0, in]
 //   skips dx (the first layer's input is data, which autodiff does not differentiate).
-// meprop_adam_rows: lazy Adam on the selected rows of a kernel stored [out, in], in place.
 // meprop_select_factors: per-example selection by |g| with the kept values, for a factored
 //   weight gradient (FactoredGrad), in one pass.
-// meprop_adam_factored: Adam on a kernel stored [out, in], in place, from a gradient kept as
-//   factors (each slot's value and column, each row's input), lazy or on every row.
-//
-// Each handler splits its rows over XLA's intra-op thread pool (the one XLA's own CPU kernels
-// use), so that on a multi-core CPU it is compared with dense products that use every core.
-// Every output element is computed by one thread in the sequential order: results do not depend
-// on the number of threads.
+// The Adam handlers are in adam.cc, the thread pool's loop in parallel.h.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <numeric>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using meprop_native::ParallelFor;
 
 namespace {
 
@@ -42,45 +33,6 @@ inline uint32_t OrderKey(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// fn(begin, end) over [0, n) in chunks of about `grain` items, on the calling thread and on
-// the pool. The caller claims chunks like any worker and then waits only for chunks that a
-// worker has claimed and is running: a busy pool delays nothing (the caller does the work
-// itself) and cannot deadlock. Workers that start after the last chunk is claimed touch only
-// the shared counters, which they co-own.
-// MEPROP_JAX_NATIVE_THREADS caps the threads (read at every call: tests and benchmarks switch
-// it); unset or 0 means the whole pool.
-inline int64_t ThreadCap(int64_t pool_threads) {
-  const char* cap = std::getenv("MEPROP_JAX_NATIVE_THREADS");
-  const int64_t n = cap ? std::atoll(cap) : 0;
-  return n > 0 ? std::min(n, pool_threads) : pool_threads;
-}
-
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
-  const int64_t workers = ThreadCap(pool.num_threads());
-  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(n / std::max<int64_t>(grain, 1), 1),
-                                           std::max<int64_t>(workers, 1) * 4);
-  if (chunks <= 1 || workers <= 1) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto run = [n, chunks](Counters& c, const F& f) {
-    for (int64_t i; (i = c.next.fetch_add(1)) < chunks;) {
-      f(n * i / chunks, n * (i + 1) / chunks);
-      c.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const F* f = &fn;
-  for (int64_t w = 0; w < std::min(workers, chunks - 1); ++w)
-    pool.Schedule([counters, f, run] { run(*counters, *f); });
-  run(*counters, fn);
-  while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 // Histogram bins of the distance below the row's largest key: 2^kBinShift keys each, 8 per
@@ -346,165 +298,6 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// One row of Adam in place, by optax's arithmetic: scale_by_adam, then scale_by_learning_rate.
-// hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1. Without
-// a gradient row (gr == nullptr) the gradient is zero, still written into the arithmetic so
-// that every weight takes exactly the steps it would take on a zero entry of a dense gradient.
-template <bool kZeroGradient>
-inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
-                    const float* hyper) {
-  const float b1 = hyper[0], b2 = hyper[1], c1 = hyper[2], c2 = hyper[3], lr = hyper[4],
-              eps = hyper[5];
-  const float zero = 0.0f;
-  for (int64_t i = 0; i < in; ++i) {
-    const float gi = kZeroGradient ? zero : gr[i];
-    const float m = (1.0f - b1) * gi + b1 * mr[i];
-    const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
-    mr[i] = m;
-    vr[i] = v;
-    pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
-  }
-}
-
-// Adam on a kernel stored [out, in] and on its two moments, in place (the results alias p, mu,
-// nu), from the compact gradient g [K, in] of the rows `cols`; padding (cols >= out) is
-// skipped. hyper as for AdamRow. lazy: only the rows `cols` move. Not lazy: every row moves,
-// the gradient being zero outside `cols` (which must then be distinct), i.e. optax.adam on the
-// masked dense gradient (the authors' rule) without building that gradient.
-ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
-                    ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::F32> g,
-                    ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
-                    ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
-                    int64_t lazy) {
-  const auto pd = p.dimensions(), gd = g.dimensions();
-  if (pd.size() != 2 || gd.size() != 2 || gd[1] != pd[1] || cols.dimensions()[0] != gd[0] ||
-      hyper.element_count() != 6)
-    return ffi::Error::InvalidArgument("p [out, in], cols [K], g [K, in], hyper [6] expected");
-  const int64_t out = pd[0], in = pd[1], k = gd[0];
-  float* P = p_out->typed_data();
-  float* M = mu_out->typed_data();
-  float* V = nu_out->typed_data();
-  // XLA aliases the results to the inputs; should it not, start from copies.
-  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
-  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
-  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
-  const int32_t* c = cols.typed_data();
-  const float* G = g.typed_data();
-  const float* h = hyper.typed_data();
-  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
-  if (lazy) {
-    // Rows in parallel only when distinct (as the union gives them); else in order.
-    std::vector<char> seen(out, 0);
-    bool distinct = true;
-    for (int64_t j = 0; j < k && distinct; ++j)
-      if (c[j] >= 0 && c[j] < out) distinct = !seen[c[j]]++;
-    auto rows = [&](int64_t a, int64_t b) {
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t r = c[j];
-        if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
-      }
-    };
-    if (distinct) ParallelFor(pool, k, grain, rows);
-    else rows(0, k);
-    return ffi::Error::Success();
-  }
-  std::vector<int64_t> slot(out, -1);
-  for (int64_t j = 0; j < k; ++j)
-    if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
-  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      if (slot[r] >= 0)
-        AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
-      else
-        AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// Adam on a kernel stored [out, in], in place, from its gradient kept as factors: row c of the
-// gradient is the sum over the slots q (in slot order) with idx[q] == c of values[q] x[q / S],
-// so no [N*S, in] block is written and read back. hyper as for AdamRow, then clip (+inf for
-// none): each gradient entry is clipped to [-clip, clip] once summed, as optax.clip does.
-// lazy: only the rows some slot selected move; otherwise every row moves (the authors' rule).
-ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu,
-                        ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> values,
-                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
-                        ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
-                        ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
-                        int64_t lazy) {
-  const auto pd = p.dimensions(), vd = values.dimensions(), id = idx.dimensions(),
-             xd = x.dimensions();
-  if (pd.size() != 2 || vd.size() != 2 || id.size() != 2 || xd.size() != 2 || id[0] != vd[0] ||
-      id[1] != vd[1] || xd[0] != vd[0] || xd[1] != pd[1] || hyper.element_count() != 7)
-    return ffi::Error::InvalidArgument(
-        "p [out, in], values and idx [N, S], x [N, in], hyper [7] expected");
-  const int64_t out = pd[0], in = pd[1], s = vd[1], slots = vd[0] * vd[1];
-  float* P = p_out->typed_data();
-  float* M = mu_out->typed_data();
-  float* V = nu_out->typed_data();
-  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
-  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
-  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
-  const float* vp = values.typed_data();
-  const int32_t* ip = idx.typed_data();
-  const float* xp = x.typed_data();
-  const float* h = hyper.typed_data();
-  const float clip = h[6];
-  // The slots of each column, in slot order; indices out of range name no column.
-  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
-  std::vector<int32_t> touched;
-  for (int64_t q = 0; q < slots; ++q) {
-    const int32_t c = ip[q];
-    if (c < 0 || c >= out) continue;
-    if (last[c] >= 0) {
-      later[last[c]] = q;
-    } else {
-      first[c] = q;
-      touched.push_back(c);
-    }
-    last[c] = q;
-  }
-  auto gradient_row = [&](int64_t c, float* row) {
-    int64_t q = first[c];
-    const float v = vp[q];
-    const float* xr = xp + (q / s) * in;
-    for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
-    for (q = later[q]; q >= 0; q = later[q]) {
-      const float w = vp[q];
-      const float* xq = xp + (q / s) * in;
-      for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
-    }
-    if (std::isfinite(clip))
-      for (int64_t i = 0; i < in; ++i)
-        if (!std::isnan(row[i])) row[i] = std::min(std::max(row[i], -clip), clip);
-  };
-  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
-  if (lazy) {
-    ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
-      std::vector<float> row(in);
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t c = touched[j];
-        gradient_row(c, row.data());
-        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
-      }
-    });
-    return ffi::Error::Success();
-  }
-  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
-    std::vector<float> row(in);
-    for (int64_t c = a; c < b; ++c) {
-      if (first[c] >= 0) {
-        gradient_row(c, row.data());
-        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
-      } else {
-        AdamRow<true>(P + c * in, M + c * in, V + c * in, nullptr, in, h);
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelect, Select,
@@ -527,35 +320,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropProducts, Products,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("transposed")
                                   .Attr<int64_t>("dense_rows"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("lazy"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamFactored, AdamFactored,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("lazy"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropSelectFactors, SelectFactors,
                               ffi::Ffi::Bind()

@@ -1,0 +1,210 @@
+// Adam on the CPU, in place on a kernel stored [out, in] and its two moments, as XLA FFI
+// handlers (see meprop_jax/_src/native/__init__.py and meprop_jax/_src/fused.py):
+// meprop_adam_rows: from the compact gradient of some rows, lazy (those rows move) or not
+//   (every row moves, the others with a zero gradient: the authors' rule).
+// meprop_adam_factored: the same from a gradient kept as factors (each slot's value and
+//   column, each row's input), whose rows it sums as it updates them.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using meprop_native::ParallelFor;
+
+namespace {
+
+// One row of Adam in place, by optax's arithmetic: scale_by_adam, then scale_by_learning_rate.
+// hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1. Without
+// a gradient row (gr == nullptr) the gradient is zero, still written into the arithmetic so
+// that every weight takes exactly the steps it would take on a zero entry of a dense gradient.
+template <bool kZeroGradient>
+inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
+                    const float* hyper) {
+  const float b1 = hyper[0], b2 = hyper[1], c1 = hyper[2], c2 = hyper[3], lr = hyper[4],
+              eps = hyper[5];
+  const float zero = 0.0f;
+  for (int64_t i = 0; i < in; ++i) {
+    const float gi = kZeroGradient ? zero : gr[i];
+    const float m = (1.0f - b1) * gi + b1 * mr[i];
+    const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
+    mr[i] = m;
+    vr[i] = v;
+    pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
+  }
+}
+
+// Adam on a kernel stored [out, in] and on its two moments, in place (the results alias p, mu,
+// nu), from the compact gradient g [K, in] of the rows `cols`; padding (cols >= out) is
+// skipped. hyper as for AdamRow. lazy: only the rows `cols` move. Not lazy: every row moves,
+// the gradient being zero outside `cols` (which must then be distinct), i.e. optax.adam on the
+// masked dense gradient (the authors' rule) without building that gradient.
+ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
+                    ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::F32> g,
+                    ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
+                    ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                    int64_t lazy) {
+  const auto pd = p.dimensions(), gd = g.dimensions();
+  if (pd.size() != 2 || gd.size() != 2 || gd[1] != pd[1] || cols.dimensions()[0] != gd[0] ||
+      hyper.element_count() != 6)
+    return ffi::Error::InvalidArgument("p [out, in], cols [K], g [K, in], hyper [6] expected");
+  const int64_t out = pd[0], in = pd[1], k = gd[0];
+  float* P = p_out->typed_data();
+  float* M = mu_out->typed_data();
+  float* V = nu_out->typed_data();
+  // XLA aliases the results to the inputs; should it not, start from copies.
+  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
+  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
+  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  const int32_t* c = cols.typed_data();
+  const float* G = g.typed_data();
+  const float* h = hyper.typed_data();
+  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
+  if (lazy) {
+    // Rows in parallel only when distinct (as the union gives them); else in order.
+    std::vector<char> seen(out, 0);
+    bool distinct = true;
+    for (int64_t j = 0; j < k && distinct; ++j)
+      if (c[j] >= 0 && c[j] < out) distinct = !seen[c[j]]++;
+    auto rows = [&](int64_t a, int64_t b) {
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t r = c[j];
+        if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
+      }
+    };
+    if (distinct) ParallelFor(pool, k, grain, rows);
+    else rows(0, k);
+    return ffi::Error::Success();
+  }
+  std::vector<int64_t> slot(out, -1);
+  for (int64_t j = 0; j < k; ++j)
+    if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
+  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      if (slot[r] >= 0)
+        AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
+      else
+        AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Adam on a kernel stored [out, in], in place, from its gradient kept as factors: row c of the
+// gradient is the sum over the slots q (in slot order) with idx[q] == c of values[q] x[q / S],
+// so no [N*S, in] block is written and read back. hyper as for AdamRow, then clip (+inf for
+// none): each gradient entry is clipped to [-clip, clip] once summed, as optax.clip does.
+// lazy: only the rows some slot selected move; otherwise every row moves (the authors' rule).
+ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu,
+                        ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> values,
+                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> hyper, ffi::ResultBuffer<ffi::F32> p_out,
+                        ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                        int64_t lazy) {
+  const auto pd = p.dimensions(), vd = values.dimensions(), id = idx.dimensions(),
+             xd = x.dimensions();
+  if (pd.size() != 2 || vd.size() != 2 || id.size() != 2 || xd.size() != 2 || id[0] != vd[0] ||
+      id[1] != vd[1] || xd[0] != vd[0] || xd[1] != pd[1] || hyper.element_count() != 7)
+    return ffi::Error::InvalidArgument(
+        "p [out, in], values and idx [N, S], x [N, in], hyper [7] expected");
+  const int64_t out = pd[0], in = pd[1], s = vd[1], slots = vd[0] * vd[1];
+  float* P = p_out->typed_data();
+  float* M = mu_out->typed_data();
+  float* V = nu_out->typed_data();
+  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
+  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
+  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  const float* vp = values.typed_data();
+  const int32_t* ip = idx.typed_data();
+  const float* xp = x.typed_data();
+  const float* h = hyper.typed_data();
+  const float clip = h[6];
+  // The slots of each column, in slot order; indices out of range name no column.
+  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
+  std::vector<int32_t> touched;
+  for (int64_t q = 0; q < slots; ++q) {
+    const int32_t c = ip[q];
+    if (c < 0 || c >= out) continue;
+    if (last[c] >= 0) {
+      later[last[c]] = q;
+    } else {
+      first[c] = q;
+      touched.push_back(c);
+    }
+    last[c] = q;
+  }
+  auto gradient_row = [&](int64_t c, float* row) {
+    int64_t q = first[c];
+    const float v = vp[q];
+    const float* xr = xp + (q / s) * in;
+    for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
+    for (q = later[q]; q >= 0; q = later[q]) {
+      const float w = vp[q];
+      const float* xq = xp + (q / s) * in;
+      for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
+    }
+    if (std::isfinite(clip))
+      for (int64_t i = 0; i < in; ++i)
+        if (!std::isnan(row[i])) row[i] = std::min(std::max(row[i], -clip), clip);
+  };
+  const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
+  if (lazy) {
+    ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
+      std::vector<float> row(in);
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t c = touched[j];
+        gradient_row(c, row.data());
+        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+      }
+    });
+    return ffi::Error::Success();
+  }
+  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
+    std::vector<float> row(in);
+    for (int64_t c = a; c < b; ++c) {
+      if (first[c] >= 0) {
+        gradient_row(c, row.data());
+        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+      } else {
+        AdamRow<true>(P + c * in, M + c * in, V + c * in, nullptr, in, h);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamRows, AdamRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("lazy"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MepropAdamFactored, AdamFactored,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("lazy"));
+

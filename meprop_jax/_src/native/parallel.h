@@ -1,0 +1,60 @@
+// Shared by the native kernels (rowwise.cc, adam.cc; see meprop_jax/_src/native/__init__.py):
+// the parallel loop over XLA's intra-op thread pool (the one XLA's own CPU kernels use), so
+// that on a multi-core CPU the kernels are compared with dense products that use every core.
+// Every output element is computed by one thread in the sequential order: results do not
+// depend on the number of threads.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace meprop_native {
+
+namespace ffi = xla::ffi;
+
+// fn(begin, end) over [0, n) in chunks of about `grain` items, on the calling thread and on
+// the pool. The caller claims chunks like any worker and then waits only for chunks that a
+// worker has claimed and is running: a busy pool delays nothing (the caller does the work
+// itself) and cannot deadlock. Workers that start after the last chunk is claimed touch only
+// the shared counters, which they co-own.
+// MEPROP_JAX_NATIVE_THREADS caps the threads (read at every call: tests and benchmarks switch
+// it); unset or 0 means the whole pool.
+inline int64_t ThreadCap(int64_t pool_threads) {
+  const char* cap = std::getenv("MEPROP_JAX_NATIVE_THREADS");
+  const int64_t n = cap ? std::atoll(cap) : 0;
+  return n > 0 ? std::min(n, pool_threads) : pool_threads;
+}
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
+  const int64_t workers = ThreadCap(pool.num_threads());
+  const int64_t chunks = std::min<int64_t>(std::max<int64_t>(n / std::max<int64_t>(grain, 1), 1),
+                                           std::max<int64_t>(workers, 1) * 4);
+  if (chunks <= 1 || workers <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [n, chunks](Counters& c, const F& f) {
+    for (int64_t i; (i = c.next.fetch_add(1)) < chunks;) {
+      f(n * i / chunks, n * (i + 1) / chunks);
+      c.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const F* f = &fn;
+  for (int64_t w = 0; w < std::min(workers, chunks - 1); ++w)
+    pool.Schedule([counters, f, run] { run(*counters, *f); });
+  run(*counters, fn);
+  while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+}  // namespace meprop_native
