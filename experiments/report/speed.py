@@ -171,6 +171,15 @@ def paper_cpu_table() -> str:
     return markdown(header, rows)
 
 
+VARIANT_LEGEND = (
+    "Variants: `per_example` hands the optimizer the masked dense weight gradient (the "
+    "authors' form); `+compact` the selected columns' block (`CompactGrad`); `+factored` the "
+    "kept values, their columns and the input rows (`FactoredGrad`: the backward is the "
+    "selection and `dx` alone); `:out_in` stores the kernel `[out, in]`; `+sparse_adam` and "
+    "`+sparse` update lazily (selected rows only), and the MNIST steps without them update "
+    "every weight (the authors' rule)."
+)
+
 PER_EXAMPLE_NOTE = (
     "What is and is not comparable: the paper's CPU speedups are Table 1's 'backprop time' "
     "per epoch, the backward of the linear transformations alone (in the authors' MNIST "
@@ -236,7 +245,7 @@ def speed(results: Sequence[CellResult], out: Path) -> str:
                 "The paper's CPU setting: per-example top-k, minibatches of 10, at the "
                 "paper's shapes. Median time per step; each ratio is against the dense row "
                 "of its group and shape. The path is the backward's: the native CPU kernel "
-                "(`jax.ffi`) where it is built, or pure XLA.",
+                "(`jax.ffi`) where it is built, or pure XLA. " + VARIANT_LEGEND,
                 markdown(PER_EXAMPLE_HEADER, per_example_rows(records)),
                 "The paper's Table 1 CPU backprop speedups (Adam), beside the rows of ours "
                 "nearest to each:",
