@@ -345,6 +345,7 @@ def _step(
     fused = {
         key: decoded[key]
         for key, p in zip(layout.keys, p_leaves, strict=True)
+        # [::2]: the gradient's float arrays, the block or the factors' values and inputs.
         if key in decoded and _fused.fusable(rule, is_row_major(key), p, *decoded[key][::2])
     }
     decoded = {k: v if k in fused else as_rows(v, layout.columns(k)) for k, v in decoded.items()}

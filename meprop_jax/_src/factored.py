@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from meprop_jax._src import native, products
-from meprop_jax._src.rowwise import gathered_input_grad, row_top_k, selection_mask, union_columns
+from meprop_jax._src.rowwise import (
+    gathered_input_grad,
+    kept_gradient,
+    row_top_k,
+    selection_mask,
+    union_columns,
+    wanted_inputs,
+)
 from meprop_jax._src.taps import FactoredGrad, factored_ok
 
 Array = jax.Array
@@ -37,7 +44,7 @@ def _factored_xla(spec, xs, kernels, g: Array, scores: Array):
     out = g.shape[-1]
     idx = row_top_k(scores, k, groups).reshape(-1, groups * k)
     values = jnp.take_along_axis(g.reshape(-1, out), idx, axis=-1)
-    wanted = input_grads or (True,) * len(xs)
+    wanted = wanted_inputs(input_grads, len(xs))
     dxs = tuple(
         gathered_input_grad(values, idx, w, layout, precision, x.dtype).reshape(x.shape)
         if want
@@ -61,14 +68,14 @@ def _factored_native(spec, xs, kernels, g: Array, scores: Array):
         idx = native.select(ranked.reshape(-1, out), k, groups)
         values = jnp.take_along_axis(g2, idx, axis=-1)
         uses = _uses(g, values)
-    wanted = input_grads or (True,) * len(xs)
+
+    def input_grad(x, w):  # dx alone: no block
+        x2 = x.reshape(-1, x.shape[-1])
+        return native.products(g2, idx, x2, w, layout == "out_in", False)[0].reshape(x.shape)
+
+    wanted = wanted_inputs(input_grads, len(xs))
     dxs = tuple(
-        native.products(g2, idx, x.reshape(-1, x.shape[-1]), w, layout == "out_in", False)[
-            0
-        ].reshape(x.shape)
-        if want
-        else None
-        for x, w, want in zip(xs, kernels, wanted, strict=True)
+        input_grad(x, w) if want else None for x, w, want in zip(xs, kernels, wanted, strict=True)
     )
     return dxs, idx, values, uses
 
@@ -130,11 +137,9 @@ def rowwise_backward(cfg, xs, kernels, g: Array, scores: Array):
     )
     use_native = native.runs(g, *xs, *kernels)
     dxs, idx, values, uses = factored_backward(xs, kernels, g, scores, spec, use_native)
-    out = g.shape[-1]
-    mask = selection_mask(idx, out).reshape(g.shape)
-    g_sparse = jnp.where(mask | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    mask, g_sparse = kept_gradient(g, idx)
     dws = tuple(products.weight_grad(x, g_sparse, w, cfg) for x, w in zip(xs, kernels, strict=True))
-    return dxs, dws, None, g_sparse, mask, (idx, values, uses)
+    return dxs, dws, None, g_sparse, mask.reshape(g.shape), (idx, values, uses)
 
 
 class Factors(NamedTuple):

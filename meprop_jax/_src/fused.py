@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from meprop_jax._src import native
+from meprop_jax._src.factored import Factors
 
 Array = jax.Array
 PyTree = Any
@@ -77,7 +78,7 @@ def update_rows(
         ``>= out`` is padding); or ``(values [N, S], cols [N, S], inputs [N, in])``, a factored
         one (:class:`meprop_jax.FactoredGrad`, columns checked), summed row by row natively.
     """
-    if len(grad) == 3:
+    if isinstance(grad, Factors):
         values, cols, inputs = grad
         clip = jnp.inf if rule.clip is None else rule.clip
         hyper = jnp.append(_hyper(rule, count), jnp.float32(clip))

@@ -147,6 +147,19 @@ def union_columns(idx: Array, mask: Array) -> Array:
     return jnp.where(first.reshape(-1), flat, out + slots)
 
 
+def kept_gradient(g: Array, idx: Array) -> tuple[Array, Array]:
+    """``(mask, g_sparse)`` of each row's kept columns ``idx`` ``[N, S]``: ``mask`` ``[N, out]``
+    bool, and ``g_sparse``, ``g`` where the mask holds or ``g`` is not finite (the library's
+    rule) and zero elsewhere."""
+    mask = selection_mask(idx, g.shape[-1])
+    return mask, jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+
+
+def wanted_inputs(input_grads, count: int) -> tuple[bool, ...]:
+    """Per input, whether its ``dx`` is wanted: ``input_grads``, or every one when None."""
+    return input_grads or (True,) * count
+
+
 def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
     """Each row's kept indices and values, and the masked gradient.
 
@@ -165,8 +178,7 @@ def rowwise_selection(g: Array, scores: Array, k: int, groups: int):
     out = g.shape[-1]
     idx = row_top_k(scores, k, groups).reshape(-1, groups * k)
     g_kept = jnp.take_along_axis(g.reshape(-1, out), idx, axis=-1)
-    mask = selection_mask(idx, out)
-    g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    mask, g_sparse = kept_gradient(g, idx)
     return idx, g_kept, mask, g_sparse
 
 
@@ -201,13 +213,11 @@ def native_backward(
     ranked = jnp.where(jnp.isnan(scores), jnp.inf, scores).astype(jnp.float32)
     idx = native.select(ranked.reshape(-1, out), k, groups)
     dxs, blocks, cols = [], [], None
-    wanted = input_grads or (True,) * len(xs)
-    for x, w, want in zip(xs, kernels, wanted, strict=True):
+    for x, w, want in zip(xs, kernels, wanted_inputs(input_grads, len(xs)), strict=True):
         x2 = x.reshape(-1, x.shape[-1])
         form = "dense" if covers else True
         dx, block, cols = native.products(g2, idx, x2, w, layout == "out_in", form, dx=want)
         dxs.append(dx.reshape(x.shape) if want else None)
         blocks.append(block if rows else block.T)
-    mask = selection_mask(idx, out)
-    g_sparse = jnp.where(mask.reshape(g.shape) | ~jnp.isfinite(g), g, jnp.zeros((), g.dtype))
+    mask, g_sparse = kept_gradient(g, idx)
     return tuple(dxs), tuple(blocks), None if covers else cols, g_sparse, mask.reshape(g.shape)
