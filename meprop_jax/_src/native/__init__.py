@@ -55,7 +55,7 @@ _log = logging.getLogger("meprop_jax")
 _HERE = Path(__file__).parent
 # Compiled together into one library; the header is part of what names a build.
 _SOURCES = (_HERE / "rowwise.cc", _HERE / "adam.cc")
-_HEADERS = (_HERE / "parallel.h",)
+_HEADERS = (_HERE / "shared.h",)
 # -fno-math-errno: sqrt without errno, so that the Adam loop vectorizes.
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {

@@ -10,13 +10,24 @@
 #include <cstring>
 #include <vector>
 
-#include "parallel.h"
+#include "shared.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using meprop_native::ColumnSlots;
 using meprop_native::ParallelFor;
+using meprop_native::SumSlots;
 
 namespace {
+
+// The result buffer of an in-place update, holding the input's values: XLA aliases the
+// results to the inputs (input_output_aliases); should it not, this starts from a copy.
+inline float* InPlace(ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& out) {
+  float* data = out->typed_data();
+  if (data != in.typed_data())
+    std::memcpy(data, in.typed_data(), sizeof(float) * in.element_count());
+  return data;
+}
 
 // One row of Adam in place, by optax's arithmetic: scale_by_adam, then scale_by_learning_rate.
 // hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1. Without
@@ -53,13 +64,9 @@ ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
       hyper.element_count() != 6)
     return ffi::Error::InvalidArgument("p [out, in], cols [K], g [K, in], hyper [6] expected");
   const int64_t out = pd[0], in = pd[1], k = gd[0];
-  float* P = p_out->typed_data();
-  float* M = mu_out->typed_data();
-  float* V = nu_out->typed_data();
-  // XLA aliases the results to the inputs; should it not, start from copies.
-  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
-  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
-  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  float* P = InPlace(p, p_out);
+  float* M = InPlace(mu, mu_out);
+  float* V = InPlace(nu, nu_out);
   const int32_t* c = cols.typed_data();
   const float* G = g.typed_data();
   const float* h = hyper.typed_data();
@@ -111,48 +118,27 @@ ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buff
       id[1] != vd[1] || xd[0] != vd[0] || xd[1] != pd[1] || hyper.element_count() != 7)
     return ffi::Error::InvalidArgument(
         "p [out, in], values and idx [N, S], x [N, in], hyper [7] expected");
-  const int64_t out = pd[0], in = pd[1], s = vd[1], slots = vd[0] * vd[1];
-  float* P = p_out->typed_data();
-  float* M = mu_out->typed_data();
-  float* V = nu_out->typed_data();
-  if (P != p.typed_data()) std::memcpy(P, p.typed_data(), sizeof(float) * out * in);
-  if (M != mu.typed_data()) std::memcpy(M, mu.typed_data(), sizeof(float) * out * in);
-  if (V != nu.typed_data()) std::memcpy(V, nu.typed_data(), sizeof(float) * out * in);
+  const int64_t out = pd[0], in = pd[1], s = vd[1];
+  float* P = InPlace(p, p_out);
+  float* M = InPlace(mu, mu_out);
+  float* V = InPlace(nu, nu_out);
   const float* vp = values.typed_data();
   const int32_t* ip = idx.typed_data();
   const float* xp = x.typed_data();
   const float* h = hyper.typed_data();
   const float clip = h[6];
   // The slots of each column, in slot order; indices out of range name no column.
-  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
-  std::vector<int32_t> touched;
-  for (int64_t q = 0; q < slots; ++q) {
-    const int32_t c = ip[q];
-    if (c < 0 || c >= out) continue;
-    if (last[c] >= 0) {
-      later[last[c]] = q;
-    } else {
-      first[c] = q;
-      touched.push_back(c);
-    }
-    last[c] = q;
-  }
+  const ColumnSlots chains(ip, vd[0] * vd[1], out);
+  const auto value = [vp](int64_t q) { return vp[q]; };
   auto gradient_row = [&](int64_t c, float* row) {
-    int64_t q = first[c];
-    const float v = vp[q];
-    const float* xr = xp + (q / s) * in;
-    for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
-    for (q = later[q]; q >= 0; q = later[q]) {
-      const float w = vp[q];
-      const float* xq = xp + (q / s) * in;
-      for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
-    }
+    SumSlots(chains, chains.first[c], value, xp, s, in, row);
     if (std::isfinite(clip))
       for (int64_t i = 0; i < in; ++i)
         if (!std::isnan(row[i])) row[i] = std::min(std::max(row[i], -clip), clip);
   };
   const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
   if (lazy) {
+    const auto& touched = chains.order;
     ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
       std::vector<float> row(in);
       for (int64_t j = a; j < b; ++j) {
@@ -166,7 +152,7 @@ ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buff
   ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
     std::vector<float> row(in);
     for (int64_t c = a; c < b; ++c) {
-      if (first[c] >= 0) {
+      if (chains.first[c] >= 0) {
         gradient_row(c, row.data());
         AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
       } else {

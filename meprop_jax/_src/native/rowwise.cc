@@ -11,7 +11,7 @@
 //   skips dx (the first layer's input is data, which autodiff does not differentiate).
 // meprop_select_factors: per-example selection by |g| with the kept values, for a factored
 //   weight gradient (FactoredGrad), in one pass.
-// The Adam handlers are in adam.cc, the thread pool's loop in parallel.h.
+// The Adam handlers are in adam.cc; the thread pool's loop and the column chains in shared.h.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -20,11 +20,13 @@
 #include <functional>
 #include <vector>
 
-#include "parallel.h"
+#include "shared.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using meprop_native::ColumnSlots;
 using meprop_native::ParallelFor;
+using meprop_native::SumSlots;
 
 namespace {
 
@@ -173,20 +175,13 @@ void AddUnselectedNonFinite(const float* gp, const int32_t* ip, const float* xp,
 // multiply-adds where that product takes N * out * in; a row no one selected is zero.
 ffi::Error DenseRows(ffi::ThreadPool& pool, const float* gp, const int32_t* ip, const float* xp,
                      int64_t n, int64_t out, int64_t s, int64_t in, float* dw) {
-  const int64_t slots = n * s;
-  std::vector<int64_t> first(out, -1), last(out, -1), later(slots, -1);
-  for (int64_t p = 0; p < slots; ++p) {
-    const int32_t c = ip[p];
-    if (last[c] >= 0) later[last[c]] = p;
-    else first[c] = p;
-    last[c] = p;
-  }
+  const ColumnSlots chains(ip, n * s, out);
   ParallelFor(pool, out, std::max<int64_t>(16384 / std::max<int64_t>(s * in, 1), 1),
               [&](int64_t a, int64_t b) {
     for (int64_t c = a; c < b; ++c) {
       float* row = dw + c * in;
       std::fill(row, row + in, 0.0f);
-      for (int64_t q = first[c]; q >= 0; q = later[q]) {
+      for (int64_t q = chains.first[c]; q >= 0; q = chains.later[q]) {
         const float v = gp[(q / s) * out + c];
         const float* xr = xp + (q / s) * in;
         for (int64_t i = 0; i < in; ++i) row[i] += v * xr[i];
@@ -249,23 +244,10 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   }
 
   // The union: the first slot to hold a column owns its block row.
-  std::vector<int32_t> owner(out, -1);
-  for (int64_t p = 0; p < slots; ++p) {
-    const int32_t c = ip[p];
-    if (owner[c] < 0) {
-      owner[c] = static_cast<int32_t>(p);
-      cp[p] = c;
-    } else {
-      cp[p] = static_cast<int32_t>(out + p);
-    }
-  }
-  // The slots sharing a column, in slot order (later[p]: the next one after p, or -1).
-  std::vector<int64_t> later(slots, -1), last(out, -1);
-  for (int64_t p = 0; p < slots; ++p) {
-    const int32_t c = ip[p];
-    if (last[c] >= 0) later[last[c]] = p;
-    last[c] = p;
-  }
+  const ColumnSlots chains(ip, slots, out);
+  for (int64_t p = 0; p < slots; ++p)
+    cp[p] = chains.first[ip[p]] == p ? ip[p] : static_cast<int32_t>(out + p);
+  const auto entry = [&](int64_t q) { return gp[(q / s) * out + ip[q]]; };
   // Row r's task: its dx row and the block rows of its S slots. An owner's block row is its
   // own entry's product, then those of the later slots of its column, added in slot order; a
   // padding slot's row is zero. One pass over the pool for both, as each task writes only
@@ -273,27 +255,16 @@ ffi::Error Products(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   ParallelFor(pool, n, std::max<int64_t>(row_grain / 2, 1), [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       if (with_dx) input_grad(r);
-      const float* xr = xp + r * in;
       for (int64_t p = r * s; p < (r + 1) * s; ++p) {
         float* row = bp + p * in;
-        if (cp[p] != ip[p]) {
-          std::fill(row, row + in, 0.0f);
-          continue;
-        }
-        const int32_t c = ip[p];
-        const float v = gp[r * out + c];
-        for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
-        for (int64_t q = later[p]; q >= 0; q = later[q]) {
-          const float w = gp[(q / s) * out + c];
-          const float* xq = xp + (q / s) * in;
-          for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
-        }
+        if (cp[p] != ip[p]) std::fill(row, row + in, 0.0f);
+        else SumSlots(chains, p, entry, xp, s, in, row);
       }
     }
   });
   // Non-finite entries past their row's selection, in a column of the union.
   AddUnselectedNonFinite(gp, ip, xp, n, out, s, in, [&](int64_t c) -> float* {
-    return owner[c] >= 0 ? bp + static_cast<int64_t>(owner[c]) * in : nullptr;
+    return chains.first[c] >= 0 ? bp + chains.first[c] * in : nullptr;
   });
   return ffi::Error::Success();
 }

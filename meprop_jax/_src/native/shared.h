@@ -1,6 +1,7 @@
 // Shared by the native kernels (rowwise.cc, adam.cc; see meprop_jax/_src/native/__init__.py):
 // the parallel loop over XLA's intra-op thread pool (the one XLA's own CPU kernels use), so
-// that on a multi-core CPU the kernels are compared with dense products that use every core.
+// that on a multi-core CPU the kernels are compared with dense products that use every core;
+// and the slots of each selected column, from which the weight gradient's rows are summed.
 // Every output element is computed by one thread in the sequential order: results do not
 // depend on the number of threads.
 #pragma once
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -55,6 +57,45 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
     pool.Schedule([counters, f, run] { run(*counters, *f); });
   run(*counters, fn);
   while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// The slots (positions in idx [N*S], row by row) holding each column, in slot order: first[c]
+// (-1 for none) and later[q], the next slot after q that holds q's column (-1 for none);
+// order lists the columns by their first slot. An index outside [0, out) names no column.
+struct ColumnSlots {
+  std::vector<int64_t> first, later;
+  std::vector<int32_t> order;
+
+  ColumnSlots(const int32_t* idx, int64_t slots, int64_t out) : first(out, -1), later(slots, -1) {
+    std::vector<int64_t> last(out, -1);
+    for (int64_t q = 0; q < slots; ++q) {
+      const int32_t c = idx[q];
+      if (c < 0 || c >= out) continue;
+      if (last[c] >= 0) {
+        later[last[c]] = q;
+      } else {
+        first[c] = q;
+        order.push_back(c);
+      }
+      last[c] = q;
+    }
+  }
+};
+
+// row [in] = the sum, over slot q and the later slots of its column in slot order, of
+// value(q) x[q / s]: a weight-gradient row from the entries that selected its column. The
+// first product is assigned and the others added, in that order, wherever a row is summed.
+template <typename Value>
+inline void SumSlots(const ColumnSlots& slots, int64_t q, const Value& value, const float* x,
+                     int64_t s, int64_t in, float* row) {
+  const float v = value(q);
+  const float* xr = x + (q / s) * in;
+  for (int64_t i = 0; i < in; ++i) row[i] = v * xr[i];
+  for (q = slots.later[q]; q >= 0; q = slots.later[q]) {
+    const float w = value(q);
+    const float* xq = x + (q / s) * in;
+    for (int64_t i = 0; i < in; ++i) row[i] += w * xq[i];
+  }
 }
 
 }  // namespace meprop_native
