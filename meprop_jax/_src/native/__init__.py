@@ -265,15 +265,20 @@ def adam_rows(
     Returns the new ``(p, mu, nu)``, which XLA aliases to the inputs (donate them, or run
     inside ``lax.scan``, to avoid copies).
     """
-    like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    return _adam_in_place("meprop_adam_rows", (p, mu, nu), (cols, g, hyper), lazy)
+
+
+def _adam_in_place(target: str, state, operands, lazy: bool):
+    """``target`` on the kernel and moments ``state``, results aliased to them."""
+    like = jax.ShapeDtypeStruct(state[0].shape, jnp.float32)
     call = jax.ffi.ffi_call(
-        "meprop_adam_rows",
+        target,
         (like, like, like),
         input_output_aliases={0: 0, 1: 1, 2: 2},
         vmap_method="sequential",
     )
-    new = call(p, mu, nu, cols, g, hyper, lazy=np.int64(bool(lazy)))
-    return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))
+    new = call(*state, *operands, lazy=np.int64(bool(lazy)))
+    return tuple(_typed_like(a, old) for a, old in zip(new, state, strict=True))
 
 
 def adam_factored(
@@ -296,12 +301,4 @@ def adam_factored(
 
     Returns the new ``(p, mu, nu)``, aliased to the inputs as in :func:`adam_rows`.
     """
-    like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
-    call = jax.ffi.ffi_call(
-        "meprop_adam_factored",
-        (like, like, like),
-        input_output_aliases={0: 0, 1: 1, 2: 2},
-        vmap_method="sequential",
-    )
-    new = call(p, mu, nu, values, idx, x, hyper, lazy=np.int64(bool(lazy)))
-    return tuple(_typed_like(a, like) for a, like in zip(new, (p, mu, nu), strict=True))
+    return _adam_in_place("meprop_adam_factored", (p, mu, nu), (values, idx, x, hyper), lazy)
