@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +74,6 @@ MNIST_CONFIG: tuple[tuple[int, ...], int, int] = ((784, 500, 500, 10), 10, 20)
 # (batch, in, out, k): the parser's hidden layer (48 features of 50 dims -> 500) at its
 # minibatches of 250 transitions, whose rows cover the layer (250 * 20 >= 500).
 PARSER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((250, 2400, 500, 20),)
-# The MNIST variants' compact forms: the authors' rule or lazy Adam, from the block or factors.
-FACTORED = ("authors+factored", "lazy+factored")
-LAZY = (True, "lazy+factored")
 STEPS = 200  # minibatches per timed call
 PARSER_STEPS = 20  # its steps take milliseconds
 
@@ -295,21 +292,29 @@ def bench_layer_update(
     return _records("layer+update", per_step, "dense+adam", batch, d_in, d_out, k_of)
 
 
+class _Compact(NamedTuple):
+    """An MNIST step on compact gradients: lazy Adam or the authors' rule (``lazy=False``),
+    from the block or from factors."""
+
+    lazy: bool
+    factored: bool = False
+
+
 def bench_mnist_steps(
     sizes: Sequence[int], batch: int, k: int, *, steps: int, repeats: int, warmup: int, seed: int
 ) -> list[Record]:
     """Whole training steps of the MNIST MLP (see the module docstring)."""
     hidden = tuple(sizes[1:-1])
 
-    def model(k: int, layout: str, sparse: bool | str = False) -> MLP:
+    def model(k: int, layout: str, compact: _Compact | None) -> MLP:
         return MLP(
             hidden=hidden,
             k=k,
             mode=MODE,
             num_classes=sizes[-1],
-            sparse_update=bool(sparse),
+            sparse_update=compact is not None,
             kernel_layout=layout,
-            factored_grad=sparse in FACTORED,
+            factored_grad=compact is not None and compact.factored,
         )
 
     rng = np.random.default_rng(seed)
@@ -317,28 +322,28 @@ def bench_mnist_steps(
     ys = jnp.asarray(rng.integers(0, sizes[-1], (steps, batch)), jnp.int32)
     tx = loop.make_optimizer("adam", ADAM_LR)
     fns = {}
-    variants = [("dense", 0, "in_out", False, contextlib.nullcontext)]
+    variants = [("dense", 0, "in_out", None, contextlib.nullcontext)]
     for suffix, path in _paths():
         variants += [
-            (f"{MODE}{suffix}", k, "in_out", False, path),
-            (f"{MODE}:out_in{suffix}", k, "out_in", False, path),
-            (f"{MODE}+compact:out_in{suffix}", k, "out_in", "authors", path),
-            (f"{MODE}+factored:out_in{suffix}", k, "out_in", "authors+factored", path),
-            (f"{MODE}+sparse{suffix}", k, "in_out", True, path),
-            (f"{MODE}+sparse:out_in{suffix}", k, "out_in", True, path),
-            (f"{MODE}+sparse+factored:out_in{suffix}", k, "out_in", "lazy+factored", path),
+            (f"{MODE}{suffix}", k, "in_out", None, path),
+            (f"{MODE}:out_in{suffix}", k, "out_in", None, path),
+            (f"{MODE}+compact:out_in{suffix}", k, "out_in", _Compact(lazy=False), path),
+            (f"{MODE}+factored:out_in{suffix}", k, "out_in", _Compact(False, True), path),
+            (f"{MODE}+sparse{suffix}", k, "in_out", _Compact(lazy=True), path),
+            (f"{MODE}+sparse:out_in{suffix}", k, "out_in", _Compact(lazy=True), path),
+            (f"{MODE}+sparse+factored:out_in{suffix}", k, "out_in", _Compact(True, True), path),
         ]
-    for label, kk, layout, sparse, path in variants:
-        m = model(kk, layout, sparse)
+    for label, kk, layout, compact, path in variants:
+        m = model(kk, layout, compact)
         variables = jax.jit(m.init, static_argnums=2)(jax.random.key(seed), xs[0], False)
         params = variables["params"]
-        if sparse:
+        if compact is not None:
             box = Carry(
                 train_state.TrainState.create(
                     apply_fn=m.apply,
                     params=params,
                     taps=variables[optim.TAP_COLLECTION],
-                    tx=loop.make_sparse_optimizer("adam", ADAM_LR, lazy=sparse in LAZY),
+                    tx=loop.make_sparse_optimizer("adam", ADAM_LR, lazy=compact.lazy),
                 )
             )
             run = _compact_train_scan()
