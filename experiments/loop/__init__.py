@@ -30,7 +30,7 @@ from experiments.loop.distributed import is_main_process, setup_processes
 from experiments.loop.driver import train
 from experiments.loop.results import RESULTS_FILE, best_epoch
 from experiments.loop.signals import StopFlag, handle_signals
-from experiments.loop.task import RunResult, Task, TrainState
+from experiments.loop.task import IndexedGroup, RunResult, Task, TrainState
 
 __all__ = [
     "CLI_MODES",
@@ -38,6 +38,7 @@ __all__ = [
     "OPTIMIZERS",
     "RESULTS_FILE",
     "ConfigError",
+    "IndexedGroup",
     "RunResult",
     "StopFlag",
     "Task",

@@ -101,6 +101,8 @@ class _Run:
     progress: bool
     log: Callable[[str], None]
     metric: str = "acc"
+    # The tables of IndexedGroup training groups already on the devices (put_batches).
+    tables: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def n_devices(self) -> int:
@@ -324,7 +326,7 @@ def _train_epoch(
     if sum(steps) == 0:
         raise ConfigError("the task produced no training minibatches (see --limit-train)")
     check_group_batches(host_groups, run.n_devices)
-    groups = [put_batches(g, run.mesh) for g in host_groups]
+    groups = [put_batches(g, run.mesh, run.tables) for g in host_groups]
     steps_key = jax.random.fold_in(key, KEY_STEPS)
     step_keys = [
         put_replicated(jax.random.fold_in(steps_key, g), run.mesh) for g in range(len(groups))

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from experiments.common import require
 from experiments.loop import distributed
 from experiments.loop.config import check_divisible
-from experiments.loop.task import Array, Batch, Task, TrainState
+from experiments.loop.task import Array, Batch, IndexedGroup, Task, TrainState
 from meprop_jax import feedback, optim, train_state
 
 _AUTO_CHUNKS = 10  # chunks per epoch when chunk_steps is 0: enough for a progress bar
@@ -79,15 +79,82 @@ def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def put_batches(group: Batch, mesh: jax.sharding.Mesh) -> Batch:
+def put_batches(group: Batch, mesh: jax.sharding.Mesh, tables: dict | None = None) -> Batch:
     """Moves a group to the devices, splitting the batch axis (axis 1) over ``data`` (on
-    several processes, each sends only its own rows)."""
+    several processes, each sends only its own rows).
+
+    An :class:`IndexedGroup` splits its index so and sends its table whole to every device, once:
+    ``tables`` (``id(table) -> (table, device copy)``, kept by the caller across epochs)
+    holds the copies already sent.
+    """
+    if isinstance(group, IndexedGroup):
+        cached = (tables or {}).get(id(group.table))
+        if cached is None or cached[0] is not group.table:
+            cached = (group.table, put_replicated(group.table, mesh))
+            if tables is not None:
+                tables[id(group.table)] = cached
+        return IndexedGroup(cached[1], put_batches(np.asarray(group.index, np.int32), mesh))
     if jax.process_count() > 1:
         return distributed.put_global_batches(group, mesh)
     return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), group)
 
 
+def _index_shape(group: IndexedGroup) -> tuple[int, int]:
+    """The index's ``[steps, batch]``; a host index is first checked against the table."""
+    if isinstance(group.index, jax.Array):  # already on the devices, checked when sent
+        return tuple(group.index.shape)
+    index = np.asarray(group.index)
+    rows = {np.shape(a)[0] if np.ndim(a) else None for a in jax.tree.leaves(group.table)}
+    if len(rows) != 1 or None in rows:
+        raise ValueError(
+            f"every leaf of an IndexedGroup's table must be [rows, ...] with equal rows; got "
+            f"row counts {sorted(rows, key=str)}"
+        )
+    (n_rows,) = rows
+    if index.ndim != 2 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(
+            f"an IndexedGroup's index must be [steps, batch] integers; got {index.dtype} "
+            f"{index.shape}"
+        )
+    if index.size and (index.min() < 0 or index.max() >= n_rows):
+        raise ValueError(
+            f"an IndexedGroup's index must lie in [0, {n_rows}) (the table's rows); got "
+            f"{index.min()}..{index.max()}"
+        )
+    return index.shape
+
+
+def _take_rows(table: Batch, rows: Array) -> Batch:
+    """Every leaf of ``table`` at ``rows``, sharded as ``rows`` is (the table is replicated)."""
+    sharding = jax.typeof(rows).sharding
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.empty:
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), table)
+    spec = tuple(sharding.spec) + (None,) * (rows.ndim - len(sharding.spec))
+
+    def take(a: Array) -> Array:
+        return a.at[rows].get(out_sharding=P(*spec, *(None,) * (a.ndim - 1)))
+
+    return jax.tree.map(take, table)
+
+
+def gathered(group: Batch) -> Batch:
+    """A group as plain ``[steps, batch, ...]`` arrays (an :class:`IndexedGroup`'s rows taken
+    from its table)."""
+    if isinstance(group, IndexedGroup):
+        return _take_rows(group.table, group.index)
+    return group
+
+
+def minibatch(group: Batch, i: Array) -> Batch:
+    """Minibatch ``i`` of a group on the devices (inside a program)."""
+    if isinstance(group, IndexedGroup):
+        return _take_rows(group.table, lax.dynamic_index_in_dim(group.index, i, keepdims=False))
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), group)
+
+
 def group_steps(group: Batch) -> int:
+    if isinstance(group, IndexedGroup):
+        return int(_index_shape(group)[0])
     leaves = jax.tree.leaves(group)
     if not leaves:
         raise ValueError("a batch group has no arrays")
@@ -102,6 +169,8 @@ def group_steps(group: Batch) -> int:
 
 def batch_size(group: Batch) -> int:
     """The size of a group's batch axis (axis 1)."""
+    if isinstance(group, IndexedGroup):
+        return int(_index_shape(group)[1])
     return int(np.shape(jax.tree.leaves(group)[0])[1])
 
 
@@ -240,7 +309,7 @@ class Programs:
 
         def body(i, carry):
             state, loss_sum, count = carry
-            batch = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), group)
+            batch = minibatch(group, i)
             state, (loss, n) = self._step(state, batch, jax.random.fold_in(key, i))
             return state, loss_sum + loss * n, count + n
 
@@ -254,6 +323,7 @@ class Programs:
         def names_of(aux):
             return ("loss", "correct", "count", *sorted(k for k in aux if k.startswith("correct_")))
 
+        group = gathered(group)
         first = jax.tree.map(lambda a: a[0], group)
         shapes = jax.eval_shape(lambda b: self.loss_fn(params, b, key, False), first)
         names = names_of(shapes[1])
@@ -406,4 +476,6 @@ def check_taps(task: Task, key: Array) -> None:
 
 
 def _first(group: Batch, n: int) -> tuple[Batch, Array]:
-    return jax.tree.map(lambda a: a[:n], group), jnp.arange(n, dtype=jnp.int32)
+    if isinstance(group, IndexedGroup):
+        group = IndexedGroup(group.table, group.index[:n])
+    return jax.tree.map(lambda a: a[:n], gathered(group)), jnp.arange(n, dtype=jnp.int32)

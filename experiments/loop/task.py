@@ -44,6 +44,10 @@ class Task(Protocol):
     marks padded examples (or tokens) in the batch and leaves them out of ``correct`` and
     ``count``.
 
+    A training group may instead be an :class:`IndexedGroup`: a table of examples that the
+    loop sends to the devices once per run, and each epoch's ``[steps, batch]`` rows of it.
+    An epoch then transfers its shuffled index, not a shuffled copy of the data set.
+
     For ``TrainConfig.sparse_update`` the task's :meth:`init` returns Flax variables with a
     non-empty ``"meprop_taps"`` collection beside ``"params"`` (layers built with
     ``meprop_jax.Dense(..., sparse_update=True)``); the loop keeps the taps apart and passes
@@ -109,6 +113,25 @@ class Task(Protocol):
     def config(self) -> dict[str, Any]:
         """The task's hyperparameters (JSON-serialisable), stored with the results."""
         ...
+
+
+class IndexedGroup(NamedTuple):
+    """A group whose minibatches are rows of a table that stays on the devices.
+
+    Minibatch ``i`` is every leaf of ``table`` taken at the rows ``index[i]``, so it looks
+    exactly like minibatch ``i`` of the plain group ``jax.tree.map(lambda a: a[index],
+    table)``. The loop sends a table to the devices the first time a task returns it and
+    keeps that copy for as long as the task returns the same object (so the task must not
+    change it in place); each epoch sends only its ``index``. Padding is a row of the table
+    whose mask is 0.
+
+    Attributes:
+      table: pytree of host arrays, every leaf ``[rows, ...]``.
+      index: ``[steps, batch]`` integer rows of ``table``, in ``[0, rows)``.
+    """
+
+    table: Batch
+    index: Any
 
 
 class TrainState(NamedTuple):

@@ -22,6 +22,7 @@ from experiments.common import mesimp as mesimp_loop
 from experiments.common.files import recorded_path
 from experiments.common.models import MLP
 from experiments.common.state_hooks import StateHooks
+from experiments.loop.task import IndexedGroup
 from experiments.mnist.cnn import CNN, DEFAULT_CHANNELS
 from experiments.mnist.data import Mnist, load_mnist, load_mnist_tfds
 from meprop_jax import AdaptiveK
@@ -220,12 +221,30 @@ class MnistTask(StateHooks):
         hits = (jnp.argmax(logits, axis=-1) == batch["y"]).astype(jnp.float32)
         return loss, {"correct": jnp.sum(hits * mask), "count": count}
 
-    def train_groups(self, epoch: int, key: jax.Array) -> list[dict[str, np.ndarray]]:
-        """One group: the training set shuffled by ``key``, in minibatches."""
+    def __post_init__(self) -> None:
+        # Built once, before any epoch (it copies the images): see train_groups.
+        object.__setattr__(self, "train_table", self._train_table())
+
+    def _train_table(self) -> dict[str, np.ndarray]:
+        """The training set as the table of :meth:`train_groups`: ``{"x", "y", "mask"}``
+        with one more row, a zero image of mask 0, that pads the last minibatch."""
+        x, y = self.data.train_x, self.data.train_y
+        return {
+            "x": np.concatenate([x, np.zeros((1, x.shape[1]), np.float32)]),
+            "y": np.concatenate([y, np.zeros(1, np.int32)]).astype(np.int32),
+            "mask": np.concatenate([np.ones(len(x), np.float32), np.zeros(1, np.float32)]),
+        }
+
+    def train_groups(self, epoch: int, key: jax.Array) -> list[IndexedGroup]:
+        """One group: the training set shuffled by ``key``, in minibatches, as rows of
+        :attr:`train_table` (the minibatches of :func:`batchify`, without copying the
+        images each epoch)."""
         del epoch  # the key already depends on it
         seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-        order = np.random.default_rng(seed).permutation(len(self.data.train_x))
-        return [batchify(self.data.train_x, self.data.train_y, self.settings.batch_size, order)]
+        n, size = len(self.data.train_x), self.settings.batch_size
+        index = np.full(math.ceil(n / size) * size, n, np.int32)  # row n: the padding
+        index[:n] = np.random.default_rng(seed).permutation(n)
+        return [IndexedGroup(self.train_table, index.reshape(-1, size))]
 
     def eval_groups(self, split: str) -> list[dict[str, np.ndarray]]:
         """One group: ``split`` in padded minibatches of ``eval_batch_size``."""

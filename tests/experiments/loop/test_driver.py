@@ -188,6 +188,35 @@ def test_sparse_update_run_times_and_resumes_exactly(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 8])
+def test_indexed_groups_train_as_their_minibatches(
+    reference: RunResult, tmp_path: Path, devices: int
+) -> None:
+    """Training groups given as IndexedGroups (a table and each epoch's rows of it) train,
+    evaluate and probe as the same minibatches given whole: bit for bit on one device, and
+    with the batch split over eight as the plain groups are (test_eight_devices_match_one)."""
+    cfg = config(tmp_path, epochs=3, timing_batches=3, devices=devices)
+    run = driver.train(ToyTask(indexed=True), cfg, log=quiet)
+    if devices == 1:
+        assert metrics(run.history) == metrics(reference.history)
+        for a, b in zip(jax.tree.leaves(run.state), jax.tree.leaves(reference.state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:
+        plain = driver.train(ToyTask(), dataclasses.replace(cfg, out=tmp_path / "plain"), log=quiet)
+        assert metrics(run.history) == metrics(plain.history)
+    assert all(r["timing"]["probe_steps"] == 3 for r in run.history)
+
+
+@pytest.mark.slow
+def test_indexed_groups_under_sparse_update(sparse_reference: RunResult, tmp_path: Path) -> None:
+    task = ToyTask(sparse_update=True, indexed=True)
+    run = driver.train(
+        task, config(tmp_path, epochs=3, timing_batches=3, sparse_update=True), log=quiet
+    )
+    assert metrics(run.history) == metrics(sparse_reference.history)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals before training
 

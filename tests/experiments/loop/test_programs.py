@@ -9,7 +9,7 @@ import pytest
 
 from experiments.loop import programs
 from experiments.loop.config import make_optimizer, make_sparse_optimizer
-from experiments.loop.task import TrainState
+from experiments.loop.task import IndexedGroup, TrainState
 from tests.experiments.loop.toy import CLASSES, ToyTask
 
 
@@ -115,3 +115,55 @@ def test_sparse_step_equals_masked_dense_step_without_momentum(name: str) -> Non
     leaves = jax.tree.leaves(sparse[-1].params), jax.tree.leaves(dense[-1].params)
     for got, want in zip(*leaves, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _indexed_group() -> tuple[dict[str, np.ndarray], IndexedGroup]:
+    table = {"x": np.arange(12, dtype=np.float32).reshape(6, 2), "y": np.arange(6, dtype=np.int32)}
+    return table, IndexedGroup(table, np.array([[5, 0, 2], [1, 1, 3]], np.int32))
+
+
+def test_indexed_group_minibatches_are_its_table_rows() -> None:
+    table, group = _indexed_group()
+    assert programs.group_steps(group) == 2 and programs.batch_size(group) == 3
+    batch = jax.jit(programs.minibatch)(group, np.int32(1))
+    np.testing.assert_array_equal(batch["x"], table["x"][[1, 1, 3]])
+    np.testing.assert_array_equal(batch["y"], [1, 1, 3])
+    whole = programs.gathered(group)
+    np.testing.assert_array_equal(whole["x"], table["x"][group.index])
+
+
+def test_put_batches_sends_a_table_once() -> None:
+    """The same table object is sent once (later epochs send their index only); another
+    object with equal values is sent again."""
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    table, group = _indexed_group()
+    sent: dict[int, Any] = {}
+    first = programs.put_batches(IndexedGroup(table, group.index[:, :2]), mesh, sent)
+    again = programs.put_batches(IndexedGroup(table, group.index[:, 1:]), mesh, sent)
+    assert again.table["x"] is first.table["x"] and len(sent) == 1
+    np.testing.assert_array_equal(again.index, group.index[:, 1:])
+    assert again.index.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+    copy = {k: v.copy() for k, v in table.items()}
+    other = programs.put_batches(IndexedGroup(copy, group.index[:, :2]), mesh, sent)
+    assert other.table["x"] is not first.table["x"] and len(sent) == 2
+    np.testing.assert_array_equal(other.table["x"], table["x"])
+
+
+@pytest.mark.parametrize(
+    ("table", "index", "message"),
+    [
+        ({"x": np.zeros((4, 2))}, np.array([[0, 4]]), r"in \[0, 4\).*got 0\.\.4"),
+        ({"x": np.zeros((4, 2))}, np.array([[-1, 0]]), r"in \[0, 4\)"),
+        ({"x": np.zeros((4, 2))}, np.array([0, 1]), r"\[steps, batch\] integers; got int64 \(2,\)"),
+        ({"x": np.zeros((4, 2))}, np.array([[0.0, 1.0]]), r"integers; got float64"),
+        (
+            {"x": np.zeros((4, 2)), "y": np.zeros(3)},
+            np.array([[0, 1]]),
+            r"equal rows; got row counts \[3, 4\]",
+        ),
+    ],
+    ids=["past-the-end", "negative", "one-axis", "floats", "ragged-table"],
+)
+def test_bad_indexed_group_named(table: Any, index: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        programs.group_steps(IndexedGroup(table, index))

@@ -18,6 +18,7 @@ from flax import linen as nn
 import meprop_jax
 from experiments.loop.config import TrainConfig
 from experiments.loop.signals import StopFlag
+from experiments.loop.task import IndexedGroup
 
 FEATURES, CLASSES, HIDDEN = 6, 3, 16
 METRICS = ("epoch", "loss", "dev_acc", "test_acc", "dev_loss", "test_loss", "steps")
@@ -74,6 +75,16 @@ def stack(x: np.ndarray, y: np.ndarray, mask: np.ndarray, batch: int) -> dict[st
     return {"x": padded(x), "y": padded(y), "mask": padded(mask)}
 
 
+def indexed(table: dict[str, np.ndarray], order: np.ndarray, batch: int) -> IndexedGroup:
+    """The minibatches of ``stack`` over ``table``'s rows in ``order``, as an
+    :class:`IndexedGroup` whose last table row (zeros, mask 0) is the padding."""
+    table = {k: np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)]) for k, a in table.items()}
+    steps = -(-len(order) // batch)
+    index = np.full(steps * batch, len(order), np.int32)
+    index[: len(order)] = order
+    return IndexedGroup(table, index.reshape(steps, batch))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ToyTask:
     """A :class:`experiments.loop.Task` with two batch groups and no ``metric`` attribute;
@@ -87,6 +98,7 @@ class ToyTask:
     stop_epoch: int = 0
     sparse_update: bool = False
     name: str = "toy"
+    indexed: bool = False  # training groups as IndexedGroups of the same minibatches
 
     def model(self) -> ToyModel:
         return ToyModel(self.k, self.mode, self.sparse_update)
@@ -95,6 +107,10 @@ class ToyTask:
         fo = np.arange(len(d["flat_x"])) if order is None else order[0]
         so = np.arange(len(d["seq_x"])) if order is None else order[1]
         flat_mask = np.ones(len(d["flat_x"]), np.float32)
+        if self.indexed and order is not None:
+            flat = {"x": d["flat_x"], "y": d["flat_y"], "mask": flat_mask}
+            seq = {"x": d["seq_x"], "y": d["seq_y"], "mask": d["seq_mask"]}
+            return [indexed(flat, fo, self.batch), indexed(seq, so, self.batch)]
         return [
             stack(d["flat_x"][fo], d["flat_y"][fo], flat_mask[fo], self.batch),
             stack(d["seq_x"][so], d["seq_y"][so], d["seq_mask"][so], self.batch),

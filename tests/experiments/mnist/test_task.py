@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.common import inverted_dropout
+from experiments.loop.programs import gathered
 from experiments.mnist import task as mnist_task
 from experiments.mnist.data import Mnist
 from experiments.mnist.task import MnistSettings, MnistTask, batchify
@@ -31,6 +32,29 @@ def test_batchify_pads_with_zero_mask() -> None:
     np.testing.assert_array_equal(b["mask"], [[1, 1], [1, 1], [1, 0]])
     np.testing.assert_array_equal(b["x"][0], [[8, 9], [6, 7]])
     np.testing.assert_array_equal(b["x"][2, 1], [0, 0])
+
+
+def test_train_groups_index_the_table_as_batchify_would_batch() -> None:
+    """An epoch's group is rows of the task's one training table; gathered, they are
+    batchify's minibatches in the epoch's shuffled order, zero padding of mask 0 included."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((7, FEATURES), dtype=np.float32), np.arange(7, dtype=np.int32)
+    data = Mnist(x, y, x, y, x, y, "x")
+    task = MnistTask(data, MnistSettings(hidden=8, k=2, batch_size=3))
+    (first,) = task.train_groups(1, jax.random.key(5))
+    (second,) = task.train_groups(2, jax.random.key(6))
+    assert first.table is task.train_table and second.table is task.train_table
+    for group in (first, second):
+        order = group.index.ravel()[:7]
+        assert sorted(order.tolist()) == list(range(7)) and group.index.ravel()[7:].tolist() == [
+            7,
+            7,
+        ]
+        want = batchify(x, y, 3, order)
+        got = gathered(group)
+        for name, value in want.items():
+            np.testing.assert_array_equal(np.asarray(got[name]), value)
+    assert not np.array_equal(first.index, second.index)
 
 
 def test_loss_ignores_padding() -> None:
@@ -132,6 +156,7 @@ def test_meprop_model_learns_synthetic_classes(mode: str) -> None:
     for epoch in range(4):
         key = jax.random.key(epoch)
         (group,) = task.train_groups(epoch, key)
+        group = gathered(group)
         for i in range(len(group["x"])):
             batch = jax.tree.map(lambda a, i=i: a[i], group)
             params = step(params, batch, jax.random.fold_in(key, i))
