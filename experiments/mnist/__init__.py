@@ -22,8 +22,10 @@ column-sparse ``--optimizer`` updates only the selected columns (Adam becomes la
 output layer (and ``--k-output``) keeps the masked dense gradient. It needs ``--k >= 1``.
 ``--kernel-grad compact`` builds the same layers but keeps the authors' update: the optimizer
 moves every weight as it would on the masked gradient (``sparse_adam(lazy=False)``), without
-a dense kernel gradient. It is the default (``--kernel-grad auto``) where the kernels are
-stored ``[out, in]`` (``--kernel-layout auto`` for the per-row modes), the faster form there;
+a dense kernel gradient. ``--kernel-grad factored`` keeps those gradients as factors (each
+row's kept values, their columns and the input rows), which the native Adam pass sums row by
+row. It is the default (``--kernel-grad auto``) where the kernels are stored ``[out, in]``
+(``--kernel-layout auto`` for the per-row modes), the fastest form there;
 ``--kernel-grad masked`` builds the dense masked gradient instead.
 
 ``--model cnn`` trains :class:`~experiments.mnist.cnn.CNN` instead: two 3x3

@@ -75,11 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the form of the meProp kernels' gradient under the authors' update (without "
         "--sparse-update): masked (dense, zero outside the selected columns) or compact (the "
         "selected columns only, which the optimizer's dense step reads in place of zeros: "
-        "the same updates without a dense kernel gradient). auto (default): compact where "
-        "the kernels are stored [out, in] (per-example/random MLPs, see --kernel-layout) and "
-        "nothing else rules it out, the faster form there; masked otherwise. factored: compact, "
-        "kept as each row's kept values, their columns and the input rows (per-example/random; "
-        "also with --sparse-update), which the native Adam pass sums row by row",
+        "the same updates without a dense kernel gradient). factored: compact, kept as each "
+        "row's kept values, their columns and the input rows (per-example/random; also with "
+        "--sparse-update), which the native Adam pass sums row by row. auto (default): "
+        "factored where the kernels are stored [out, in] (per-example/random MLPs, see "
+        "--kernel-layout) and nothing else rules it out, the fastest form there; masked "
+        "otherwise",
     )
     p.add_argument(
         "--k",
@@ -232,7 +233,8 @@ def settings_from_args(args: argparse.Namespace, devices: int) -> MnistSettings:
         data_dir=args.data_dir,
         sparse_update=args.sparse_update,
         compact_gradients=compact_gradients,
-        factored_gradients=args.kernel_grad == "factored",
+        factored_gradients=args.kernel_grad == "factored"
+        or (args.kernel_grad == "auto" and compact_gradients and per_row),
         feedback=float(args.error_feedback or 0.0),
         adaptive=adaptive,
         kernel_layout=layout,
@@ -273,13 +275,16 @@ def _compact_gradients(args, k: int, adaptive, mesimp: dict, layout: str) -> boo
 
 def _as_started(s: MnistSettings, args: argparse.Namespace, saved: dict) -> MnistSettings:
     """On ``--resume``, the ``auto`` forms the run started with (from its ``saved``
-    settings): a run begun before ``auto`` picked ``[out, in]`` kernels or compact gradients
-    goes on as it began."""
+    settings): a run begun before ``auto`` picked ``[out, in]`` kernels, compact gradients or
+    their factors goes on as it began."""
     layout = resumed_layout(args.kernel_layout, s.kernel_layout, saved)
-    compact = s.compact_gradients
+    compact, factored = s.compact_gradients, s.factored_gradients
     if args.kernel_grad == "auto":
         compact = bool(saved.get("compact_gradients", False)) and layout == "out_in"
-    return dataclasses.replace(s, kernel_layout=layout, compact_gradients=compact)
+        factored = bool(saved.get("factored_gradients", False)) and compact
+    return dataclasses.replace(
+        s, kernel_layout=layout, compact_gradients=compact, factored_gradients=factored
+    )
 
 
 def default_out(s: MnistSettings, args: argparse.Namespace) -> Path:

@@ -423,8 +423,18 @@ def test_kernel_grad_factored_keeps_compact_gradients_as_factors() -> None:
     assert s.model().factored_grad and s.model().sparse_update
     s = settings("--mode", "random", "--k", "20", "--kernel-grad", "factored", "--sparse-update")
     assert s.sparse_update and s.factored_gradients and not s.compact_gradients
-    # auto keeps the block: the factors made no MNIST epoch faster on a CPU.
-    assert not settings("--mode", "per-example", "--k", "20").factored_gradients
+    # auto keeps them as factors under the authors' rule, the fastest MNIST epochs on a CPU,
+    # and as the block under the lazy rule.
+    for mode in ("per-example", "random"):
+        s = settings("--mode", mode, "--k", "20")
+        assert s.compact_gradients and s.factored_gradients and s.model().factored_grad
+    assert not settings("--mode", "per-example", "--k", "20", "--sparse-update").factored_gradients
+    assert not settings(
+        "--mode", "per-example", "--k", "20", "--kernel-grad", "compact"
+    ).factored_gradients
+    assert not settings(
+        "--mode", "unified", "--k", "20", "--kernel-layout", "out_in"
+    ).factored_gradients
 
 
 @pytest.mark.slow
@@ -497,6 +507,20 @@ def test_resume_keeps_the_forms_the_run_started_with(
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["compact_gradients"] is False
     assert results["config"]["kernel_layout"] == layout
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+
+
+def test_resume_of_a_run_with_the_block_keeps_the_block(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # A run started with compact gradients as the block (auto's choice before it chose the
+    # factors) goes on with the block under the defaults.
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(tiny_dir, out, "--epochs", "1", "--kernel-grad", "compact")) == 0
+    assert cli.main(tiny_args(tiny_dir, out, "--resume")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["compact_gradients"] is True
+    assert results["config"]["factored_gradients"] is False
     assert [e["epoch"] for e in results["epochs"]] == [1, 2]
 
 
