@@ -57,6 +57,7 @@ from experiments.loop.programs import (
     group_steps,
     init_state,
     put_batches,
+    put_groups,
     put_replicated,
     root_subkey,
     state_hooks,
@@ -326,7 +327,7 @@ def _train_epoch(
     if sum(steps) == 0:
         raise ConfigError("the task produced no training minibatches (see --limit-train)")
     check_group_batches(host_groups, run.n_devices)
-    groups = [put_batches(g, run.mesh, run.tables) for g in host_groups]
+    groups = put_groups(host_groups, run.mesh, run.tables)
     steps_key = jax.random.fold_in(key, KEY_STEPS)
     step_keys = [
         put_replicated(jax.random.fold_in(steps_key, g), run.mesh) for g in range(len(groups))

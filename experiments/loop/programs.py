@@ -99,6 +99,17 @@ def put_batches(group: Batch, mesh: jax.sharding.Mesh, tables: dict | None = Non
     return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), group)
 
 
+def put_groups(groups: Sequence[Batch], mesh: jax.sharding.Mesh, tables: dict) -> list[Batch]:
+    """An epoch's training groups on the devices (:func:`put_batches`); the tables in
+    ``tables`` that these groups do not use are let go, so that a task that makes new tables
+    every epoch does not keep the old ones on the devices."""
+    on_devices = [put_batches(g, mesh, tables) for g in groups]
+    in_use = {id(g.table) for g in groups if isinstance(g, IndexedGroup)}
+    for stale in set(tables) - in_use:
+        del tables[stale]
+    return on_devices
+
+
 def _index_shape(group: IndexedGroup) -> tuple[int, int]:
     """The index's ``[steps, batch]``; a host index is first checked against the table."""
     if isinstance(group.index, jax.Array):  # already on the devices, checked when sent

@@ -167,3 +167,18 @@ def test_put_batches_sends_a_table_once() -> None:
 def test_bad_indexed_group_named(table: Any, index: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         programs.group_steps(IndexedGroup(table, index))
+
+
+def test_put_groups_lets_go_of_tables_no_longer_returned() -> None:
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    table, group = _indexed_group()
+    sent: dict[int, Any] = {}
+    first = programs.put_groups([group], mesh, sent)
+    again = programs.put_groups([IndexedGroup(table, group.index[::-1])], mesh, sent)
+    assert again[0].table["x"] is first[0].table["x"] and list(sent) == [id(table)]
+    for _ in range(3):  # a task that builds its table anew every epoch
+        fresh = {k: v.copy() for k, v in table.items()}
+        programs.put_groups([IndexedGroup(fresh, group.index)], mesh, sent)
+        assert list(sent) == [id(fresh)]
+    plain = programs.put_groups([{"x": np.zeros((2, 3, 1))}], mesh, sent)
+    assert plain[0]["x"].shape == (2, 3, 1) and not sent
