@@ -102,7 +102,7 @@ class _Run:
     progress: bool
     log: Callable[[str], None]
     metric: str = "acc"
-    # The tables of IndexedGroup training groups already on the devices (put_batches).
+    # The tables of IndexedGroup training groups already on the devices (put_groups).
     tables: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @property

@@ -79,34 +79,44 @@ def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def put_batches(group: Batch, mesh: jax.sharding.Mesh, tables: dict | None = None) -> Batch:
+def put_batches(group: Batch, mesh: jax.sharding.Mesh) -> Batch:
     """Moves a group to the devices, splitting the batch axis (axis 1) over ``data`` (on
-    several processes, each sends only its own rows).
-
-    An :class:`IndexedGroup` splits its index so and sends its table whole to every device, once:
-    ``tables`` (``id(table) -> (table, device copy)``, kept by the caller across epochs)
-    holds the copies already sent.
-    """
+    several processes, each sends only its own rows). An :class:`IndexedGroup` splits its
+    index so and sends its table whole to every device (:func:`put_groups` sends a table once
+    per run)."""
     if isinstance(group, IndexedGroup):
-        cached = (tables or {}).get(id(group.table))
-        if cached is None or cached[0] is not group.table:
-            cached = (group.table, put_replicated(group.table, mesh))
-            if tables is not None:
-                tables[id(group.table)] = cached
-        return IndexedGroup(cached[1], put_batches(np.asarray(group.index, np.int32), mesh))
+        return _put_indexed(group, mesh, put_replicated(group.table, mesh))
     if jax.process_count() > 1:
         return distributed.put_global_batches(group, mesh)
     return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "data"))), group)
 
 
+def _put_indexed(group: IndexedGroup, mesh: jax.sharding.Mesh, table: Batch) -> IndexedGroup:
+    """``group`` on the devices, ``table`` being its table's copy there."""
+    return IndexedGroup(table, put_batches(np.asarray(group.index, np.int32), mesh))
+
+
 def put_groups(groups: Sequence[Batch], mesh: jax.sharding.Mesh, tables: dict) -> list[Batch]:
-    """An epoch's training groups on the devices (:func:`put_batches`); the tables in
-    ``tables`` that these groups do not use are let go, so that a task that makes new tables
-    every epoch does not keep the old ones on the devices."""
-    on_devices = [put_batches(g, mesh, tables) for g in groups]
-    in_use = {id(g.table) for g in groups if isinstance(g, IndexedGroup)}
-    for stale in set(tables) - in_use:
-        del tables[stale]
+    """An epoch's training groups on the devices (:func:`put_batches`), each table sent once.
+
+    ``tables`` (``id(table) -> (table, device copy)``, kept by the caller across epochs)
+    holds the tables sent before: a table the task returns again (the same object) is not
+    sent again, and the tables these groups do not use are let go, so that a task that makes
+    new tables every epoch does not keep the old ones on the devices.
+    """
+    kept: dict[int, Any] = {}
+    on_devices = []
+    for group in groups:
+        if not isinstance(group, IndexedGroup):
+            on_devices.append(put_batches(group, mesh))
+            continue
+        entry = kept.get(id(group.table)) or tables.get(id(group.table))
+        if entry is None or entry[0] is not group.table:
+            entry = (group.table, put_replicated(group.table, mesh))
+        kept[id(group.table)] = entry
+        on_devices.append(_put_indexed(group, mesh, entry[1]))
+    tables.clear()
+    tables.update(kept)
     return on_devices
 
 

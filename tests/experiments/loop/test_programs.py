@@ -132,21 +132,34 @@ def test_indexed_group_minibatches_are_its_table_rows() -> None:
     np.testing.assert_array_equal(whole["x"], table["x"][group.index])
 
 
-def test_put_batches_sends_a_table_once() -> None:
-    """The same table object is sent once (later epochs send their index only); another
-    object with equal values is sent again."""
+def test_put_groups_sends_a_table_once() -> None:
+    """The same table object is sent once (by the groups of one epoch, and by later epochs,
+    which send their index only); another object with equal values is sent again."""
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
     table, group = _indexed_group()
     sent: dict[int, Any] = {}
-    first = programs.put_batches(IndexedGroup(table, group.index[:, :2]), mesh, sent)
-    again = programs.put_batches(IndexedGroup(table, group.index[:, 1:]), mesh, sent)
+    first, second = programs.put_groups(
+        [IndexedGroup(table, group.index[:, :2]), IndexedGroup(table, group.index[:, 1:])],
+        mesh,
+        sent,
+    )
+    assert second.table["x"] is first.table["x"] and len(sent) == 1
+    (again,) = programs.put_groups([IndexedGroup(table, group.index[:, 1:])], mesh, sent)
     assert again.table["x"] is first.table["x"] and len(sent) == 1
     np.testing.assert_array_equal(again.index, group.index[:, 1:])
     assert again.index.sharding.spec == jax.sharding.PartitionSpec(None, "data")
     copy = {k: v.copy() for k, v in table.items()}
-    other = programs.put_batches(IndexedGroup(copy, group.index[:, :2]), mesh, sent)
+    _, other = programs.put_groups(
+        [IndexedGroup(table, group.index[:, :2]), IndexedGroup(copy, group.index[:, :2])],
+        mesh,
+        sent,
+    )
     assert other.table["x"] is not first.table["x"] and len(sent) == 2
     np.testing.assert_array_equal(other.table["x"], table["x"])
+    # Without the cache, every call sends the table.
+    alone = programs.put_batches(IndexedGroup(table, group.index[:, :2]), mesh)
+    assert alone.table["x"] is not first.table["x"]
+    np.testing.assert_array_equal(alone.table["x"], table["x"])
 
 
 @pytest.mark.parametrize(
