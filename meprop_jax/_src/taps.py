@@ -260,18 +260,26 @@ def compact_tap(
     )
 
 
+def _misfits(arrays: Sequence[jax.Array], want: Sequence[tuple[tuple[int, ...], object]]) -> bool:
+    """Whether any of ``arrays`` lacks its ``(shape, dtype)`` in ``want``."""
+    return any(
+        a.shape != shape or a.dtype != dtype for a, (shape, dtype) in zip(arrays, want, strict=True)
+    )
+
+
+def _as_got(names: Sequence[str], arrays: Sequence[jax.Array]) -> str:
+    """``"block float32[4, 3], cols float32[4] and selected float32[5]"``."""
+    parts = [f"{n} {a.dtype}{list(a.shape)}" for n, a in zip(names, arrays, strict=True)]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def _check_record(record, units: int) -> RecordTap:
     hits, examples = record
-    if (
-        hits.shape != (units,)
-        or hits.dtype != jnp.float32
-        or examples.shape != ()
-        or examples.dtype != jnp.float32
-    ):
+    if _misfits(record, [((units,), jnp.float32), ((), jnp.float32)]):
         raise ValueError(
             f"record must be RecordTap(hits float32[{units}], examples float32[]) (one entry "
-            f"per unit, out // groups); got hits {hits.dtype}{list(hits.shape)} and examples "
-            f"{examples.dtype}{list(examples.shape)}. Build it with record_tap()."
+            f"per unit, out // groups); got {_as_got(RecordTap._fields, record)}. Build it "
+            "with record_tap()."
         )
     return RecordTap(hits, examples)
 
@@ -297,21 +305,13 @@ def _check_taps(taps, xs, kernels, *, k: int, mode: str, groups: int) -> tuple[C
                 f"taps[{i}] must be a CompactGrad, got {type(tap).__name__}. Build it with "
                 "compact_tap()."
             )
-        block, cols, selected = tap
-        if (
-            block.shape != (width, w.shape[0])
-            or block.dtype != w.dtype
-            or cols.shape != (width,)
-            or cols.dtype != jnp.float32
-            or selected.shape != (out,)
-            or selected.dtype != jnp.float32
-        ):
+        want = [((width, w.shape[0]), w.dtype), ((width,), jnp.float32), ((out,), jnp.float32)]
+        if _misfits(tap, want):
             hint = "" if mode == "unified" else f" (mode={mode!r}: K depends on the batch shape)"
             raise ValueError(
                 f"taps[{i}] must be CompactGrad(block {w.dtype}[{width}, {w.shape[0]}], cols "
-                f"float32[{width}], selected float32[{out}]){hint}; got block "
-                f"{block.dtype}{list(block.shape)}, cols {cols.dtype}{list(cols.shape)} and "
-                f"selected {selected.dtype}{list(selected.shape)}. Build it with compact_tap()."
+                f"float32[{width}], selected float32[{out}]){hint}; got "
+                f"{_as_got(CompactGrad._fields, tap)}. Build it with compact_tap()."
             )
     return tuple(CompactGrad(*tap) for tap in taps)
 
@@ -332,23 +332,17 @@ def _check_factored(taps, xs, kernels, *, k: int, mode: str, groups: int):
                 f"taps[{i}] must be a FactoredGrad like the other taps, got "
                 f"{type(tap).__name__}. Build every tap with compact_tap(..., factored=True)."
             )
-        values, cols, inputs, uses = tap
-        if (
-            values.shape != (rows, width)
-            or values.dtype != w.dtype
-            or cols.shape != (rows, width)
-            or cols.dtype != jnp.float32
-            or inputs.shape != (rows, w.shape[0])
-            or inputs.dtype != w.dtype
-            or uses.shape != ()
-            or uses.dtype != jnp.float32
-        ):
+        want = [
+            ((rows, width), w.dtype),
+            ((rows, width), jnp.float32),
+            ((rows, w.shape[0]), w.dtype),
+            ((), jnp.float32),
+        ]
+        if _misfits(tap, want):
             raise ValueError(
                 f"taps[{i}] must be FactoredGrad(values {w.dtype}[{rows}, {width}], cols "
                 f"float32[{rows}, {width}], inputs {w.dtype}[{rows}, {w.shape[0]}], uses "
-                f"float32[]) for this batch shape; got values {values.dtype}"
-                f"{list(values.shape)}, cols {cols.dtype}{list(cols.shape)}, inputs "
-                f"{inputs.dtype}{list(inputs.shape)} and uses {uses.dtype}{list(uses.shape)}. "
+                f"float32[]) for this batch shape; got {_as_got(FactoredGrad._fields, tap)}. "
                 "Build it with compact_tap(..., factored=True)."
             )
     return tuple(FactoredGrad(*tap) for tap in taps)
