@@ -437,18 +437,26 @@ def test_kernel_grad_factored_keeps_compact_gradients_as_factors() -> None:
     ).factored_gradients
 
 
+def _run_kernel_grad_forms(
+    tiny_dir: Path, tmp_path: Path, forms: tuple[str, ...]
+) -> dict[str, Any]:
+    """``results.json`` of a tiny per-example run under each ``--kernel-grad`` form."""
+    results = {}
+    for form in forms:
+        out = tmp_path / form
+        argv = tiny_args(tiny_dir, out, "--mode", "per-example", "--hidden", "64", "--k", "2")
+        assert cli.main([*argv, "--kernel-grad", form]) == 0
+        results[form] = json.loads((out / "results.json").read_text())
+    return results
+
+
 @pytest.mark.slow
 def test_factored_kernel_grad_trains_as_the_compact_one(
     tiny_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
     # The same gradients in two forms. The native Adam pass sums a factored row in the
     # block's order (the same bits); the XLA path builds the block by another product.
-    results = {}
-    for form in ("compact", "factored"):
-        out = tmp_path / form
-        argv = tiny_args(tiny_dir, out, "--mode", "per-example", "--hidden", "64", "--k", "2")
-        assert cli.main([*argv, "--kernel-grad", form]) == 0
-        results[form] = json.loads((out / "results.json").read_text())
+    results = _run_kernel_grad_forms(tiny_dir, tmp_path, ("compact", "factored"))
     assert results["factored"]["config"]["factored_gradients"] is True
     assert results["compact"]["config"]["factored_gradients"] is False
     for a, b in zip(results["compact"]["epochs"], results["factored"]["epochs"], strict=True):
@@ -468,13 +476,8 @@ def test_compact_kernel_grad_trains_as_the_masked_one(
 ) -> None:
     # Same updates (the authors' Adam over every weight); only the kernel gradient's form
     # differs. On the XLA path the two programs compute the same numbers.
-    results = {}
-    for form in ("masked", "compact"):
-        out = tmp_path / form
-        argv = tiny_args(tiny_dir, out, "--mode", "per-example", "--hidden", "64", "--k", "2")
-        with native.disabled():
-            assert cli.main([*argv, "--kernel-grad", form]) == 0
-        results[form] = json.loads((out / "results.json").read_text())
+    with native.disabled():
+        results = _run_kernel_grad_forms(tiny_dir, tmp_path, ("masked", "compact"))
     assert results["compact"]["config"]["compact_gradients"] is True
     assert results["masked"]["config"]["compact_gradients"] is False
     for a, b in zip(results["masked"]["epochs"], results["compact"]["epochs"], strict=True):
