@@ -345,8 +345,7 @@ def _step(
     fused = {
         key: decoded[key]
         for key, p in zip(layout.keys, p_leaves, strict=True)
-        # [::2]: the gradient's float arrays, the block or the factors' values and inputs.
-        if key in decoded and _fused.fusable(rule, is_row_major(key), p, *decoded[key][::2])
+        if key in decoded and _fused.fusable(rule, is_row_major(key), p, *_arrays(decoded[key]))
     }
     decoded = {k: v if k in fused else as_rows(v, layout.columns(k)) for k, v in decoded.items()}
     if not lazy:
@@ -360,6 +359,11 @@ def _step(
     if not fused:
         return new_params, new_inner
     return _fused_pass(rule, layout, fused, new_params, new_inner, lazy)
+
+
+def _arrays(entry) -> tuple[Array, ...]:
+    """The float arrays of a decoded gradient: its block, or the factors' values and inputs."""
+    return (entry.values, entry.inputs) if isinstance(entry, Factors) else (entry[0],)
 
 
 def _no_rows(entry) -> tuple[Array, Array]:
