@@ -28,8 +28,9 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
 * ``mnist`` (784-500-500-10, batch 10, k = 20, Adam): whole training steps of the MNIST MLP:
   dense with ``optax.adam``; per-example with the masked dense gradient and ``optax.adam``
   (the authors' rule), in both layouts; the authors' rule from compact gradients
-  (``+compact:out_in``, ``sparse_adam(lazy=False)``, what ``experiments.mnist`` runs by
-  default in this setting) and from factored ones (``+factored:out_in``); and per-example with
+  (``+compact:out_in``, ``sparse_adam(lazy=False)``, ``--kernel-grad compact``) and from
+  factored ones (``+factored:out_in``, what ``experiments.mnist`` runs by default in this
+  setting); and per-example with
   compact gradients and lazy ``sparse_adam`` (``+sparse``, ``--sparse-update``), in both
   layouts, and from factored gradients (``+sparse+factored:out_in``).
 """
