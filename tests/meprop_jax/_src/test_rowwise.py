@@ -12,7 +12,7 @@ import pytest
 
 import meprop_jax
 from meprop_jax import multi_linear
-from meprop_jax._src import rowwise
+from meprop_jax._src import native, rowwise
 from tests.meprop_jax._src.test_linear import (
     MODES,
     check_against_reference,
@@ -168,3 +168,37 @@ def test_row_top_k_is_the_mask_selection():
         blocks = scores.reshape(5, groups, -1)
         want = np.asarray(meprop_jax.top_k_mask(blocks, k)).reshape(5, 12)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layout", rowwise.KERNEL_LAYOUTS)
+@pytest.mark.parametrize("slots", [3, 70])  # summed slot by slot; past UNROLLED_SLOTS, einsum
+def test_gathered_input_grad_is_the_sum_of_kernel_rows(layout, slots):
+    assert (slots <= rowwise.UNROLLED_SLOTS) == (slots == 3)
+    rng = np.random.default_rng(5)
+    n, n_in, out = 4, 6, 90
+    w = rng.standard_normal((n_in, out)).astype(np.float32)
+    idx = np.stack([rng.choice(out, slots, replace=False) for _ in range(n)]).astype(np.int32)
+    g_kept = rng.standard_normal((n, slots)).astype(np.float32)
+    want = np.einsum("ns,nsi->ni", g_kept, w.T[idx])
+    stored = w if layout == "in_out" else w.T.copy()
+    got = rowwise.gathered_input_grad(
+        jnp.asarray(g_kept), jnp.asarray(idx), jnp.asarray(stored), layout, None, jnp.float32
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's TopK call")
+def test_per_row_selection_stays_one_top_k_call():
+    # Slicing top_k's indices slot by slot once made XLA:CPU sort every row in full.
+    x = jnp.ones((10, 30), jnp.float32)
+    w = jnp.ones((30, 50), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(0).standard_normal((10, 50)), jnp.float32)
+
+    def dx(x, w, g):
+        f = lambda x: multi_linear((x,), (w,), None, k=4, mode="per_example")
+        return jax.vjp(f, x)[1](g)
+
+    with native.disabled():
+        hlo = jax.jit(dx).lower(x, w, g).compile().as_text()
+    assert 'custom_call_target="TopK"' in hlo
+    assert " sort(" not in hlo
