@@ -256,12 +256,14 @@ def bench_layer_update(
                 dx, tap_grad, db = jax.vjp(f, xg[0], tap, params["bias"])[1](xg[1])
                 # dx feeds the layer below in a network, which orders the kernel's update
                 # after the backward's reads; alone it needs this (numerically void) term.
-                tap_grad = tap_grad._replace(cols=tap_grad.cols + 0.0 * dx[0, 0])
+                # It reads the running sum, dx's one consumer, as the layer below would be.
+                dx_sum = dx_sum + dx
+                tap_grad = tap_grad._replace(cols=tap_grad.cols + 0.0 * dx_sum[0, 0])
                 with jax.numpy_dtype_promotion("standard"):
                     params, state = opt.update(
                         {name: None, "bias": db}, state, params, {name: tap_grad}
                     )
-                return ((params, state), dx_sum + dx), None
+                return ((params, state), dx_sum), None
 
             return lax.scan(body, carry, (xs, gs))[0], jnp.zeros(())
 

@@ -111,7 +111,9 @@ def gathered_input_grad(
 #: Up to this many slots per row, ``dx`` is a sum of one gathered ``[N, in]`` term per slot.
 #: XLA fuses those gathers, products and adds into one loop over ``[N, in]``; the einsum
 #: materialises ``[N, S, in]`` first and took 3.8x as long at N = 10, S = 20, in = 784 on a
-#: CPU (2x at S = 64). Past it the unrolled sum compiles too slowly for what it saves.
+#: CPU (2x at S = 64). Past it the unrolled sum compiles too slowly for what it saves. When
+#: ``dx`` itself has several consumers, XLA writes each gathered term out instead (it will not
+#: copy the gathers into every consumer), which costs about what the einsum did.
 UNROLLED_SLOTS = 64
 
 
