@@ -53,7 +53,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const F& fn) {
     }
   };
   const F* f = &fn;
-  for (int64_t w = 0; w < std::min(workers, chunks - 1); ++w)
+  // The caller is one of the `workers` threads: it works too, so it hands out one task fewer.
+  // When XLA runs a program on the caller's own thread (as it did for a training step whose
+  // state was donated), a task per pool thread made three busy threads on two cores, and the
+  // kernels ran about as slowly as on one.
+  for (int64_t w = 0; w < std::min(workers - 1, chunks - 1); ++w)
     pool.Schedule([counters, f, run] { run(*counters, *f); });
   run(*counters, fn);
   while (counters->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
