@@ -423,12 +423,16 @@ def test_kernel_grad_factored_keeps_compact_gradients_as_factors() -> None:
     assert s.model().factored_grad and s.model().sparse_update
     s = settings("--mode", "random", "--k", "20", "--kernel-grad", "factored", "--sparse-update")
     assert s.sparse_update and s.factored_gradients and not s.compact_gradients
-    # auto keeps them as factors under the authors' rule, the fastest MNIST epochs on a CPU,
-    # and as the block under the lazy rule.
+    # auto keeps them as factors under either rule, the fastest MNIST epochs on a CPU.
     for mode in ("per-example", "random"):
         s = settings("--mode", mode, "--k", "20")
         assert s.compact_gradients and s.factored_gradients and s.model().factored_grad
-    assert not settings("--mode", "per-example", "--k", "20", "--sparse-update").factored_gradients
+        s = settings("--mode", mode, "--k", "20", "--sparse-update")
+        assert s.sparse_update and s.factored_gradients and s.model().factored_grad
+    # ... but not where the kernels are stored [in, out], nor where a form is asked for.
+    for argv in (("--kernel-layout", "in_out"), ("--kernel-grad", "masked"), ("--kernel-grad", "compact")):
+        lazy = settings("--mode", "per-example", "--k", "20", "--sparse-update", *argv)
+        assert not lazy.factored_gradients, argv
     assert not settings(
         "--mode", "per-example", "--k", "20", "--kernel-grad", "compact"
     ).factored_gradients
@@ -524,6 +528,28 @@ def test_resume_of_a_run_with_the_block_keeps_the_block(
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["compact_gradients"] is True
     assert results["config"]["factored_gradients"] is False
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+
+
+def test_resume_of_a_lazy_run_keeps_its_form(
+    tiny_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    # A --sparse-update run started with the block (auto's choice under the lazy rule before
+    # it chose the factors) goes on with the block under the defaults.
+    out = tmp_path / "run"
+    lazy = ("--mode", "per-example", "--hidden", "64", "--k", "2", "--sparse-update")
+    started = tiny_args(tiny_dir, out, "--epochs", "1", *lazy, "--kernel-grad", "compact")
+    assert cli.main(started) == 0
+    assert cli.main(tiny_args(tiny_dir, out, *lazy, "--resume")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["factored_gradients"] is False
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+    # One started with the factors goes on with them.
+    out = tmp_path / "factored"
+    assert cli.main(tiny_args(tiny_dir, out, "--epochs", "1", *lazy)) == 0
+    assert cli.main(tiny_args(tiny_dir, out, *lazy, "--resume")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["factored_gradients"] is True
     assert [e["epoch"] for e in results["epochs"]] == [1, 2]
 
 
