@@ -430,7 +430,11 @@ def test_kernel_grad_factored_keeps_compact_gradients_as_factors() -> None:
         s = settings("--mode", mode, "--k", "20", "--sparse-update")
         assert s.sparse_update and s.factored_gradients and s.model().factored_grad
     # ... but not where the kernels are stored [in, out], nor where a form is asked for.
-    for argv in (("--kernel-layout", "in_out"), ("--kernel-grad", "masked"), ("--kernel-grad", "compact")):
+    for argv in (
+        ("--kernel-layout", "in_out"),
+        ("--kernel-grad", "masked"),
+        ("--kernel-grad", "compact"),
+    ):
         lazy = settings("--mode", "per-example", "--k", "20", "--sparse-update", *argv)
         assert not lazy.factored_gradients, argv
     assert not settings(
