@@ -5,9 +5,9 @@ The input gradient of a row needs only the kernel rows of its ``S`` columns::
 
     dx[n] = sum_s g[n, idx[n, s]] * W_T[idx[n, s]]          # W_T = W.T, [out, in]
 
-so it is computed from ``lax.top_k``'s indices, one gather of ``S`` kernel rows per example
-and a small contraction: ``N * S * in`` multiply-adds rather than dense backprop's
-``N * out * in``, and no mask, no union and no product spanning ``out``. With the kernel
+so it is computed from ``lax.top_k``'s indices as a sum of ``S`` gathered kernel rows per
+example: ``N * S * in`` multiply-adds rather than dense backprop's ``N * out * in``, and no
+mask, no union and no product spanning ``out``. With the kernel
 stored transposed (``kernel_layout="out_in"``) those rows are contiguous; with the stock
 ``[in, out]`` layout the gather walks the kernel's columns, which costs about twice as much on
 a CPU but is still far below the dense product.
@@ -93,7 +93,7 @@ def gathered_input_grad(
       dtype: of the result.
     """
     batch, kernel = _batch_spec(idx), jnp.asarray(kernel)
-    if idx.shape[-1] <= UNROLLED_SLOTS:
+    if 0 < idx.shape[-1] <= UNROLLED_SLOTS:
         return _unrolled_input_grad(g_kept, idx, kernel, kernel_layout, batch).astype(dtype)
     if kernel_layout == "out_in":
         # [N, S, in]: contiguous rows.
@@ -110,7 +110,7 @@ def gathered_input_grad(
 
 #: Up to this many slots per row, ``dx`` is a sum of one gathered ``[N, in]`` term per slot.
 #: XLA fuses those gathers, products and adds into one loop over ``[N, in]``; the einsum
-#: materialises ``[N, S, in]`` first and took 3.8x as long at N = 10, S = 20, in = 784 on a
+#: materialises ``[N, S, in]`` first and took 3.9x as long at N = 10, S = 20, in = 784 on a
 #: CPU (2x at S = 64). Past it the unrolled sum compiles too slowly for what it saves. When
 #: ``dx`` itself has several consumers, XLA writes each gathered term out instead (it will not
 #: copy the gathers into every consumer), which costs about what the einsum did.
