@@ -7,10 +7,10 @@ The input gradient of a row needs only the kernel rows of its ``S`` columns::
 
 so it is computed from ``lax.top_k``'s indices as a sum of ``S`` gathered kernel rows per
 example: ``N * S * in`` multiply-adds rather than dense backprop's ``N * out * in``, and no
-mask, no union and no product spanning ``out``. With the kernel
-stored transposed (``kernel_layout="out_in"``) those rows are contiguous; with the stock
-``[in, out]`` layout the gather walks the kernel's columns: several times the cost on a CPU
-(47 against 7 µs at N = 10, S = 20, in = 784), still far below the dense product's.
+mask, no union and no product spanning ``out``. With the kernel stored transposed
+(``kernel_layout="out_in"``) those rows are contiguous; with the stock ``[in, out]`` layout the
+gather walks the kernel's columns: several times the cost on a CPU (47 against 7 µs at
+N = 10, S = 20, in = 784), still far below the dense product's.
 
 The weight gradient is built from the union of the rows' columns (at most ``N * S``, a static
 size): its ``[K, in]`` block ``g_cols^T x`` is small, and it stays compact for the optimizers
