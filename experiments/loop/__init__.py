@@ -6,7 +6,8 @@ Modules: :mod:`~experiments.loop.task` (the :class:`Task` interface),
 :mod:`~experiments.loop.signals` (interruption), :mod:`~experiments.loop.checkpoints`
 (orbax checkpoints, ``--resume`` checks), :mod:`~experiments.loop.results` (``results.json``,
 plots, log lines), :mod:`~experiments.loop.probes` (forward/backward/update timing),
-:mod:`~experiments.loop.programs` (the jitted programs), :mod:`~experiments.loop.distributed`
+:mod:`~experiments.loop.programs` (the jitted programs), :mod:`~experiments.loop.indexed`
+(an :class:`IndexedGroup`'s minibatches), :mod:`~experiments.loop.distributed`
 (several processes with ``jax.distributed``), :mod:`~experiments.loop.driver` (:func:`train`)
 and :mod:`~experiments.loop.command` (:func:`run_cli`, the command line around it).
 """

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.loop import programs
+from experiments.loop import indexed, programs
 from experiments.loop.config import make_optimizer, make_sparse_optimizer
 from experiments.loop.task import IndexedGroup, TrainState
 from tests.experiments.loop.toy import CLASSES, ToyTask
@@ -125,10 +125,10 @@ def _indexed_group() -> tuple[dict[str, np.ndarray], IndexedGroup]:
 def test_indexed_group_minibatches_are_its_table_rows() -> None:
     table, group = _indexed_group()
     assert programs.group_steps(group) == 2 and programs.batch_size(group) == 3
-    batch = jax.jit(programs.minibatch)(group, np.int32(1))
+    batch = jax.jit(indexed.minibatch)(group, np.int32(1))
     np.testing.assert_array_equal(batch["x"], table["x"][[1, 1, 3]])
     np.testing.assert_array_equal(batch["y"], [1, 1, 3])
-    whole = programs.gathered(group)
+    whole = indexed.gathered(group)
     np.testing.assert_array_equal(whole["x"], table["x"][group.index])
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.common import inverted_dropout
-from experiments.loop.programs import gathered
+from experiments.loop.indexed import gathered
 from experiments.mnist import task as mnist_task
 from experiments.mnist.data import Mnist
 from experiments.mnist.task import MnistSettings, MnistTask, batchify
