@@ -35,6 +35,8 @@ __all__ = [
     "MnistTask",
     "batchify",
     "load_data",
+    "padded_index",
+    "padded_table",
 ]
 
 NUM_CLASSES = 10
@@ -67,20 +69,26 @@ def batchify(
       >>> b["x"].shape, b["y"].tolist(), b["mask"].tolist()
       ((2, 2, 2), [[7, 8], [9, 0]], [[1.0, 1.0], [1.0, 0.0]])
     """
-    n = len(x)
-    steps = math.ceil(n / batch_size)
-    idx = np.arange(n) if order is None else order
-    bx = np.zeros((steps * batch_size, x.shape[1]), np.float32)
-    by = np.zeros(steps * batch_size, np.int32)
-    mask = np.zeros(steps * batch_size, np.float32)
-    np.take(x, idx, axis=0, out=bx[:n])
-    np.take(y, idx, axis=0, out=by[:n])
-    mask[:n] = 1.0
+    index = padded_index(len(x), batch_size, order)
+    return {name: column[index] for name, column in padded_table(x, y).items()}
+
+
+def padded_table(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"x", "y", "mask"}`` rows of the examples, and one more row (``len(x)``): a zero image
+    of label 0 and ``mask`` 0, the padding of :func:`padded_index`."""
     return {
-        "x": bx.reshape(steps, batch_size, -1),
-        "y": by.reshape(steps, batch_size),
-        "mask": mask.reshape(steps, batch_size),
+        "x": np.concatenate([x, np.zeros((1, x.shape[1]), x.dtype)]).astype(np.float32, copy=False),
+        "y": np.concatenate([y, np.zeros(1, y.dtype)]).astype(np.int32, copy=False),
+        "mask": np.concatenate([np.ones(len(x), np.float32), np.zeros(1, np.float32)]),
     }
+
+
+def padded_index(n: int, batch_size: int, order: np.ndarray | None = None) -> np.ndarray:
+    """``[steps, batch_size]`` rows of :func:`padded_table`: ``order`` (default
+    ``range(n)``), the last minibatch filled up with the padding row ``n``."""
+    index = np.full(math.ceil(n / batch_size) * batch_size, n, np.int32)
+    index[:n] = np.arange(n) if order is None else order
+    return index.reshape(-1, batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +231,8 @@ class MnistTask(StateHooks):
 
     def __post_init__(self) -> None:
         # Built once, before any epoch (it copies the images): see train_groups.
-        object.__setattr__(self, "train_table", self._train_table())
-
-    def _train_table(self) -> dict[str, np.ndarray]:
-        """The training set as the table of :meth:`train_groups`: ``{"x", "y", "mask"}``
-        with one more row, a zero image of mask 0, that pads the last minibatch."""
-        x, y = self.data.train_x, self.data.train_y
-        return {
-            "x": np.concatenate([x, np.zeros((1, x.shape[1]), np.float32)]),
-            "y": np.concatenate([y, np.zeros(1, np.int32)]).astype(np.int32),
-            "mask": np.concatenate([np.ones(len(x), np.float32), np.zeros(1, np.float32)]),
-        }
+        table = padded_table(self.data.train_x, self.data.train_y)
+        object.__setattr__(self, "train_table", table)
 
     def train_groups(self, epoch: int, key: jax.Array) -> list[IndexedGroup]:
         """One group: the training set shuffled by ``key``, in minibatches, as rows of
@@ -241,10 +240,9 @@ class MnistTask(StateHooks):
         images each epoch)."""
         del epoch  # the key already depends on it
         seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-        n, size = len(self.data.train_x), self.settings.batch_size
-        index = np.full(math.ceil(n / size) * size, n, np.int32)  # row n: the padding
-        index[:n] = np.random.default_rng(seed).permutation(n)
-        return [IndexedGroup(self.train_table, index.reshape(-1, size))]
+        n = len(self.data.train_x)
+        order = np.random.default_rng(seed).permutation(n)
+        return [IndexedGroup(self.train_table, padded_index(n, self.settings.batch_size, order))]
 
     def eval_groups(self, split: str) -> list[dict[str, np.ndarray]]:
         """One group: ``split`` in padded minibatches of ``eval_batch_size``."""
