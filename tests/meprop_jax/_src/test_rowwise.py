@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import meprop_jax
 from meprop_jax import multi_linear
@@ -168,6 +169,75 @@ def test_row_top_k_is_the_mask_selection():
         blocks = scores.reshape(5, groups, -1)
         want = np.asarray(meprop_jax.top_k_mask(blocks, k)).reshape(5, 12)
         np.testing.assert_array_equal(got, want)
+
+
+def _selected_sets(idx) -> list[set[int]]:
+    idx = np.asarray(idx)
+    return [set(row.tolist()) for row in idx.reshape(-1, idx.shape[-1])]
+
+
+def _seeded_scores() -> dict[str, tuple[np.ndarray, bool]]:
+    """name -> (scores, whether the seeded TopK call alone is exact)."""
+    rng = np.random.default_rng(11)
+    distinct = np.abs(rng.standard_normal((3, 4, 130))).astype(np.float32)
+    relu = distinct[0] * (rng.random((4, 130)) < 0.04)  # about 5 positive per row, then zeros
+    whole_tie = np.abs(rng.standard_normal((6, 130))).astype(np.float32)
+    whole_tie[:, [7, 70, 128]] = 9.0  # all three kept
+    split_tie = np.abs(rng.standard_normal((6, 130))).astype(np.float32) / 10
+    split_tie[:, ::3] = 1.0  # 44 equal scores, 9 or 32 kept
+    short = np.full((2, 130), -np.inf, np.float32)
+    short[:, [5, 50]] = 1.0
+    signed = rng.standard_normal((2, 130)).astype(np.float32)
+    zeros = np.zeros((2, 130), np.float32)
+    zeros[:, ::2] = -0.0  # ranks below 0.0 in lax.top_k
+    zeros[:, 3] = np.inf
+    return dict(
+        distinct=(distinct, True),
+        relu=(relu, True),
+        whole_tie=(whole_tie, True),
+        split_tie=(split_tie, False),
+        short=(short, False),
+        signed=(signed, False),
+        zeros=(zeros, False),
+    )
+
+
+@pytest.mark.parametrize("case", sorted(_seeded_scores()))
+def test_seeded_top_k_keeps_what_top_k_keeps(case):
+    scores, exact = _seeded_scores()[case]
+    scores = jnp.asarray(scores)
+    for k in (9, 32):  # 130 is not a multiple of the blocks: the last block is padded
+        want = jax.lax.top_k(scores, k)[1]
+        idx, seeded_exact = jax.jit(rowwise.seeded_selection, static_argnums=1)(scores, k)
+        assert bool(seeded_exact) == exact
+        if exact:
+            assert _selected_sets(idx) == _selected_sets(want)
+        got = jax.jit(rowwise._seeded_top_k, static_argnums=1)(scores, k)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert _selected_sets(got) == _selected_sets(want)
+
+
+def test_seeded_top_k_serves_row_top_k_on_cpu():
+    scores = jnp.asarray(_seeded_scores()["distinct"][0])
+    hlo = jax.jit(lambda s: rowwise.row_top_k(s, 9, 2)).lower(scores).compile().as_text()
+    if jax.default_backend() == "cpu":
+        # The seeded call and, in the tie branch, the plain one; neither became a sort.
+        assert hlo.count('custom_call_target="TopK"') == 2
+        assert " sort(" not in hlo
+    mask = np.asarray(rowwise.selection_mask(rowwise.row_top_k(scores, 9, 2), 130))
+    want = np.asarray(meprop_jax.top_k_mask(scores.reshape(3, 4, 2, 65), 9)).reshape(mask.shape)
+    np.testing.assert_array_equal(mask, want)
+
+
+def test_seeded_top_k_on_rows_sharded_over_devices():
+    assert len(jax.devices()) == 8
+    scores = np.concatenate([_seeded_scores()[name][0] for name in ("relu", "whole_tie")])[:8]
+    select = jax.jit(lambda s: rowwise.row_top_k(s, 9, 2))
+    single = select(jnp.asarray(scores))
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+        sharded = select(jax.device_put(jnp.asarray(scores), P("data")))
+        assert jax.typeof(sharded).sharding.spec[0] == "data"
+    assert _selected_sets(sharded) == _selected_sets(single)
 
 
 @pytest.mark.parametrize("layout", rowwise.KERNEL_LAYOUTS)
