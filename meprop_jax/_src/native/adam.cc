@@ -33,9 +33,11 @@ inline float* InPlace(ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& ou
 // hyper = [b1, b2, 1 - b1^t, 1 - b2^t, learning rate, eps], t the step counted from 1. Without
 // a gradient row (gr == nullptr) the gradient is zero, still written into the arithmetic so
 // that every weight takes exactly the steps it would take on a zero entry of a dense gradient.
-template <bool kZeroGradient>
-inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
-                    const float* hyper) {
+// kUnit1, kUnit2: the bias correction 1 - b1^t (1 - b2^t) has rounded to 1, and dividing by it
+// is skipped. That leaves every result as it was, and divisions bound this loop's time.
+template <bool kZeroGradient, bool kUnit1, bool kUnit2>
+inline void AdamRowOf(float* pr, float* mr, float* vr, const float* gr, int64_t in,
+                      const float* hyper) {
   const float b1 = hyper[0], b2 = hyper[1], c1 = hyper[2], c2 = hyper[3], lr = hyper[4],
               eps = hyper[5];
   const float zero = 0.0f;
@@ -45,8 +47,20 @@ inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in
     const float v = (1.0f - b2) * (gi * gi) + b2 * vr[i];
     mr[i] = m;
     vr[i] = v;
-    pr[i] = pr[i] + (-lr) * ((m / c1) / (std::sqrt(v / c2) + eps));
+    const float m_hat = kUnit1 ? m : m / c1;
+    const float v_hat = kUnit2 ? v : v / c2;
+    pr[i] = pr[i] + (-lr) * (m_hat / (std::sqrt(v_hat) + eps));
   }
+}
+
+template <bool kZeroGradient>
+inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
+                    const float* hyper) {
+  const bool unit1 = hyper[2] == 1.0f, unit2 = hyper[3] == 1.0f;
+  if (unit1 && unit2) AdamRowOf<kZeroGradient, true, true>(pr, mr, vr, gr, in, hyper);
+  else if (unit1) AdamRowOf<kZeroGradient, true, false>(pr, mr, vr, gr, in, hyper);
+  else if (unit2) AdamRowOf<kZeroGradient, false, true>(pr, mr, vr, gr, in, hyper);
+  else AdamRowOf<kZeroGradient, false, false>(pr, mr, vr, gr, in, hyper);
 }
 
 // Adam on a kernel stored [out, in] and on its two moments, in place (the results alias p, mu,

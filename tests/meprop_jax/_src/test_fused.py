@@ -176,12 +176,15 @@ def test_non_lazy_compact_multi_steps_is_multi_steps_on_the_masked_gradient():
 
 @needs_native
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "dense"])
-def test_adam_rows_split_over_threads_is_optax_adam(lazy):
+@pytest.mark.parametrize("count", [3, 200, 20_000])
+def test_adam_rows_split_over_threads_is_optax_adam(lazy, count):
     """On a kernel large enough for the native pass to split its rows over XLA's thread pool
     (300 x 600), the update is optax.adam's on the masked dense gradient: on every row (not
-    lazy), or on the selected rows with the others untouched (lazy). Padding is skipped."""
+    lazy), or on the selected rows with the others untouched (lazy). Padding is skipped. By
+    step 200 the first bias correction has rounded to 1, by step 20000 both (the kernel then
+    skips dividing by them)."""
     rng = np.random.default_rng(0)
-    out, d_in, count, lr = 300, 600, 3, 0.01
+    out, d_in, lr = 300, 600, 0.01
     p = rng.standard_normal((out, d_in)).astype(np.float32)
     mu = (0.1 * rng.standard_normal((out, d_in))).astype(np.float32)
     nu = (0.01 * np.abs(rng.standard_normal((out, d_in)))).astype(np.float32)
@@ -189,6 +192,7 @@ def test_adam_rows_split_over_threads_is_optax_adam(lazy):
     g = rng.standard_normal((cols.size, d_in)).astype(np.float32)
     t = count + 1
     hyper = np.array([0.9, 0.999, 1 - 0.9**t, 1 - 0.999**t, lr, 1e-8], np.float32)
+    assert list(hyper[2:4] == 1) == [count > 3, count > 200]
     got = native.adam_rows(*map(jnp.asarray, (p, mu, nu, cols, g, hyper)), lazy=lazy)
 
     dense_g = np.zeros((out, d_in), np.float32)
