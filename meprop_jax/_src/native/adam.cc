@@ -35,11 +35,10 @@ inline float* InPlace(ffi::Buffer<ffi::F32>& in, ffi::ResultBuffer<ffi::F32>& ou
 // that every weight takes exactly the steps it would take on a zero entry of a dense gradient.
 // kUnit1, kUnit2: the bias correction 1 - b1^t (1 - b2^t) has rounded to 1, and dividing by it
 // is skipped. That leaves every result as it was, and divisions bound this loop's time.
-// Inlined by force: GCC called it instead, and the lazy update ran 1.5-2x slower.
+// The four rows never overlap (__restrict__: no overlap checks before the vector loop).
 template <bool kZeroGradient, bool kUnit1, bool kUnit2>
-__attribute__((always_inline)) inline void AdamRowOf(float* pr, float* mr, float* vr,
-                                                     const float* gr, int64_t in,
-                                                     const float* hyper) {
+inline void AdamRowOf(float* __restrict__ pr, float* __restrict__ mr, float* __restrict__ vr,
+                      const float* __restrict__ gr, int64_t in, const float* hyper) {
   const float b1 = hyper[0], b2 = hyper[1], c1 = hyper[2], c2 = hyper[3], lr = hyper[4],
               eps = hyper[5];
   const float zero = 0.0f;
@@ -55,19 +54,30 @@ __attribute__((always_inline)) inline void AdamRowOf(float* pr, float* mr, float
   }
 }
 
-template <bool kZeroGradient>
-inline void AdamRow(float* pr, float* mr, float* vr, const float* gr, int64_t in,
-                    const float* hyper) {
+// The row update for one pair of bias corrections, each 1 or not (known when compiled).
+template <bool kUnit1, bool kUnit2>
+struct Adam {
+  template <bool kZeroGradient>
+  static void Row(float* pr, float* mr, float* vr, const float* gr, int64_t in,
+                  const float* hyper) {
+    AdamRowOf<kZeroGradient, kUnit1, kUnit2>(pr, mr, vr, gr, in, hyper);
+  }
+};
+
+// body(Adam<...>{}) for hyper's bias corrections: each whole update is compiled for each pair,
+// so that choosing one costs nothing per row.
+template <typename Body>
+ffi::Error WithBiasCorrections(const float* hyper, Body&& body) {
   const bool unit1 = hyper[2] == 1.0f, unit2 = hyper[3] == 1.0f;
-  if (unit1 && unit2) AdamRowOf<kZeroGradient, true, true>(pr, mr, vr, gr, in, hyper);
-  else if (unit1) AdamRowOf<kZeroGradient, true, false>(pr, mr, vr, gr, in, hyper);
-  else if (unit2) AdamRowOf<kZeroGradient, false, true>(pr, mr, vr, gr, in, hyper);
-  else AdamRowOf<kZeroGradient, false, false>(pr, mr, vr, gr, in, hyper);
+  if (unit1 && unit2) return body(Adam<true, true>{});
+  if (unit1) return body(Adam<true, false>{});
+  if (unit2) return body(Adam<false, true>{});
+  return body(Adam<false, false>{});
 }
 
 // Adam on a kernel stored [out, in] and on its two moments, in place (the results alias p, mu,
 // nu), from the compact gradient g [K, in] of the rows `cols`; padding (cols >= out) is
-// skipped. hyper as for AdamRow. lazy: only the rows `cols` move. Not lazy: every row moves,
+// skipped. hyper as for AdamRowOf. lazy: only the rows `cols` move. Not lazy: every row moves,
 // the gradient being zero outside `cols` (which must then be distinct), i.e. optax.adam on the
 // masked dense gradient (the authors' rule) without building that gradient.
 ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> nu,
@@ -87,39 +97,43 @@ ffi::Error AdamRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
   const float* G = g.typed_data();
   const float* h = hyper.typed_data();
   const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
-  if (lazy) {
-    // Rows in parallel only when distinct (as the union gives them); else in order.
-    std::vector<char> seen(out, 0);
-    bool distinct = true;
-    for (int64_t j = 0; j < k && distinct; ++j)
-      if (c[j] >= 0 && c[j] < out) distinct = !seen[c[j]]++;
-    auto rows = [&](int64_t a, int64_t b) {
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t r = c[j];
-        if (r >= 0 && r < out) AdamRow<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
-      }
-    };
-    if (distinct) ParallelFor(pool, k, grain, rows);
-    else rows(0, k);
-    return ffi::Error::Success();
-  }
-  std::vector<int64_t> slot(out, -1);
-  for (int64_t j = 0; j < k; ++j)
-    if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
-  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      if (slot[r] >= 0)
-        AdamRow<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
-      else
-        AdamRow<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
+  return WithBiasCorrections(h, [&](auto adam) {
+    using A = decltype(adam);
+    if (lazy) {
+      // Rows in parallel only when distinct (as the union gives them); else in order.
+      std::vector<char> seen(out, 0);
+      bool distinct = true;
+      for (int64_t j = 0; j < k && distinct; ++j)
+        if (c[j] >= 0 && c[j] < out) distinct = !seen[c[j]]++;
+      auto rows = [&](int64_t a, int64_t b) {
+        for (int64_t j = a; j < b; ++j) {
+          const int64_t r = c[j];
+          if (r >= 0 && r < out)
+            A::template Row<false>(P + r * in, M + r * in, V + r * in, G + j * in, in, h);
+        }
+      };
+      if (distinct) ParallelFor(pool, k, grain, rows);
+      else rows(0, k);
+      return ffi::Error::Success();
     }
+    std::vector<int64_t> slot(out, -1);
+    for (int64_t j = 0; j < k; ++j)
+      if (c[j] >= 0 && c[j] < out) slot[c[j]] = j;
+    ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) {
+        if (slot[r] >= 0)
+          A::template Row<false>(P + r * in, M + r * in, V + r * in, G + slot[r] * in, in, h);
+        else
+          A::template Row<true>(P + r * in, M + r * in, V + r * in, nullptr, in, h);
+      }
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // Adam on a kernel stored [out, in], in place, from its gradient kept as factors: row c of the
 // gradient is the sum over the slots q (in slot order) with idx[q] == c of values[q] x[q / S],
-// so no [N*S, in] block is written and read back. hyper as for AdamRow, then clip (+inf for
+// so no [N*S, in] block is written and read back. hyper as for AdamRowOf, then clip (+inf for
 // none): each gradient entry is clipped to [-clip, clip] once summed, as optax.clip does.
 // lazy: only the rows some slot selected move; otherwise every row moves (the authors' rule).
 ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> mu,
@@ -153,30 +167,33 @@ ffi::Error AdamFactored(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buff
         if (!std::isnan(row[i])) row[i] = std::min(std::max(row[i], -clip), clip);
   };
   const int64_t grain = std::max<int64_t>(16384 / std::max<int64_t>(in, 1), 1);
-  if (lazy) {
-    const auto& touched = chains.order;
-    ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
+  return WithBiasCorrections(h, [&](auto adam) {
+    using A = decltype(adam);
+    if (lazy) {
+      const auto& touched = chains.order;
+      ParallelFor(pool, static_cast<int64_t>(touched.size()), grain, [&](int64_t a, int64_t b) {
+        std::vector<float> row(in);
+        for (int64_t j = a; j < b; ++j) {
+          const int64_t c = touched[j];
+          gradient_row(c, row.data());
+          A::template Row<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+        }
+      });
+      return ffi::Error::Success();
+    }
+    ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
       std::vector<float> row(in);
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t c = touched[j];
-        gradient_row(c, row.data());
-        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+      for (int64_t c = a; c < b; ++c) {
+        if (chains.first[c] >= 0) {
+          gradient_row(c, row.data());
+          A::template Row<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
+        } else {
+          A::template Row<true>(P + c * in, M + c * in, V + c * in, nullptr, in, h);
+        }
       }
     });
     return ffi::Error::Success();
-  }
-  ParallelFor(pool, out, grain, [&](int64_t a, int64_t b) {
-    std::vector<float> row(in);
-    for (int64_t c = a; c < b; ++c) {
-      if (chains.first[c] >= 0) {
-        gradient_row(c, row.data());
-        AdamRow<false>(P + c * in, M + c * in, V + c * in, row.data(), in, h);
-      } else {
-        AdamRow<true>(P + c * in, M + c * in, V + c * in, nullptr, in, h);
-      }
-    }
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
