@@ -229,6 +229,16 @@ def test_seeded_top_k_serves_row_top_k_on_cpu():
     np.testing.assert_array_equal(mask, want)
 
 
+def test_other_backends_keep_the_plain_top_k():
+    # Exported for GPU and TPU (no device needed): no seeding, so no row is rebuilt.
+    select = jax.jit(lambda s: rowwise.row_top_k(s, 9))
+    scores = jax.ShapeDtypeStruct((4, 130), jnp.float32)
+    for platform in ("cuda", "tpu"):
+        module = jax.export.export(select, platforms=[platform])(scores).mlir_module()
+        assert "top_k" in module and "concatenate" not in module
+    assert "concatenate" in jax.export.export(select, platforms=["cpu"])(scores).mlir_module()
+
+
 def test_seeded_top_k_on_rows_sharded_over_devices():
     assert len(jax.devices()) == 8
     scores = np.concatenate([_seeded_scores()[name][0] for name in ("relu", "whole_tie")])[:8]
