@@ -101,9 +101,10 @@ def seeded_selection(scores: Array, k: int) -> tuple[Array, Array]:
 
     XLA:CPU's TopK is a partial sort that keeps a heap of the ``k`` best scores seen so far and
     rebuilds it for each better one: in a row in random order most of its time goes there
-    (39 µs for 10 rows of 500 at k = 20). Here each row is cut into ``B >= k`` blocks and the
-    blocks' maxima are moved to its front, so that the heap starts from good candidates: 27 µs
-    with the blocks' work included (on a 2-core CPU; :data:`SEED_BLOCK`).
+    (38-42 µs for 10 rows of 500 at k = 20). Here each row is cut into ``B >= k`` blocks and
+    the blocks' maxima are moved to its front, so that the heap starts from good candidates:
+    30-32 µs with the blocks' work and the checks below included (on a 2-core CPU;
+    :data:`SEED_BLOCK`).
 
     Moving entries changes which of two equal scores comes first, and ``lax.top_k`` keeps the
     lower index. Zeros, the common tie (a ReLU's), are made distinct and ordered by index
