@@ -209,3 +209,60 @@ def test_adam_rows_split_over_threads_is_optax_adam(lazy, count):
             e[untouched] = before[untouched]
     for a, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a), e, rtol=1e-5, atol=2e-6)
+
+
+def _moments_across_float32():
+    """Moments of every kind the update can meet, for both signs of the first: ordinary
+    values, then those outside the range in which the native pass divides by a bias correction
+    through its reciprocal (zeros, tiny, huge, inf, NaN). No subnormals: XLA's threads flush
+    them to zero, and NumPy does not."""
+    rng = np.random.default_rng(1)
+    ordinary = np.abs(rng.standard_normal(4000)).astype(np.float32) * np.float32(1e-3)
+    edges = np.array(
+        [
+            0.0,
+            -0.0,
+            2.0**-79,
+            2.0**-81,
+            2.0**-100,
+            2.0**-120,
+            2.0**99,
+            2.0**101,
+            1e35,
+            2.0**125,
+            np.inf,
+        ],
+        np.float32,
+    )
+    values = np.concatenate([ordinary, np.tile(edges, 4), [np.nan]]).astype(np.float32)
+    mu = values * np.where(np.arange(values.size) % 2 == 0, 1, -1).astype(np.float32)
+    nu = rng.permutation(np.abs(values))
+    return mu.reshape(1, -1), nu.reshape(1, -1)
+
+
+@needs_native
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+@pytest.mark.parametrize(
+    "corrections",
+    [(1 - 0.9**3, 1 - 0.999**3), (1.0, 1 - 0.999**200), (2.0**-22, 0.5), (1.0, 1.0)],
+    ids=["both", "second", "divided", "none"],
+)
+def test_bias_corrections_divide_exactly(corrections, eps):
+    """Each moment divided by its bias correction is the correctly rounded quotient, as
+    ``m / c`` in float32 gives it, for every kind of moment: the native pass takes it through
+    the correction's reciprocal and two FMAs where that is exact, and divides elsewhere.
+    Zero gradients and a learning rate of 1 leave no multiply-add whose fusing could change a
+    result, so the weights must match the float32 formula bit for bit."""
+    mu, nu = _moments_across_float32()
+    p = np.full_like(mu, 0.25)
+    c1, c2 = (np.float32(c) for c in corrections)
+    b1, b2, eps = np.float32(0.9), np.float32(0.999), np.float32(eps)
+    hyper = np.array([b1, b2, c1, c2, 1.0, eps], np.float32)
+    cols, g = np.array([1], np.int32), np.zeros((1, mu.shape[1]), np.float32)  # padding only
+    got = native.adam_rows(*map(jnp.asarray, (p, mu, nu, cols, g, hyper)), lazy=False)
+
+    with np.errstate(all="ignore"):
+        m, v = b1 * mu, b2 * nu
+        stepped = p - (m / c1) / (np.sqrt(v / c2) + eps)
+    for a, e in zip(got, (stepped, m, v), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), e)
