@@ -32,7 +32,11 @@ Rows, each a ratio to the dense row of its group, timed interleaved in the same 
   factored ones (``+factored:out_in``, what ``experiments.mnist`` runs by default in this
   setting); and per-example with
   compact gradients and lazy ``sparse_adam`` (``+sparse``, ``--sparse-update``), in both
-  layouts, and from factored gradients (``+sparse+factored:out_in``).
+  layouts, and from factored gradients (``+sparse+factored:out_in``). With the native kernels
+  built, also ``dense+native_adam:out_in``: dense backprop whose hidden kernels, stored
+  ``[out, in]``, take the native Adam pass that meProp's steps use, every row with its
+  gradient. Its ratio to ``dense`` is what that pass alone gains over ``optax.adam``; meProp's
+  ratio to it is what the sparse backward gains with the update kernel held the same.
 """
 
 from __future__ import annotations
@@ -60,10 +64,10 @@ from experiments.bench.harness import (
     _record,
     time_fns,
 )
-from experiments.bench.steps import _compact_train_scan, _train_scan
+from experiments.bench.steps import _compact_train_scan, _cross_entropy, _train_scan
 from experiments.common.models import MLP
 from meprop_jax import optim, train_state
-from meprop_jax._src import native
+from meprop_jax._src import fused, native
 from meprop_jax.linen import TRANSPOSED_KERNEL
 
 # (batch, in, out, k): the paper's MNIST layers.
@@ -76,6 +80,8 @@ MNIST_CONFIG: tuple[tuple[int, ...], int, int] = ((784, 500, 500, 10), 10, 20)
 # minibatches of 250 transitions, whose rows cover the layer (250 * 20 >= 500).
 PARSER_SHAPES: tuple[tuple[int, int, int, int], ...] = ((250, 2400, 500, 20),)
 STEPS = 200  # minibatches per timed call
+# The dense step with meProp's native update kernel (see the module docstring).
+NATIVE_ADAM_DENSE = "dense+native_adam:out_in"
 PARSER_STEPS = 20  # its steps take milliseconds
 
 QUICK_LAYER_SHAPES = ((4, 24, 16, 2),)
@@ -336,11 +342,16 @@ def bench_mnist_steps(
             (f"{MODE}+sparse:out_in{suffix}", k, "out_in", _Compact(lazy=True), path),
             (f"{MODE}+sparse+factored:out_in{suffix}", k, "out_in", _Compact(True, True), path),
         ]
+    if native.enabled():
+        variants.append((NATIVE_ADAM_DENSE, 0, "out_in", None, contextlib.nullcontext))
     for label, kk, layout, compact, path in variants:
         m = model(kk, layout, compact)
         variables = jax.jit(m.init, static_argnums=2)(jax.random.key(seed), xs[0], False)
         params = variables["params"]
-        if compact is not None:
+        if label == NATIVE_ADAM_DENSE:
+            run, init = _native_adam_train_scan(m, len(hidden))
+            box = Carry(init(params))
+        elif compact is not None:
             box = Carry(
                 train_state.TrainState.create(
                     apply_fn=m.apply,
@@ -356,9 +367,59 @@ def bench_mnist_steps(
             compiled = _compile_donated(run, (box.value, xs, ys))
         fns[label] = (box.stepper(compiled, xs, ys), ())
     per_step = _per_step(time_fns(fns, repeats, warmup), steps)
-    k_of = lambda n: 0 if n == "dense" else k
+    k_of = lambda n: 0 if n in ("dense", NATIVE_ADAM_DENSE) else k
     extra = {"sizes": list(sizes), "steps_per_call": steps}
     return _records("mnist", per_step, "dense", batch, sizes[0], sizes[1], k_of, extra)
+
+
+def _native_adam_train_scan(
+    model: MLP, hidden: int
+) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
+    """``((params, opt_state, count, moments), xs, ys) -> (state, loss sum)``: dense steps of
+    ``model`` (kernels ``[out, in]``) in which the ``hidden`` layers' kernels take the native
+    non-lazy Adam pass (:func:`meprop_jax._src.fused.update_rows`, every row given), with the
+    step ``count`` and their moments ``{layer: [mu, nu]}``, and the rest ``optax.adam``; and
+    ``params -> state``, the state to start from."""
+    rule = fused.AdamRule(ADAM_LR, 0.9, 0.999, 1e-8, None)
+    tx = optax.adam(ADAM_LR)
+    names = [f"hidden_{i}" for i in range(hidden)]
+
+    def split(tree):
+        rest = {name: dict(layer) for name, layer in tree.items()}
+        return {name: rest[name].pop(TRANSPOSED_KERNEL) for name in names}, rest
+
+    def loss_fn(params, x, y):
+        return _cross_entropy(model.apply({"params": params}, x, True), y)
+
+    def body(carry, xy):
+        params, opt_state, count, moments = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+        kernels, rest = split(params)
+        kernel_grads, rest_grads = split(grads)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(rest_grads, opt_state, rest)
+        rest = optax.apply_updates(rest, updates)
+        count = count + 1
+        new_moments = {}
+        for name in names:
+            rows = jnp.arange(kernels[name].shape[0], dtype=jnp.int32)
+            grad = (kernel_grads[name], rows)
+            kernel, mu, nu = fused.update_rows(
+                rule, count, kernels[name], *moments[name], grad, lazy=False
+            )
+            rest[name][TRANSPOSED_KERNEL], new_moments[name] = kernel, [mu, nu]
+        return (rest, opt_state, count, new_moments), loss
+
+    def run(carry, xs, ys):
+        carry, losses = lax.scan(body, carry, (xs, ys))
+        return carry, jnp.sum(losses)
+
+    def init(params):
+        kernels, rest = split(params)
+        zeros = {name: [jnp.zeros_like(k), jnp.zeros_like(k)] for name, k in kernels.items()}
+        return params, tx.init(rest), jnp.zeros((), jnp.int32), zeros
+
+    return run, init
 
 
 def bench_per_example(*, quick: bool, repeats: int, warmup: int, seed: int) -> list[Record]:
