@@ -76,6 +76,8 @@ def row_top_k(scores: Array, k: int, groups: int = 1) -> Array:
 
 #: Seeded selection (:func:`_seeded_top_k`) splits a row into blocks of about this many scores.
 SEED_BLOCK = 25
+#: Zeros become ``-(1 + index) * _ZERO_STEP``: normal float32 numbers, distinct up to 2**23.
+_ZERO_STEP = 1e-30
 
 
 def _top_k(scores: Array, k: int) -> Array:
@@ -135,10 +137,6 @@ def seeded_selection(scores: Array, k: int) -> tuple[Array, Array]:
     kth = values[..., -1:]
     whole = jnp.sum(ranked[..., :width] == kth, -1) == jnp.sum(values == kth, -1)
     return idx, jnp.all(whole & (kth[..., 0] > low)) & ~jnp.any(jnp.signbit(scores))
-
-
-#: Zeros become ``-(1 + index) * _ZERO_STEP``: normal float32 numbers, distinct up to 2**23.
-_ZERO_STEP = 1e-30
 
 
 def selection_mask(idx: Array, out: int) -> Array:
